@@ -1,0 +1,71 @@
+# famnet_pl: `make help` lists the targets. `make loso` and `make test` install into .venv first
+# when it is missing or older than setup.cfg / pyproject.toml.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# One source of truth for the pin: setup.cfg.
+CV_CONTRIB := $(shell grep -o 'opencv-contrib-python-headless==[0-9.]*' setup.cfg)
+
+DATASET ?= synth
+MODEL ?= famnet_cpu
+EXP ?= $(MODEL)
+DATA_ROOT ?=
+WANDB ?= offline
+FOLDS ?=
+ARGS ?=
+
+# No network at run time (W&B only when WANDB=online); no albumentations update check.
+export NO_ALBUMENTATIONS_UPDATE := 1
+export HF_HUB_OFFLINE := 1
+export PYTHONUNBUFFERED := 1
+
+.PHONY: help install loso fit data aggregate test test-full test-gpu bench clean distclean
+
+help: ## List the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
+
+$(STAMP): setup.cfg pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "famnet_pl needs Python 3.11+ (set PYTHON=python3.11)"'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
+	@# albumentations pulls opencv-python-headless; TV-L1 lives only in the contrib wheel, and both
+	@# write cv2/: reinstall contrib last, then check TV-L1 is there (../shared/notes/stack.md).
+	$(BIN)/pip install -q --disable-pip-version-check --force-reinstall --no-deps '$(CV_CONTRIB)'
+	$(BIN)/python -c 'import cv2; cv2.optflow.DualTVL1OpticalFlow_create(); print("TV-L1 ok, OpenCV", cv2.__version__)'
+	touch $(STAMP)
+
+install: $(STAMP) ## Create .venv and install famnet_pl with its pinned dependencies
+
+loso: $(STAMP) ## LOSO run [DATASET=synth] [MODEL=famnet_cpu] [EXP=] [DATA_ROOT=] [WANDB=offline|online|off] [FOLDS=0,3] [ARGS=]
+	$(BIN)/famnet-pl loso --exp $(EXP) --wandb $(WANDB) $(if $(FOLDS),--folds $(FOLDS)) \
+		--config experiments/base.yaml --config experiments/data/$(DATASET).yaml \
+		--config experiments/model/$(MODEL).yaml $(if $(DATA_ROOT),--data.data_root=$(DATA_ROOT)) $(ARGS)
+
+data: $(STAMP) ## Write the synthetic dataset to data/synth (make loso does this when needed)
+	$(BIN)/famnet-pl synth data/synth
+
+aggregate: $(STAMP) ## Recompute pooled metrics from a run's prediction files: make aggregate RUN=runs/famnet_cpu/synth
+	$(BIN)/famnet-pl aggregate $(RUN)
+
+test: $(STAMP) ## Fast tests (not slow, not gpu, not data)
+	WANDB_MODE=offline $(BIN)/python -m pytest -m "not slow and not gpu and not data" -q
+
+test-full: $(STAMP) ## Fast + slow tests (CPU)
+	WANDB_MODE=offline $(BIN)/python -m pytest -m "not gpu and not data" -q
+
+test-gpu: $(STAMP) ## GPU tests (needs CUDA)
+	$(BIN)/python -m pytest -m gpu -q
+
+bench: $(STAMP) ## Training throughput: full pipeline vs model alone, and their ratio
+	$(BIN)/python bench/throughput.py $(ARGS)
+
+clean: ## Remove runs, caches and test leftovers (keeps .venv and data/)
+	rm -rf runs .cache .pytest_cache .hypothesis wandb bench/out
+	find . -name __pycache__ -not -path './$(VENV)/*' -prune -exec rm -rf {} +
+
+distclean: clean ## Also remove .venv and the generated data
+	rm -rf $(VENV) data

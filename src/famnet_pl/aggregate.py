@@ -1,0 +1,142 @@
+"""Fold prediction files -> ``loso_summary.json``, confusion-matrix PNG and a printed table.
+
+Data flow::
+
+    <run>/fold_*/predictions.csv        (headline: last epoch)   --+
+    <run>/fold_*/predictions_epochs.csv (every evaluated epoch)  --+--> metrics.summarize
+    <run>/fold_*/metrics.json           (classes, AU vocabulary) --+        |
+                                                                            v
+                              <run>/loso_summary.json, <run>/confusion.png, printed table
+
+A fold counts as finished when its ``predictions.csv`` exists (it is written last, atomically).
+The summary depends only on those files, so an interrupted-and-resumed run and an uninterrupted
+run with the same seed give the same ``loso_summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from famnet_pl.metrics import summarize
+from famnet_pl.utils.io import atomic_write_bytes, atomic_write_json
+
+SUMMARY_NAME = "loso_summary.json"
+
+
+def finished_folds(run_dir: str | Path) -> list[Path]:
+    """Fold directories of a run whose predictions are complete, in fold order."""
+    return sorted(p.parent for p in Path(run_dir).glob("fold_*/predictions.csv"))
+
+
+def aggregate_run(run_dir: str | Path, *, expected_folds: int | None = None, oracle_by: str = "acc",
+                  write: bool = True) -> dict | None:
+    """Pool the finished folds of a run.
+
+    Args:
+        run_dir: ``runs/<exp>/<dataset>``.
+        expected_folds: folds the protocol has; the summary lists the missing ones and is marked
+            ``complete`` only when all are there.
+        oracle_by: oracle epoch criterion.
+        write: write ``loso_summary.json`` and ``confusion.png`` into ``run_dir``.
+
+    Returns:
+        The summary dict, or None when no fold has finished.
+    """
+    run_dir = Path(run_dir)
+    folds = finished_folds(run_dir)
+    if not folds:
+        return None
+    meta = json.loads((folds[0] / "metrics.json").read_text())
+    last = pd.concat([pd.read_csv(f / "predictions.csv") for f in folds], ignore_index=True)
+    epoch_files = [f / "predictions_epochs.csv" for f in folds if (f / "predictions_epochs.csv").is_file()]
+    epochs = pd.concat([pd.read_csv(f) for f in epoch_files], ignore_index=True) if epoch_files else None
+    summary = summarize(last, epochs, class_names=meta["class_names"], au_vocab=meta["au_vocab"],
+                        oracle_by=oracle_by)
+    done = sorted(int(json.loads((f / "metrics.json").read_text())["fold"]) for f in folds)
+    summary.update({"protocol": meta["protocol"], "folds_done": done,
+                    "complete": expected_folds is None or len(done) == expected_folds})
+    if expected_folds is not None:
+        summary["folds_missing"] = sorted(set(range(expected_folds)) - set(done))
+    if write:
+        atomic_write_json(run_dir / SUMMARY_NAME, _finite(summary))
+        atomic_write_bytes(run_dir / "confusion.png", confusion_png(summary))
+    return summary
+
+
+def _finite(obj):
+    """JSON has no NaN: write null instead."""
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def confusion_png(summary: dict) -> bytes:
+    """The pooled confusion matrix as PNG bytes (rows true, columns predicted)."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names, cm = summary["class_names"], summary["confusion"]
+    fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2, 1.2 * len(names) + 1.5))
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    peak = max(max(row) for row in cm) or 1
+    for i, row in enumerate(cm):
+        for j, v in enumerate(row):
+            ax.text(j, i, str(v), ha="center", va="center", color="white" if v > peak / 2 else "black")
+    ax.set_title(f"LOSO pooled, {summary['protocol']}: UF1 {summary['loso/uf1']:.3f}, "
+                 f"UAR {summary['loso/uar']:.3f}", fontsize=9)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, metadata={"Software": None})
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def format_summary(summary: dict) -> str:
+    """The printed LOSO result table."""
+    names = summary["class_names"]
+    lines = [
+        f"LOSO {summary['protocol']}: {summary['n_samples']} samples, {summary['n_folds']} folds"
+        + ("" if summary.get("complete", True) else f" (INCOMPLETE: missing folds {summary['folds_missing']})"),
+        "",
+        f"{'':34s}{'UF1':>8s}{'UAR':>8s}{'acc':>8s}",
+        f"{'pooled, last epoch (headline)':34s}{summary['loso/uf1']:8.3f}{summary['loso/uar']:8.3f}"
+        f"{summary['loso/acc']:8.3f}",
+    ]
+    if "loso_oracle/uf1" in summary:
+        lines.append(f"{'pooled, ORACLE epoch (not a result)':34s}{summary['loso_oracle/uf1']:8.3f}"
+                     f"{summary['loso_oracle/uar']:8.3f}{summary['loso_oracle/acc']:8.3f}")
+    lines.append(
+        f"{'per-fold mean +/- std (secondary)':34s}"
+        f"{summary['loso_perfold/uf1_mean']:5.3f}+/-{summary['loso_perfold/uf1_std']:.2f} "
+        f"{summary['loso_perfold/uar_mean']:5.3f}+/-{summary['loso_perfold/uar_std']:.2f}")
+    for key in sorted(k for k in summary if k.count("/") == 2 and k.startswith("loso/")):
+        lines.append(f"  {key:32s}{summary[key]:8.3f}")
+    if "oracle_note" in summary:
+        lines.append(f"  note: {summary['oracle_note']}")
+    width = max(len(n) for n in names) + 2
+    lines += ["", "confusion (rows true, cols predicted):",
+              " " * width + "".join(f"{n[:8]:>9s}" for n in names) + "   recall"]
+    for name, row, rec in zip(names, summary["confusion"], summary["recall_per_class"]):
+        lines.append(f"{name:{width}s}" + "".join(f"{v:9d}" for v in row)
+                     + ("      n/a" if rec is None else f"{rec:9.3f}"))
+    if "au_f1_per_au" in summary:
+        au = "  ".join(f"{k} {'n/a' if v is None or v != v else f'{v:.2f}'}"
+                       for k, v in summary["au_f1_per_au"].items())
+        lines += ["", f"AU F1 (mean {summary['loso/au_f1']:.3f}): {au}"]
+    return "\n".join(lines)

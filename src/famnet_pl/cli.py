@@ -1,0 +1,122 @@
+"""Command line: ``famnet-pl {loso,fit,aggregate,synth}`` and the LightningCLI behind them.
+
+``FamNetCLI`` is a LightningCLI over (:class:`FAMNetLitModule`, :class:`MERDataModule`) whose
+model sizes that follow from the data (classes, AUs, 2D channels) are linked from the DataModule,
+so a YAML states them once. Configs stack, later files win::
+
+    famnet-pl loso --config experiments/base.yaml --config experiments/data/synth.yaml \\
+                   --config experiments/model/famnet_cpu.yaml --exp demo [--trainer.max_epochs=5 ...]
+
+Every ``--a.b=v`` the runner does not know is passed on to LightningCLI, which is also how W&B
+sweeps pass their parameters (``--model.loss_weights.wau=0.3``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+from lightning.pytorch.cli import LightningCLI  # noqa: E402
+
+from famnet_pl.data.datamodule import MERDataModule  # noqa: E402
+from famnet_pl.models.module import FAMNetLitModule  # noqa: E402
+
+
+class FamNetCLI(LightningCLI):
+    """LightningCLI with data->model links, and room for callbacks/loggers the runner owns.
+
+    Args:
+        extra_callbacks: callbacks appended to those of the config (the LOSO runner's).
+        logger: logger replacing the config's (the runner's per-fold W&B/CSV logger).
+        *args, **kwargs: passed to LightningCLI.
+    """
+
+    def __init__(self, *args, extra_callbacks: Sequence = (), logger=None, **kwargs) -> None:
+        self._extra_callbacks, self._logger = list(extra_callbacks), logger
+        super().__init__(*args, **kwargs)
+
+    def add_arguments_to_parser(self, parser) -> None:
+        for name in ("num_classes", "num_aus", "in_channels_2d"):
+            parser.link_arguments(f"data.{name}", f"model.{name}", apply_on="instantiate")
+
+    def instantiate_trainer(self, **kwargs):
+        if self._logger is not None:
+            kwargs["logger"] = self._logger
+        trainer = super().instantiate_trainer(**kwargs)
+        trainer.callbacks.extend(self._extra_callbacks)
+        return trainer
+
+
+def build_cli(args: list[str], **kwargs) -> FamNetCLI:
+    """A FamNetCLI for ``args`` that parses and instantiates but does not run anything."""
+    return FamNetCLI(FAMNetLitModule, MERDataModule, args=args, run=False, seed_everything_default=0,
+                     save_config_kwargs={"overwrite": True}, **kwargs)
+
+
+def _loso(argv: list[str]) -> int:
+    from famnet_pl.loso import run_loso
+
+    parser = argparse.ArgumentParser(prog="famnet-pl loso", description="leave-one-subject-out run; "
+                                     "unknown --a.b=v options go to LightningCLI")
+    parser.add_argument("--exp", default="famnet", help="experiment name: runs/<exp>/<dataset>/")
+    parser.add_argument("--runs-dir", default="runs")
+    parser.add_argument("--folds", default=None, help="comma-separated fold indices or subjects (default: all)")
+    parser.add_argument("--wandb", choices=["off", "offline", "online"], default="offline",
+                        help="offline (default) writes wandb/offline-run-* per fold; online uploads")
+    parser.add_argument("--eval-every", type=int, default=1,
+                        help="record test-subject predictions every N epochs (oracle comparison only)")
+    parser.add_argument("--oracle-by", choices=["acc", "uf1"], default="acc")
+    opts, cli_args = parser.parse_known_args(argv)
+    summary = run_loso(cli_args, exp=opts.exp, runs_dir=opts.runs_dir,
+                       folds=opts.folds.split(",") if opts.folds else None, wandb=opts.wandb,
+                       eval_every=opts.eval_every, oracle_by=opts.oracle_by)
+    return 0 if summary and summary.get("complete") else 1
+
+
+def _fit(argv: list[str]) -> int:
+    cli = build_cli(argv)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    return 0
+
+
+def _aggregate(argv: list[str]) -> int:
+    from famnet_pl.aggregate import aggregate_run, format_summary
+
+    parser = argparse.ArgumentParser(prog="famnet-pl aggregate")
+    parser.add_argument("run_dir", help="runs/<exp>/<dataset>")
+    parser.add_argument("--oracle-by", choices=["acc", "uf1"], default="acc")
+    opts = parser.parse_args(argv)
+    summary = aggregate_run(opts.run_dir, oracle_by=opts.oracle_by)
+    if summary is None:
+        print(f"{opts.run_dir}: no finished fold (no fold_*/predictions.csv)", file=sys.stderr)
+        return 1
+    print(format_summary(summary))
+    return 0
+
+
+def _synth(argv: list[str]) -> int:
+    from famnet_pl.data import synthetic
+
+    return synthetic.main(argv)
+
+
+COMMANDS = {"loso": _loso, "fit": _fit, "aggregate": _aggregate, "synth": _synth}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``famnet-pl``."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        print(f"usage: famnet-pl {{{','.join(COMMANDS)}}} [options]  (famnet-pl CMD --help)", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""Action-unit (AU) strings -> AU sets, and the AU vocabularies each dataset is scored on.
+
+Data flow: a sheet cell (``4+L10``, ``12`` as an int, ``R14A or 17A``, ``?``) -> :func:`parse_au`
+-> :class:`ParsedAU` (base AU ints + flags, raw string kept) -> :func:`au_targets` -> a multi-hot
+target row and a mask row over one vocabulary.
+
+Grammar (../shared/notes/datasets.md, section 4):
+
+* separators ``+`` and ``,`` (spaces allowed);
+* laterality / lip prefixes ``L R A B T`` (``L10``, ``T18``) and side suffixes (``10R``) -> base AU;
+* intensity letters ``A``-``E`` after the number (``7C``) -> stripped;
+* alternatives ``or`` and ``/`` (``R14A or 17A``, ``10A/B``) -> union of the alternatives, flagged
+  ``ambiguous`` (a slash between intensity letters, ``10A/B``, is not an alternative);
+* ``ref(...)`` -> excluded by default (its meaning is undocumented), flagged;
+* a ``?`` anywhere -> ``unknown``: the sample's AU loss is masked rather than read as "no AU".
+
+The parser is deliberately strict: a token it cannot read raises :class:`AUParseError` naming the
+raw string, so a new sheet quirk is seen instead of silently producing empty targets (the classic
+bug of MER multi-task code whose AU targets were all zero).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# Vocabularies: the AUs each dataset is scored on (MEB benchmark lists, datasets.md section 4).
+# The synthetic set's vocabulary is derived from its own emotion->AU table (one source of truth).
+AU_VOCABULARIES: dict[str, tuple[int, ...]] = {
+    "casme2": (1, 2, 4, 7, 12, 14, 15, 17),
+    "samm": (2, 4, 7, 12),
+    "mmew": (1, 2, 4, 5, 7, 10, 12, 14),
+    "cross12": (1, 2, 4, 5, 6, 7, 9, 10, 12, 14, 15, 17),
+}
+
+_TOKEN = re.compile(r"^(?P<prefix>[LRABT]?)(?P<au>\d{1,2})(?P<suffix>[A-E]?(?:/[A-E])?[LR]?)$")
+_REF = re.compile(r"ref\(([^)]*)\)", re.IGNORECASE)
+
+
+class AUParseError(ValueError):
+    """An AU cell the grammar cannot read."""
+
+
+@dataclass(frozen=True)
+class ParsedAU:
+    """One parsed AU cell.
+
+    Attributes:
+        raw: the cell as text.
+        aus: base AU numbers (laterality and intensity removed).
+        ambiguous: the cell holds alternatives (``or`` / ``/``); ``aus`` is their union.
+        unknown: the cell is (partly) ``?``: AU targets for this sample must be masked.
+        refs: AUs inside ``ref(...)`` (excluded from ``aus``).
+    """
+
+    raw: str
+    aus: frozenset[int] = field(default_factory=frozenset)
+    ambiguous: bool = False
+    unknown: bool = False
+    refs: frozenset[int] = field(default_factory=frozenset)
+
+
+def _parse_token(token: str, raw: str) -> int:
+    match = _TOKEN.match(token)
+    if match is None:
+        raise AUParseError(
+            f"cannot read AU token {token!r} in {raw!r}: expected e.g. '12', 'L10', '7C', 'R14A'; "
+            "fix the cell or extend famnet_pl.data.au"
+        )
+    return int(match.group("au"))
+
+
+def parse_au(cell: object) -> ParsedAU:
+    """Parse one AU cell of any supported sheet.
+
+    Args:
+        cell: the raw cell (``str``, ``int``, ``float``, or NaN/None for an empty cell).
+
+    Returns:
+        The parsed cell.
+
+    Raises:
+        AUParseError: a token that is not an AU code.
+    """
+    if cell is None or (isinstance(cell, float) and np.isnan(cell)):
+        return ParsedAU(raw="")
+    if isinstance(cell, float) and cell.is_integer():
+        cell = int(cell)  # Excel hands back 12.0 for an int-typed cell
+    raw = str(cell).strip()
+    text = raw
+    refs: set[int] = set()
+    for inner in _REF.findall(text):
+        refs |= {_parse_token(t.strip(), raw) for t in re.split(r"[+,]", inner) if t.strip()}
+    text = _REF.sub("", text)
+    unknown = "?" in text
+    text = text.replace("?", "")
+    aus: set[int] = set()
+    ambiguous = False
+    for part in re.split(r"[+,]", text):
+        part = part.strip()
+        if not part:
+            continue
+        # "or" alternatives, and "/" between whole tokens (not between intensity letters: 10A/B).
+        alternatives = re.split(r"\s+or\s+|(?<=\d)/(?=[LRABT]?\d)|(?<=[A-E])/(?=[LRABT]\d)", part)
+        if len(alternatives) > 1:
+            ambiguous = True
+        aus |= {_parse_token(alt.replace(" ", ""), raw) for alt in alternatives if alt.strip()}
+    return ParsedAU(raw=raw, aus=frozenset(aus), ambiguous=ambiguous, unknown=unknown,
+                    refs=frozenset(refs))
+
+
+def au_targets(parsed: list[ParsedAU], vocab: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Multi-hot AU targets and loss mask over a vocabulary.
+
+    Args:
+        parsed: one :class:`ParsedAU` per sample.
+        vocab: the AU numbers the dataset is scored on (column order).
+
+    Returns:
+        ``(targets, mask)``, both float32 ``(N, len(vocab))``. ``mask`` is 0 for samples whose
+        cell is unknown (``?``), so the AU loss ignores them instead of reading "absent".
+    """
+    index = {au: j for j, au in enumerate(vocab)}
+    targets = np.zeros((len(parsed), len(vocab)), dtype=np.float32)
+    mask = np.ones_like(targets)
+    for i, p in enumerate(parsed):
+        for au in p.aus:
+            if au in index:
+                targets[i, index[au]] = 1.0
+        if p.unknown:
+            mask[i] = 0.0
+    return targets, mask
+
+
+def format_aus(aus: frozenset[int] | set[int]) -> str:
+    """Canonical text form of an AU set (``1+2+12``), used in manifests."""
+    return "+".join(str(a) for a in sorted(aus))

@@ -1,0 +1,115 @@
+"""Decode once: the model-ready arrays of a whole manifest, cached on disk and memory-mapped.
+
+Data flow::
+
+    manifest + ViewConfig --key--> <cache_dir>/<key>/{apex,flow,clip}.npy + meta.json
+                                    (built once for all folds; later runs and folds mmap it)
+
+* ``apex.npy``  uint8   (N, S, S, 3)     apex frame, RGB
+* ``flow.npy``  float32 (N, S, S, 3)     onset->apex (u, v, strain), pixels at size S
+* ``clip.npy``  uint8   (N, T, s, s, 3)  T frames sampled from onset to offset
+
+The key hashes everything that changes the arrays: manifest content, dataset root, sizes, clip
+length, flow algorithm and :data:`CACHE_VERSION` (bump it when the preprocessing code changes).
+A cache directory is written under a temporary name and renamed into place, so a killed build
+never leaves a cache that looks complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from famnet_pl.data.frames import FlowAlgorithm, clip_indices, onset_apex_flow, read_frame, resize
+from famnet_pl.data.manifest import manifest_hash
+from famnet_pl.data.protocols import get_dataset
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ViewConfig:
+    """What to precompute. Sizes are square; ``flow`` is skipped when ``need_flow`` is false."""
+
+    image_size: int = 64
+    clip_len: int = 8
+    clip_size: int = 48
+    flow_algorithm: FlowAlgorithm = "tvl1"
+    flow_size: int = 128
+    need_flow: bool = True
+    need_clip: bool = True
+
+
+def cache_key(manifest: pd.DataFrame, root: str | Path, views: ViewConfig) -> str:
+    """Hash of everything that affects the cached arrays."""
+    payload = json.dumps({"manifest": manifest_hash(manifest), "root": str(Path(root).resolve()),
+                          "views": asdict(views), "version": CACHE_VERSION}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _build(manifest: pd.DataFrame, root: Path, views: ViewConfig, out: Path) -> None:
+    n = len(manifest)
+    pattern = get_dataset(manifest["dataset"].iloc[0]).frame_pattern
+    s, t, c = views.image_size, views.clip_len, views.clip_size
+    apex = np.lib.format.open_memmap(out / "apex.npy", mode="w+", dtype=np.uint8, shape=(n, s, s, 3))
+    flow = (np.lib.format.open_memmap(out / "flow.npy", mode="w+", dtype=np.float32, shape=(n, s, s, 3))
+            if views.need_flow else None)
+    clip = (np.lib.format.open_memmap(out / "clip.npy", mode="w+", dtype=np.uint8, shape=(n, t, c, c, 3))
+            if views.need_clip else None)
+    rows = manifest.itertuples(index=False)
+    for i, r in enumerate(tqdm(rows, total=n, desc="decode + flow (once)", leave=False)):
+        frame_dir = root / r.frame_dir
+
+        def frame(k: int) -> np.ndarray:
+            return read_frame(frame_dir / pattern.format(k=k))
+
+        apex_full = frame(r.apex)
+        apex[i] = resize(apex_full, s)
+        if flow is not None:
+            flow[i] = onset_apex_flow(frame(r.onset), apex_full, algorithm=views.flow_algorithm,
+                                      flow_size=views.flow_size, out_size=s)
+        if clip is not None:
+            clip[i] = np.stack([resize(frame(k), c) for k in clip_indices(r.onset, r.offset, t)])
+    for array in (apex, flow, clip):
+        if array is not None:
+            array.flush()
+
+
+def load_or_build(manifest: pd.DataFrame, root: str | Path, views: ViewConfig,
+                  cache_dir: str | Path) -> dict[str, np.ndarray]:
+    """Return the cached arrays of ``manifest`` (memory-mapped), building them on first use.
+
+    Args:
+        manifest: rows in the order the arrays should have.
+        root: dataset root holding the frame folders.
+        views: what to compute.
+        cache_dir: parent folder of all caches.
+
+    Returns:
+        ``{"apex": ..., "flow": ..., "clip": ...}`` (keys for the views computed).
+    """
+    root = Path(root)
+    final = Path(cache_dir) / cache_key(manifest, root, views)
+    if not (final / "meta.json").is_file():
+        tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        log.info("building cache %s for %d samples", final, len(manifest))
+        _build(manifest, root, views, tmp)
+        (tmp / "meta.json").write_text(json.dumps({"views": asdict(views), "n": len(manifest),
+                                                   "sample_ids": manifest["sample_id"].tolist()}))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    return {name: np.load(final / f"{name}.npy", mmap_mode="r")
+            for name in ("apex", "flow", "clip") if (final / f"{name}.npy").is_file()}

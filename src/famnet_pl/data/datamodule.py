@@ -1,0 +1,269 @@
+"""MERDataModule: one LOSO fold of one protocol, serving FAMNet's two views.
+
+Data flow::
+
+    prepare_data: synthetic set generated if the protocol needs it and it is missing
+    setup:        manifest (validated) -> cached arrays (decoded once, mmap) -> fold split
+                  (test = one subject; optional inner validation = held-out *training* subjects)
+                  -> per-channel standardisation from training samples only
+    batches:      {"x2d": (B, C2d, S, S), "x3d": (B, 3, T, s, s), "label": (B,),
+                   "au": (B, A), "au_mask": (B, A), "index": (B,)}
+
+2D view (``input_2d``): ``apex`` (RGB apex frame, 3 channels), ``flow`` (onset->apex u, v and
+optical strain, 3 channels) or ``both`` (6 channels). 3D view: ``clip_len`` frames sampled
+uniformly from onset to offset; ``clip_mode="diff"`` subtracts the first (onset) frame from every
+frame, which removes identity and keeps motion.
+
+Folds are the subjects in sorted order; ``fold`` indexes them. The test subject never contributes to
+normalisation statistics, augmentation, or validation.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset, get_worker_info
+
+from famnet_pl.data import synthetic
+from famnet_pl.data.au import au_targets, parse_au
+from famnet_pl.data.cache import ViewConfig, load_or_build
+from famnet_pl.data.frames import FlowAlgorithm
+from famnet_pl.data.manifest import build_manifest
+from famnet_pl.data.protocols import get_dataset, get_protocol
+from famnet_pl.data.transforms import ClipAugment
+
+log = logging.getLogger(__name__)
+
+INPUT_2D_CHANNELS = {"apex": 3, "flow": 3, "both": 6}
+
+
+class MERDataset(Dataset):
+    """Indexable view over cached arrays for a subset of manifest rows (see module docstring)."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], indices: np.ndarray, labels: np.ndarray,
+                 au: np.ndarray, au_mask: np.ndarray, *, input_2d: str, clip_mode: str,
+                 stats: dict[str, np.ndarray], augment: ClipAugment | None) -> None:
+        self.arrays, self.indices = arrays, indices
+        self.labels, self.au, self.au_mask = labels, au, au_mask
+        self.input_2d, self.clip_mode, self.stats, self.augment = input_2d, clip_mode, stats, augment
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def view_2d(self, i: int) -> np.ndarray:
+        """Un-normalised 2D input ``(S, S, C)`` float32 of manifest row ``i``."""
+        parts = []
+        if self.input_2d in ("apex", "both"):
+            parts.append(self.arrays["apex"][i].astype(np.float32) / 255.0)
+        if self.input_2d in ("flow", "both"):
+            parts.append(np.asarray(self.arrays["flow"][i], dtype=np.float32))
+        return np.concatenate(parts, axis=-1)
+
+    def view_3d(self, i: int) -> np.ndarray:
+        """Un-normalised clip ``(T, s, s, 3)`` float32 of manifest row ``i``."""
+        return self.arrays["clip"][i].astype(np.float32) / 255.0
+
+    def __getitem__(self, item: int) -> dict[str, torch.Tensor]:
+        i = int(self.indices[item])
+        x2d, x3d = self.view_2d(i)[None], self.view_3d(i)
+        if self.augment is not None:
+            has_rgb = self.input_2d in ("apex", "both")
+            x2d = self.augment(x2d, rgb=slice(0, 3) if has_rgb else None,
+                               flow_u={"apex": None, "flow": 0, "both": 3}[self.input_2d])
+            x3d = self.augment(x3d, rgb=slice(0, 3), flow_u=None)
+        x2d = (x2d[0] - self.stats["mean_2d"]) / self.stats["std_2d"]
+        x3d = (x3d - self.stats["mean_3d"]) / self.stats["std_3d"]
+        if self.clip_mode == "diff":
+            x3d = x3d - x3d[:1]
+        return {
+            "x2d": torch.from_numpy(np.ascontiguousarray(x2d.transpose(2, 0, 1), dtype=np.float32)),
+            "x3d": torch.from_numpy(np.ascontiguousarray(x3d.transpose(3, 0, 1, 2), dtype=np.float32)),
+            "label": torch.tensor(self.labels[i], dtype=torch.long),
+            "au": torch.from_numpy(self.au[i]),
+            "au_mask": torch.from_numpy(self.au_mask[i]),
+            "index": torch.tensor(i, dtype=torch.long),
+        }
+
+
+class MERDataModule(L.LightningDataModule):
+    """One leave-one-subject-out fold of a protocol.
+
+    Args:
+        protocol: protocol name (``synth_4cls``, ``casme2_5cls``; protocols.py).
+        data_root: dataset root (frame folders, and the sheet unless ``annotation`` is given). For
+            the synthetic protocol a missing dataset is generated here.
+        annotation: sheet path overriding the protocol's pinned sheet in ``data_root``.
+        fold: index into the sorted subject list; that subject is the test set.
+        input_2d: 2D view: ``apex``, ``flow`` or ``both``.
+        clip_mode: 3D view: raw ``frames`` or ``diff`` (each frame minus the onset frame).
+        image_size: side of the 2D view.
+        clip_len: frames in the 3D view.
+        clip_size: side of the 3D view.
+        flow_algorithm: ``tvl1`` (default, MER standard), ``farneback`` or ``dis``.
+        flow_size: side at which flow is computed before resizing to ``image_size``.
+        apex_fix: non-numeric / out-of-clip apex: ``midpoint`` (flagged) or ``drop``.
+        val_subjects: training subjects held out for inner validation (0 = none). Never the test
+            subject: this is the honest place for model selection.
+        batch_size: training batch size.
+        num_workers: DataLoader workers (arrays are in memory, 0 is usually fastest on CPU).
+        augment: clip-consistent flip/translate/brightness on training samples.
+        au_vocab: AU numbers for the AU head; default: the dataset's vocabulary.
+        cache_dir: where decoded arrays are cached.
+        seed: seed of the augmentation stream and of the inner-validation draw.
+    """
+
+    def __init__(
+        self,
+        protocol: str = "synth_4cls",
+        data_root: str = "data/synth",
+        annotation: str | None = None,
+        fold: int = 0,
+        input_2d: Literal["apex", "flow", "both"] = "flow",
+        clip_mode: Literal["frames", "diff"] = "frames",
+        image_size: int = 64,
+        clip_len: int = 8,
+        clip_size: int = 48,
+        flow_algorithm: FlowAlgorithm = "tvl1",
+        flow_size: int = 128,
+        apex_fix: Literal["midpoint", "drop"] = "midpoint",
+        val_subjects: int = 0,
+        batch_size: int = 16,
+        num_workers: int = 0,
+        augment: bool = True,
+        au_vocab: list[int] | None = None,
+        cache_dir: str = ".cache/famnet_pl",
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.protocol = get_protocol(protocol)
+        self.dataset_spec = get_dataset(self.protocol.dataset)
+        self.au_vocab = tuple(au_vocab) if au_vocab else self.dataset_spec.au_vocab
+        self.manifest: pd.DataFrame | None = None
+        self.test_subject: str | None = None
+
+    # Static facts, known before setup, linked into the model config by the CLI.
+    @property
+    def num_classes(self) -> int:
+        """Classes of the protocol."""
+        return self.protocol.num_classes
+
+    @property
+    def num_aus(self) -> int:
+        """Size of the AU vocabulary."""
+        return len(self.au_vocab)
+
+    @property
+    def in_channels_2d(self) -> int:
+        """Channels of the 2D view."""
+        return INPUT_2D_CHANNELS[self.hparams.input_2d]
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """Class names in label order."""
+        return self.protocol.classes
+
+    def prepare_data(self) -> None:
+        """Generate the default synthetic dataset if this protocol uses it and the root holds none
+        (a root already holding a complete synthetic set of any spec is used as it is)."""
+        root = Path(self.hparams.data_root)
+        if self.protocol.dataset == "synth" and not (root / synthetic.SPEC_NAME).is_file():
+            synthetic.generate(root)
+
+    def load_manifest(self) -> pd.DataFrame:
+        """Build (once) and return the validated manifest of the whole protocol."""
+        if self.manifest is None:
+            self.prepare_data()
+            self.manifest, report = build_manifest(protocol=self.protocol.name, root=self.hparams.data_root,
+                                                   annotation=self.hparams.annotation,
+                                                   apex_fix=self.hparams.apex_fix)
+            log.info("manifest:\n%s", report.format())
+        return self.manifest
+
+    def subjects(self) -> list[str]:
+        """Sorted namespaced subject ids: fold ``k`` tests ``subjects()[k]``."""
+        return sorted(self.load_manifest()["subject"].unique())
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load arrays and split train / (val) / test for ``fold``."""
+        if getattr(self, "_ready", False):
+            return
+        hp = self.hparams
+        manifest = self.load_manifest()
+        subjects = self.subjects()
+        if not 0 <= hp.fold < len(subjects):
+            raise ValueError(f"fold {hp.fold} out of range: protocol {self.protocol.name} has "
+                             f"{len(subjects)} subjects (folds 0..{len(subjects) - 1})")
+        self.test_subject = subjects[hp.fold]
+        views = ViewConfig(image_size=hp.image_size, clip_len=hp.clip_len, clip_size=hp.clip_size,
+                           flow_algorithm=hp.flow_algorithm, flow_size=hp.flow_size,
+                           need_flow=hp.input_2d != "apex")
+        arrays = load_or_build(manifest, hp.data_root, views, hp.cache_dir)
+        au, au_mask = au_targets([parse_au(a) for a in manifest["au_raw"]], self.au_vocab)
+        labels = manifest["label"].to_numpy()
+
+        subject_of = manifest["subject"].to_numpy()
+        test_idx = np.flatnonzero(subject_of == self.test_subject)
+        train_subjects = [s for s in subjects if s != self.test_subject]
+        rng = np.random.default_rng([hp.seed, hp.fold])
+        val_subjects = sorted(rng.choice(train_subjects, size=hp.val_subjects, replace=False)) \
+            if hp.val_subjects else []
+        val_idx = np.flatnonzero(np.isin(subject_of, val_subjects))
+        train_idx = np.flatnonzero(~np.isin(subject_of, [self.test_subject, *val_subjects]))
+
+        base = MERDataset(arrays, train_idx, labels, au, au_mask, input_2d=hp.input_2d,
+                          clip_mode=hp.clip_mode, stats={}, augment=None)
+        stats = _channel_stats(base, train_idx)
+        make = lambda idx, aug: MERDataset(arrays, idx, labels, au, au_mask,  # noqa: E731
+                                           input_2d=hp.input_2d, clip_mode=hp.clip_mode,
+                                           stats=stats, augment=aug)
+        self.augmenter = ClipAugment(seed=hp.seed * 1000 + hp.fold) if hp.augment else None
+        self.train_set = make(train_idx, self.augmenter)
+        self.val_set = make(val_idx, None) if len(val_idx) else None
+        self.test_set = make(test_idx, None)
+        self.split = {"train": train_subjects if not val_subjects else
+                      [s for s in train_subjects if s not in val_subjects],
+                      "val": list(val_subjects), "test": [self.test_subject]}
+        if au[train_idx].sum() == 0 and self.num_aus:
+            log.warning("fold %d: every AU target of the training set is 0; check the AU column and "
+                        "vocabulary %s", hp.fold, self.au_vocab)
+        self._ready = True
+
+    def _loader(self, dataset: Dataset, *, shuffle: bool) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.hparams.seed * 1000 + self.hparams.fold)
+        return DataLoader(dataset, batch_size=self.hparams.batch_size, shuffle=shuffle,
+                          num_workers=self.hparams.num_workers, generator=generator,
+                          worker_init_fn=_reseed_worker, persistent_workers=False)
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training subjects."""
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Inner validation subjects (empty when ``val_subjects=0``)."""
+        return self._loader(self.val_set, shuffle=False) if self.val_set is not None else []
+
+    def test_dataloader(self) -> DataLoader:
+        """The test subject, in manifest order."""
+        return self._loader(self.test_set, shuffle=False)
+
+
+def _channel_stats(dataset: MERDataset, idx: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-channel mean/std of both views over the given (training) rows."""
+    x2d = np.stack([dataset.view_2d(i) for i in idx])
+    x3d = np.stack([dataset.view_3d(i) for i in idx])
+    return {"mean_2d": x2d.mean(axis=(0, 1, 2)), "std_2d": x2d.std(axis=(0, 1, 2)) + 1e-6,
+            "mean_3d": x3d.mean(axis=(0, 1, 2, 3)), "std_3d": x3d.std(axis=(0, 1, 2, 3)) + 1e-6}
+
+
+def _reseed_worker(worker_id: int) -> None:
+    info = get_worker_info()
+    augment = getattr(info.dataset, "augment", None)
+    if augment is not None:
+        augment.reseed(info.seed % (2**31))

@@ -1,0 +1,72 @@
+"""Clip-consistent augmentation (albumentations): one draw of parameters per sample, applied to
+every frame of the sample.
+
+Data flow: ``(N, H, W, C)`` float32 stack (the frames of a clip, or the apex and its flow stacked
+as channels) -> geometric transform shared by all N frames -> photometric transform on the RGB
+channels only -> same shape back.
+
+Only a horizontal flip and a translation are used geometrically, because they keep optical-flow
+vectors valid: a flip negates the horizontal component ``u`` (done here), a translation leaves
+vectors unchanged. Rotation and scaling would have to rotate/scale the vectors too, and a few
+degrees buy little on aligned faces. Photometric changes never touch flow channels.
+The transforms are seeded (albumentations keeps its own RNG), so runs are reproducible; each
+DataLoader worker reseeds its copy (:meth:`ClipAugment.reseed`).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no network check at import time
+
+import albumentations as A  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+class ClipAugment:
+    """Same random flip/translation for all frames of a sample; brightness/contrast on RGB.
+
+    Args:
+        flip_p: probability of a horizontal flip.
+        translate: maximum shift as a fraction of the side.
+        brightness: maximum brightness change (fraction of the range).
+        contrast: maximum contrast change.
+        seed: RNG seed of the transforms.
+    """
+
+    def __init__(self, *, flip_p: float = 0.5, translate: float = 0.06, brightness: float = 0.1,
+                 contrast: float = 0.1, seed: int = 0) -> None:
+        self.geometric = A.Compose(
+            [A.HorizontalFlip(p=flip_p),
+             A.Affine(translate_percent=(-translate, translate), scale=1.0, rotate=0.0, p=1.0)],
+            seed=seed, save_applied_params=True,
+        )
+        self.photometric = A.Compose(
+            [A.RandomBrightnessContrast(brightness_limit=brightness, contrast_limit=contrast, p=0.8)],
+            seed=seed + 1,
+        )
+
+    def reseed(self, seed: int) -> None:
+        """Give a DataLoader worker its own stream."""
+        self.geometric.set_random_seed(seed)
+        self.photometric.set_random_seed(seed + 1)
+
+    def __call__(self, frames: np.ndarray, *, rgb: slice | None, flow_u: int | None) -> np.ndarray:
+        """Augment one sample.
+
+        Args:
+            frames: float32 ``(N, H, W, C)``; RGB values in [0, 1].
+            rgb: channel slice holding RGB (photometric changes apply there), or None.
+            flow_u: channel index of the horizontal flow component, or None.
+
+        Returns:
+            The augmented float32 array, same shape.
+        """
+        result = self.geometric(images=np.ascontiguousarray(frames))
+        out = result["images"]
+        flipped = any(name == "HorizontalFlip" for name, _ in result["applied_transforms"])
+        if flipped and flow_u is not None:
+            out[..., flow_u] *= -1.0
+        if rgb is not None:
+            out[..., rgb] = self.photometric(images=np.ascontiguousarray(out[..., rgb]))["images"]
+        return out

@@ -1,0 +1,154 @@
+"""The LOSO fold runner: plan folds, run each as a fresh seeded fit, skip finished ones, aggregate.
+
+Data flow::
+
+    cli args --build_cli--> DataModule.subjects() = fold plan (sorted namespaced subjects)
+    for each fold k not yet finished (no fold_<kk>_<subject>/predictions.csv):
+        wipe any partial fold dir -> fresh FamNetCLI (--data.fold=k, seeded, new model/optimiser/
+        Trainer, default_root_dir = fold dir) + LOSOCallback + per-fold logger -> trainer.fit
+    aggregate_run -> runs/<exp>/<dataset>/loso_summary.json + confusion.png -> printed table
+
+Resumability: a fold is done exactly when its ``predictions.csv`` exists (written last and
+atomically by LOSOCallback). A killed run leaves at most one partial fold dir, which is redone from
+scratch with the same seed, so the resumed run's summary equals an uninterrupted run's.
+
+Headline = last epoch of a fixed epoch budget; nothing looks at the test subject to choose an epoch.
+W&B: one run per fold (``group`` = ``<exp>/<dataset>``), offline unless ``wandb="online"``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from famnet_pl.aggregate import aggregate_run, format_summary
+from famnet_pl.callbacks.loso import LOSOCallback, fold_dir_name
+from famnet_pl.callbacks.progress import EpochProgress
+from famnet_pl.cli import build_cli
+from famnet_pl.utils.io import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+# Known-harmless noise that would repeat once per fold (../shared/notes/stack.md, section 5).
+_NOISE = (r".*LeafSpec.*", r".*Total length of .* across ranks is zero.*",
+          r".*does not have many workers.*", r".*anonymous setting has no effect.*")
+
+
+def _quiet() -> None:
+    """Per-fold Lightning banners (GPU available, litlogger tip) to WARNING; drop known noise."""
+    import warnings
+
+    for pattern in _NOISE:
+        warnings.filterwarnings("ignore", message=pattern)
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _make_logger(mode: str, fold_dir: Path, group: str, name: str):
+    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+    if mode == "off":
+        return CSVLogger(save_dir=fold_dir, name="", version="")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    return WandbLogger(project=os.environ.get("WANDB_PROJECT", "famnet_pl"), group=group, name=name,
+                       job_type="loso-fold", save_dir=str(fold_dir), offline=mode != "online")
+
+
+def _finish_logger(logger) -> None:
+    """Close a fold's W&B run so the next fold does not reuse it (WandbLogger reuses wandb.run)."""
+    if type(logger).__name__ == "WandbLogger" and logger._experiment is not None:
+        logger.experiment.finish()
+
+
+def _git_state() -> dict:
+    def git(*cmd: str) -> str:
+        try:
+            return subprocess.run(["git", *cmd], capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return ""
+
+    return {"sha": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
+
+
+def _select(folds: list[str] | None, subjects: list[str]) -> list[int]:
+    if not folds:
+        return list(range(len(subjects)))
+    chosen = []
+    for f in folds:
+        if f.isdigit():
+            chosen.append(int(f))
+        else:
+            matches = [k for k, s in enumerate(subjects) if s == f or s.split("/")[-1] == f]
+            if not matches:
+                raise SystemExit(f"--folds: no subject {f!r}; subjects: {', '.join(subjects)}")
+            chosen.extend(matches)
+    return sorted(set(chosen))
+
+
+def run_loso(cli_args: list[str], *, exp: str = "famnet", runs_dir: str = "runs",
+             folds: list[str] | None = None, wandb: str = "offline", eval_every: int = 1,
+             oracle_by: str = "acc", progress: bool = True) -> dict | None:
+    """Run (or resume) a LOSO experiment and return its summary.
+
+    Args:
+        cli_args: LightningCLI arguments (``--config`` files and ``--a.b=v`` overrides).
+        exp: experiment name; results go to ``<runs_dir>/<exp>/<dataset>/``.
+        runs_dir: root of all runs.
+        folds: fold indices or subject ids to run (default all); the summary covers every
+            finished fold and lists the missing ones.
+        wandb: ``off`` (CSV logs), ``offline`` or ``online``.
+        eval_every: record test-subject predictions every N epochs (oracle comparison only).
+        oracle_by: oracle criterion (``acc`` or ``uf1``).
+        progress: show progress bars over folds and epochs.
+
+    Returns:
+        The pooled summary (also in ``loso_summary.json``), or None when no fold finished.
+    """
+    _quiet()
+    plan_cli = build_cli([*cli_args, "--trainer.logger=false"])
+    dm = plan_cli.datamodule
+    subjects = dm.subjects()
+    run_dir = Path(runs_dir) / exp / dm.protocol.dataset
+    todo = _select(folds, subjects)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run_dir / "run.json", {
+        "exp": exp, "protocol": dm.protocol.name, "args": cli_args, "argv": sys.argv,
+        "folds": {k: s for k, s in enumerate(subjects)}, "git": _git_state(),
+    })
+    del plan_cli
+    print(f"LOSO {dm.protocol.name}: {len(subjects)} folds -> {run_dir}", flush=True)
+    bar = tqdm(todo, desc="folds", position=0, disable=not progress, dynamic_ncols=True)
+    for k in bar:
+        fold_dir = run_dir / fold_dir_name(k, subjects[k])
+        bar.set_postfix_str(f"{subjects[k]}")
+        if (fold_dir / "predictions.csv").is_file():
+            log.info("fold %d (%s) already finished: skipped", k, subjects[k])
+            continue
+        shutil.rmtree(fold_dir, ignore_errors=True)  # a partial fold is redone from scratch
+        logger = _make_logger(wandb, fold_dir, group=f"{exp}/{dm.protocol.dataset}", name=fold_dir.name)
+        callbacks = [LOSOCallback(str(run_dir), n_folds=len(subjects), eval_every=eval_every,
+                                  oracle_by=oracle_by)]
+        if progress:
+            callbacks.append(EpochProgress(desc=f"fold {k:02d} epochs"))
+        cli = build_cli([*cli_args, f"--data.fold={k}", f"--trainer.default_root_dir={fold_dir}"],
+                        extra_callbacks=callbacks, logger=logger)
+        try:
+            cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        finally:
+            _finish_logger(logger)
+        if cli.trainer.interrupted:
+            raise KeyboardInterrupt
+    bar.close()
+    summary = aggregate_run(run_dir, expected_folds=len(subjects), oracle_by=oracle_by)
+    if summary is not None:
+        print("\n" + format_summary(summary), flush=True)
+        print(f"\nsummary: {run_dir / 'loso_summary.json'}; confusion matrix: {run_dir / 'confusion.png'}")
+        log.debug(json.dumps({k: v for k, v in summary.items() if k.startswith("loso")}))
+    return summary

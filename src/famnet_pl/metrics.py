@@ -1,0 +1,171 @@
+"""LOSO metrics, recomputed from prediction files (never from logged scalars).
+
+MEGC convention (../shared/notes/evaluation.md): concatenate the test predictions of *all* folds,
+then per class count TP, FP, FN, N:
+
+    UF1 = mean_c 2TP_c / (2TP_c + FP_c + FN_c)      UAR = mean_c TP_c / N_c      acc = sum TP / N
+
+A class absent from the pooled targets makes UAR undefined: :func:`pooled_metrics` then averages
+over the classes present and says so in ``absent_classes`` (and logs a warning) instead of
+silently changing the class set. Per-fold means are reported too, as a secondary, noisier number
+(folds are single subjects; most miss classes).
+
+Oracle epoch: for each fold, the epoch with the best *test* score is picked and those predictions
+pooled. That uses the test subject for selection, so it is an upper bound for comparison with
+published numbers that did this, never a result.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+
+def confusion(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """Confusion matrix, rows = true class, columns = predicted class."""
+    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(matrix, (np.asarray(y_true, dtype=int), np.asarray(y_pred, dtype=int)), 1)
+    return matrix
+
+
+def pooled_metrics(y_true, y_pred, num_classes: int) -> dict:
+    """UF1, UAR, accuracy, per-class F1/recall and the confusion matrix of pooled predictions.
+
+    Args:
+        y_true: true labels of every test sample of every fold.
+        y_pred: predicted labels, same order.
+        num_classes: size of the protocol's class set.
+
+    Returns:
+        ``{"uf1", "uar", "acc", "f1_per_class", "recall_per_class", "confusion", "n",
+        "absent_classes"}``.
+    """
+    cm = confusion(y_true, y_pred, num_classes)
+    tp = np.diag(cm).astype(float)
+    fp, fn, support = cm.sum(0) - tp, cm.sum(1) - tp, cm.sum(1)
+    present = support > 0
+    absent = [int(c) for c in np.flatnonzero(~present)]
+    if absent:
+        log.warning("classes %s absent from the pooled targets: UF1/UAR averaged over classes %s",
+                    absent, np.flatnonzero(present).tolist())
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f1 = np.where(2 * tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), 0.0)
+        recall = np.where(present, tp / np.maximum(support, 1), np.nan)
+    n = int(cm.sum())
+    return {
+        "uf1": float(f1[present].mean()) if present.any() else math.nan,
+        "uar": float(recall[present].mean()) if present.any() else math.nan,
+        "acc": float(tp.sum() / n) if n else math.nan,
+        "f1_per_class": [float(v) for v in f1],
+        "recall_per_class": [None if math.isnan(v) else float(v) for v in recall],
+        "confusion": cm.tolist(),
+        "n": n,
+        "absent_classes": absent,
+    }
+
+
+def au_f1(frame: pd.DataFrame, au_vocab: list[int], threshold: float = 0.5) -> dict:
+    """Per-AU binary F1 over pooled predictions (masked entries ignored) and their mean.
+
+    Expects columns ``au<k>_true``, ``au<k>_prob`` and ``au<k>_mask`` for every AU in ``au_vocab``.
+    """
+    per_au = {}
+    for au in au_vocab:
+        mask = frame[f"au{au}_mask"].to_numpy() > 0
+        t = frame[f"au{au}_true"].to_numpy()[mask] > 0.5
+        p = frame[f"au{au}_prob"].to_numpy()[mask] >= threshold
+        tp, fp, fn = np.sum(t & p), np.sum(~t & p), np.sum(t & ~p)
+        per_au[f"AU{au}"] = float(2 * tp / (2 * tp + fp + fn)) if (2 * tp + fp + fn) else math.nan
+    values = [v for v in per_au.values() if not math.isnan(v)]
+    return {"per_au": per_au, "mean": float(np.mean(values)) if values else math.nan}
+
+
+def fold_scores(y_true, y_pred) -> dict:
+    """Scores inside one fold: macro over the classes present in targets *or* predictions
+    (torchmetrics convention; a predicted-but-absent class counts F1 0 and recall 0). Noisy by
+    construction: secondary numbers and the oracle criterion only."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    f1s, recalls = [], []
+    for c in np.union1d(y_true, y_pred):
+        tp = np.sum((y_true == c) & (y_pred == c))
+        f1s.append(2 * tp / (np.sum(y_true == c) + np.sum(y_pred == c)))
+        recalls.append(tp / np.sum(y_true == c) if np.sum(y_true == c) else 0.0)
+    return {"uf1": float(np.mean(f1s)), "uar": float(np.mean(recalls)),
+            "acc": float(np.mean(y_true == y_pred))}
+
+
+def _per_fold(frame: pd.DataFrame) -> list[dict]:
+    return [{"fold": int(fold), "subject": subject, "n": len(part),
+             **fold_scores(part["y_true"], part["y_pred"])}
+            for (fold, subject), part in frame.groupby(["fold", "subject"], sort=True)]
+
+
+def oracle_predictions(epochs: pd.DataFrame, *, by: str = "acc") -> pd.DataFrame:
+    """Per fold, the test predictions of the epoch with the best test score (``acc`` or ``uf1``).
+
+    Ties go to the earliest epoch. This is test-subject selection: report it only as an oracle.
+    """
+    picked = []
+    for _, part in epochs.groupby("fold", sort=True):
+        scores = [(fold_scores(rows["y_true"], rows["y_pred"])[by], -epoch)
+                  for epoch, rows in part.groupby("epoch", sort=True)]
+        best_epoch = -max(scores)[1]
+        picked.append(part[part["epoch"] == best_epoch])
+    return pd.concat(picked, ignore_index=True)
+
+
+def summarize(last: pd.DataFrame, epochs: pd.DataFrame | None, *, class_names: list[str],
+              au_vocab: list[int], oracle_by: str = "acc") -> dict:
+    """The LOSO summary: pooled headline metrics, per-dataset and per-fold breakdowns, AU F1,
+    and (when per-epoch predictions exist) the oracle-epoch comparison.
+
+    Args:
+        last: headline predictions (last epoch of every fold).
+        epochs: predictions of every evaluated epoch of every fold, or None.
+        class_names: protocol classes in label order.
+        au_vocab: AU numbers of the AU columns.
+        oracle_by: oracle epoch criterion (``acc``, the common convention, or ``uf1``).
+
+    Returns:
+        A JSON-serialisable dict with ``loso/*``, ``loso_perfold/*``, ``loso_oracle/*`` keys and
+        the tables behind them.
+    """
+    c = len(class_names)
+    head = pooled_metrics(last["y_true"], last["y_pred"], c)
+    folds = _per_fold(last)
+    summary = {
+        "loso/uf1": head["uf1"], "loso/uar": head["uar"], "loso/acc": head["acc"],
+        "n_samples": head["n"], "n_folds": len(folds), "class_names": list(class_names),
+        "confusion": head["confusion"], "f1_per_class": head["f1_per_class"],
+        "recall_per_class": head["recall_per_class"], "absent_classes": head["absent_classes"],
+        "loso_perfold/uf1_mean": float(np.mean([f["uf1"] for f in folds])),
+        "loso_perfold/uf1_std": float(np.std([f["uf1"] for f in folds])),
+        "loso_perfold/uar_mean": float(np.mean([f["uar"] for f in folds])),
+        "loso_perfold/uar_std": float(np.std([f["uar"] for f in folds])),
+        "loso_perfold/acc_mean": float(np.mean([f["acc"] for f in folds])),
+        "loso_perfold/acc_std": float(np.std([f["acc"] for f in folds])),
+        "per_fold": folds,
+    }
+    if last["dataset"].nunique() > 1:
+        for name, part in last.groupby("dataset", sort=True):
+            m = pooled_metrics(part["y_true"], part["y_pred"], c)
+            summary[f"loso/{name}/uf1"], summary[f"loso/{name}/uar"] = m["uf1"], m["uar"]
+    if au_vocab:
+        au = au_f1(last, au_vocab)
+        summary["loso/au_f1"], summary["au_f1_per_au"] = au["mean"], au["per_au"]
+    if epochs is not None and len(epochs):
+        oracle = oracle_predictions(epochs, by=oracle_by)
+        m = pooled_metrics(oracle["y_true"], oracle["y_pred"], c)
+        summary.update({
+            "loso_oracle/uf1": m["uf1"], "loso_oracle/uar": m["uar"], "loso_oracle/acc": m["acc"],
+            "oracle_note": f"oracle epoch: per fold, the epoch with the best test {oracle_by} "
+                           "(test-subject selection), for comparison with published numbers only",
+            "oracle_epochs": {int(f): int(e) for f, e in
+                              oracle.groupby("fold")["epoch"].first().items()},
+        })
+    return summary

@@ -1,0 +1,356 @@
+"""FAMNet: fused 2D + 3D multi-task networks for micro-expression recognition.
+
+Implements the networks of FAMNet (Fu et al., IJCNN 2025, arXiv 2508.13483):
+
+* :class:`AMNet2D`: ResNet18 + attention on a static image view (the apex frame).
+* :class:`AMNet3D`: R3D-18 + attention on a frame clip.
+* :class:`FAMNet`: one or both branches, with their predictions fused.
+
+Data flow::
+
+    x2d (B, C, H, W)    -> ResNet2D [stage_i -> attn_i] x4 -> pool -> MultiTaskHead -> emotion_2d, au_2d
+    x3d (B, C, T, H, W) -> ResNet3D [stage_i -> attn_i] x4 -> pool -> MultiTaskHead -> emotion_3d, au_3d
+    late fusion:    log(w * softmax(emotion_2d) + (1 - w) * softmax(emotion_3d)) -> emotion_fused
+    feature fusion: MLP(concat(features_2d, features_3d))                         -> emotion_fused
+
+Each branch learns emotion classification and multi-label action unit (AU)
+detection jointly with a hard-shared backbone (only the last linear layers are
+task-specific). Models are registered by name (``famnet_r18``, ``amnet2d_r18``,
+``amnet3d_r18``) in :mod:`famnet_pl.models.registry`.
+
+These are pure ``nn.Module`` s; losses and training live in the LightningModule.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any, Literal
+
+from torch import Tensor, nn
+
+from famnet_pl.models.components.fusion import FeatureFusion, late_fusion
+from famnet_pl.models.components.heads import MultiTaskHead
+from famnet_pl.models.components.resnet import ResNet2D, ResNet3D, load_pretrained
+from famnet_pl.models.registry import register_model
+
+log = logging.getLogger(__name__)
+
+_BRANCHES: dict[str, tuple[bool, bool]] = {"2d3d": (True, True), "2d": (True, False), "3d": (False, True)}
+_FUSIONS = ("late", "feature")
+# Hidden size of the FeatureFusion MLP; small because training sets are ~100s of clips.
+_FUSION_HIDDEN = 128
+
+
+class AMNet2D(nn.Module):
+    """2D attention multi-task network: ResNet2D backbone + emotion/AU heads.
+
+    Args:
+        num_classes: Number of emotion classes.
+        num_aus: Number of AUs (0 disables the AU head).
+        in_channels: Image channels.
+        width: Backbone base width (64 = ResNet18).
+        attention: ``"cbam"``, ``"se"`` or ``"none"``.
+        attention_stages: 1-based stages followed by attention.
+        small_input: 3x3 stride-1 stem without maxpool, for 32-64 px inputs.
+        dropout: Dropout before the heads.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_classes: int,
+        num_aus: int,
+        in_channels: int = 3,
+        width: int = 64,
+        attention: str = "cbam",
+        attention_stages: tuple[int, ...] = (1, 2, 3, 4),
+        small_input: bool = False,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.backbone = ResNet2D(
+            in_channels=in_channels,
+            width=width,
+            attention=attention,
+            attention_stages=attention_stages,
+            small_input=small_input,
+        )
+        self.head = MultiTaskHead(self.backbone.out_features, num_classes, num_aus, dropout)
+        self.out_features = self.backbone.out_features
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        """Return ``emotion`` (B, C) logits, ``au`` (B, A) logits, ``features`` (B, F)."""
+        features = self.backbone(x)
+        emotion, au = self.head(features)
+        return {"emotion": emotion, "au": au, "features": features}
+
+
+class AMNet3D(nn.Module):
+    """3D attention multi-task network: ResNet3D backbone + emotion/AU heads.
+
+    Args:
+        num_classes: Number of emotion classes.
+        num_aus: Number of AUs (0 disables the AU head).
+        in_channels: Channels per frame.
+        width: Backbone base width (64 = R3D-18).
+        attention: ``"cbam"``, ``"se"`` or ``"none"``.
+        attention_stages: 1-based stages followed by attention.
+        temporal_stride_stem: Temporal stride of the stem conv.
+        dropout: Dropout before the heads.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_classes: int,
+        num_aus: int,
+        in_channels: int = 3,
+        width: int = 64,
+        attention: str = "cbam",
+        attention_stages: tuple[int, ...] = (1, 2, 3, 4),
+        temporal_stride_stem: int = 1,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.backbone = ResNet3D(
+            in_channels=in_channels,
+            width=width,
+            attention=attention,
+            attention_stages=attention_stages,
+            temporal_stride_stem=temporal_stride_stem,
+        )
+        self.head = MultiTaskHead(self.backbone.out_features, num_classes, num_aus, dropout)
+        self.out_features = self.backbone.out_features
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        """Return ``emotion`` (B, C) logits, ``au`` (B, A) logits, ``features`` (B, F)."""
+        features = self.backbone(x)
+        emotion, au = self.head(features)
+        return {"emotion": emotion, "au": au, "features": features}
+
+
+class FAMNet(nn.Module):
+    """FAMNet: AMNet2D and/or AMNet3D with fused emotion predictions.
+
+    Options (what the paper fixes, what it leaves open, and our defaults):
+
+    * ``branches`` -- the paper's model is both branches (``"2d3d"``); ``"2d"``
+      (AMNet2D alone) and ``"3d"`` (AMNet3D alone) are its single-branch ablations.
+    * ``num_aus`` -- the paper trains AU detection jointly with emotion
+      recognition (multi-task, hard parameter sharing). ``0`` disables the AU
+      heads (``au_*`` outputs are then (B, 0)) for datasets without AU labels.
+    * ``in_channels_2d`` / ``in_channels_3d`` -- the paper feeds the apex frame
+      (RGB) to AMNet2D and the video clip to AMNet3D. Other views (e.g. onset and
+      apex stacked = 6 channels, or optical flow) only change these counts.
+    * ``width_2d`` / ``width_3d`` -- the paper uses ResNet18 (width 64). Smaller
+      widths (8-16) are for CPU demos and CI; they cannot use pretrained weights.
+    * ``attention`` -- the paper uses "hierarchical attention" without fixing the
+      module; default ``"cbam"`` (channel + spatial gating suits small, localised
+      facial motions); ``"se"`` (channel only) and ``"none"`` are ablations.
+    * ``attention_stages`` -- placement is left open; default after all four
+      stages (1, 2, 3, 4), i.e. attention at every level of the hierarchy.
+    * ``fusion`` -- the paper fuses the two branches' score vectors in a "late
+      fusion module" followed by softmax; default ``"late"`` =
+      :func:`late_fusion` (log of the weighted mean of the branch softmaxes, so
+      it can be used as logits). ``"feature"`` concatenates the pooled features
+      and classifies them with an MLP (an alternative the paper does not use).
+    * ``late_weight`` -- weight of the 2D branch in late fusion (3D gets
+      ``1 - late_weight``); the weighting is not specified, default 0.5 (equal).
+    * ``small_input_2d`` -- not in the paper: a 3x3 stride-1 stem without maxpool
+      for 32-64 px faces, which the ImageNet stem would shrink 4x at once.
+    * ``temporal_stride_stem`` -- not in the paper; default 1 as in torchvision's
+      r3d_18, keeping every frame of short micro-expression clips.
+    * ``dropout`` -- before the task heads (and inside the feature-fusion MLP);
+      unspecified, default 0.0.
+    * ``pretrained_2d`` / ``pretrained_3d`` -- optional local files with a
+      torchvision ``resnet18`` (ImageNet) / ``r3d_18`` (Kinetics-400) state_dict,
+      loaded by :func:`~famnet_pl.models.components.resnet.load_pretrained`.
+      Default None (random init); nothing is ever downloaded.
+
+    Args:
+        num_classes: Number of emotion classes.
+        num_aus: Number of AUs per branch head (0 = no AU task).
+        in_channels_2d: Channels of ``x2d``.
+        in_channels_3d: Channels of ``x3d``.
+        branches: ``"2d3d"``, ``"2d"`` or ``"3d"``.
+        width_2d: Base width of the 2D backbone.
+        width_3d: Base width of the 3D backbone.
+        attention: ``"cbam"``, ``"se"`` or ``"none"`` (both branches).
+        attention_stages: 1-based stages followed by attention (both branches).
+        fusion: ``"late"`` or ``"feature"`` (used only with both branches).
+        late_weight: Weight of the 2D branch in late fusion, in [0, 1].
+        small_input_2d: Small-input stem for the 2D backbone.
+        temporal_stride_stem: Temporal stride of the 3D stem.
+        dropout: Dropout probability before the heads.
+        pretrained_2d: Optional path to a torchvision resnet18 state_dict.
+        pretrained_3d: Optional path to a torchvision r3d_18 state_dict.
+
+    Raises:
+        ValueError: On an unknown ``branches`` / ``fusion`` / ``attention`` value or
+            ``late_weight`` outside [0, 1].
+        FileNotFoundError: If a pretrained path does not exist.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_classes: int,
+        num_aus: int = 0,
+        in_channels_2d: int = 3,
+        in_channels_3d: int = 3,
+        branches: Literal["2d3d", "2d", "3d"] = "2d3d",
+        width_2d: int = 64,
+        width_3d: int = 64,
+        attention: Literal["cbam", "se", "none"] = "cbam",
+        attention_stages: tuple[int, ...] = (1, 2, 3, 4),
+        fusion: Literal["late", "feature"] = "late",
+        late_weight: float = 0.5,
+        small_input_2d: bool = False,
+        temporal_stride_stem: int = 1,
+        dropout: float = 0.0,
+        pretrained_2d: str | None = None,
+        pretrained_3d: str | None = None,
+    ) -> None:
+        super().__init__()
+        if branches not in _BRANCHES:
+            raise ValueError(f"branches must be one of {list(_BRANCHES)}, got {branches!r}")
+        if fusion not in _FUSIONS:
+            raise ValueError(f"fusion must be one of {list(_FUSIONS)}, got {fusion!r}")
+        if not 0.0 <= late_weight <= 1.0:
+            raise ValueError(f"late_weight must be in [0, 1], got {late_weight}")
+        use_2d, use_3d = _BRANCHES[branches]
+        self.branches = branches
+        self.fusion = fusion
+        self.late_weight = late_weight
+        # Tuples survive config round trips as lists; normalise once.
+        attention_stages = tuple(attention_stages)
+
+        self.branch_2d: AMNet2D | None = None
+        self.branch_3d: AMNet3D | None = None
+        if use_2d:
+            self.branch_2d = AMNet2D(
+                num_classes=num_classes,
+                num_aus=num_aus,
+                in_channels=in_channels_2d,
+                width=width_2d,
+                attention=attention,
+                attention_stages=attention_stages,
+                small_input=small_input_2d,
+                dropout=dropout,
+            )
+        if use_3d:
+            self.branch_3d = AMNet3D(
+                num_classes=num_classes,
+                num_aus=num_aus,
+                in_channels=in_channels_3d,
+                width=width_3d,
+                attention=attention,
+                attention_stages=attention_stages,
+                temporal_stride_stem=temporal_stride_stem,
+                dropout=dropout,
+            )
+
+        self.feature_fusion: FeatureFusion | None = None
+        if use_2d and use_3d and fusion == "feature":
+            assert self.branch_2d is not None and self.branch_3d is not None
+            self.feature_fusion = FeatureFusion(
+                self.branch_2d.out_features,
+                self.branch_3d.out_features,
+                num_classes,
+                hidden=_FUSION_HIDDEN,
+                dropout=dropout,
+            )
+
+        self._load_pretrained(pretrained_2d, pretrained_3d)
+
+    def _load_pretrained(self, pretrained_2d: str | None, pretrained_3d: str | None) -> None:
+        """Load optional local torchvision weights into the active backbones."""
+        for path, branch, kind, name in (
+            (pretrained_2d, self.branch_2d, "resnet18", "2d"),
+            (pretrained_3d, self.branch_3d, "r3d_18", "3d"),
+        ):
+            if path is None:
+                continue
+            if branch is None:
+                warnings.warn(
+                    f"pretrained_{name} given but the {name} branch is inactive (branches={self.branches!r}); ignored",
+                    stacklevel=3,
+                )
+                continue
+            loaded, skipped = load_pretrained(branch.backbone, path, kind=kind)  # type: ignore[arg-type]
+            log.info("FAMNet %s branch: loaded %d tensors, skipped %s", name, len(loaded), skipped)
+
+    def forward(self, x2d: Tensor | None = None, x3d: Tensor | None = None) -> dict[str, Tensor]:
+        """Run the active branches and fuse their emotion logits.
+
+        Args:
+            x2d: (B, in_channels_2d, H, W) images; required if the 2D branch is active.
+            x3d: (B, in_channels_3d, T, H, W) clips; required if the 3D branch is active.
+                Inputs for an inactive branch are ignored.
+
+        Returns:
+            Dict with ``emotion_2d``/``au_2d`` (2D branch), ``emotion_3d``/``au_3d``
+            (3D branch), ``emotion_fused`` (both branches) and ``emotion``: the
+            headline logits (the fused ones with both branches, else the single
+            branch's). Emotion tensors are (B, num_classes), AU tensors (B, num_aus).
+
+        Raises:
+            ValueError: If an active branch's input is missing or has the wrong
+                number of dimensions/channels, or batch sizes differ.
+        """
+        out: dict[str, Tensor] = {}
+        features: dict[str, Tensor] = {}
+        for name, branch, x, layout in (
+            ("2d", self.branch_2d, x2d, "x2d of shape (B, C, H, W)"),
+            ("3d", self.branch_3d, x3d, "x3d of shape (B, C, T, H, W)"),
+        ):
+            if branch is None:
+                continue
+            if x is None:
+                raise ValueError(f"FAMNet branch '{name}' (branches={self.branches!r}) needs {layout}, got None")
+            res = branch(x)
+            out[f"emotion_{name}"] = res["emotion"]
+            out[f"au_{name}"] = res["au"]
+            features[name] = res["features"]
+
+        if len(features) == 2:
+            if features["2d"].shape[0] != features["3d"].shape[0]:
+                raise ValueError(
+                    f"x2d and x3d batch sizes differ: {features['2d'].shape[0]} vs {features['3d'].shape[0]}"
+                )
+            if self.feature_fusion is not None:
+                out["emotion_fused"] = self.feature_fusion(features["2d"], features["3d"])
+            else:
+                out["emotion_fused"] = late_fusion(out["emotion_2d"], out["emotion_3d"], self.late_weight)
+            out["emotion"] = out["emotion_fused"]
+        else:
+            (name,) = features
+            out["emotion"] = out[f"emotion_{name}"]
+        return out
+
+
+def _famnet_with_branches(branches: str, kwargs: dict[str, Any]) -> FAMNet:
+    """Build a FAMNet whose ``branches`` is fixed by the registered name."""
+    given = kwargs.pop("branches", branches)
+    if given != branches:
+        raise ValueError(f"this model name fixes branches={branches!r}, got branches={given!r}")
+    return FAMNet(branches=branches, **kwargs)  # type: ignore[arg-type]
+
+
+@register_model("famnet_r18")
+def famnet_r18(**kwargs: Any) -> FAMNet:
+    """FAMNet with both ResNet18 branches (AMNet2D + AMNet3D) and fusion."""
+    return _famnet_with_branches("2d3d", kwargs)
+
+
+@register_model("amnet2d_r18")
+def amnet2d_r18(**kwargs: Any) -> FAMNet:
+    """FAMNet with only the 2D branch (AMNet2D, ResNet18 on the static view)."""
+    return _famnet_with_branches("2d", kwargs)
+
+
+@register_model("amnet3d_r18")
+def amnet3d_r18(**kwargs: Any) -> FAMNet:
+    """FAMNet with only the 3D branch (AMNet3D, R3D-18 on the clip)."""
+    return _famnet_with_branches("3d", kwargs)

@@ -1,0 +1,53 @@
+"""Shared fixtures: a tiny synthetic dataset (CASME II format) and CPU-safe CLI arguments.
+
+Environment for every test: no network (HF_HUB_OFFLINE), W&B offline with its files in a temp dir,
+no albumentations update check. Seeds are set per test where results are compared.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ["WANDB_MODE"] = "offline"
+os.environ.setdefault("WANDB_SILENT", "true")
+_wandb_tmp = tempfile.mkdtemp(prefix="famnet-wandb-")
+os.environ.setdefault("WANDB_CACHE_DIR", _wandb_tmp)
+os.environ.setdefault("WANDB_CONFIG_DIR", _wandb_tmp)
+os.environ.setdefault("WANDB_DATA_DIR", _wandb_tmp)
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "annotations"
+CASME2_2014 = SHARED / "casme2" / "CASME2-coding-20140508.xlsx"
+CASME2_2019 = SHARED / "casme2" / "CASME2-coding-20190701.xlsx"
+
+
+@pytest.fixture(scope="session")
+def tiny_synth(tmp_path_factory) -> Path:
+    """3 subjects x 4 classes x 1 clip, 64 px, 8-10 frames: seconds to generate."""
+    from famnet_pl.data import synthetic
+
+    root = tmp_path_factory.mktemp("synth")
+    synthetic.generate(root, synthetic.SynthSpec(n_subjects=3, clips_per_class=1, image_size=64,
+                                                 min_frames=8, max_frames=10, seed=1))
+    return root
+
+
+def tiny_args(root: Path, cache: Path, **overrides) -> list[str]:
+    """LightningCLI arguments for a CPU smoke run on ``tiny_synth`` (1 epoch, tiny widths)."""
+    args = {
+        "data.protocol": "synth_4cls", "data.data_root": str(root), "data.cache_dir": str(cache),
+        "data.image_size": 32, "data.clip_len": 4, "data.clip_size": 24, "data.flow_size": 64,
+        "data.flow_algorithm": "farneback", "data.batch_size": 4,
+        "model.net": '{"width_2d": 4, "width_3d": 4, "small_input_2d": true}',
+        "trainer.max_epochs": 2, "trainer.accelerator": "cpu", "trainer.enable_progress_bar": "false",
+        "trainer.enable_model_summary": "false", "trainer.enable_checkpointing": "false",
+        "trainer.num_sanity_val_steps": 0, "trainer.log_every_n_steps": 1, "seed_everything": 0,
+    }
+    args.update(overrides)
+    return [f"--{k}={v}" for k, v in args.items()]
