@@ -44,7 +44,7 @@ def tiny_args(root: Path, cache: Path, **overrides) -> list[str]:
         "data.protocol": "synth_4cls", "data.data_root": str(root), "data.cache_dir": str(cache),
         "data.image_size": 32, "data.clip_len": 4, "data.clip_size": 24, "data.flow_size": 64,
         "data.flow_algorithm": "farneback", "data.batch_size": 4,
-        "model.net": '{"width_2d": 4, "width_3d": 4, "small_input_2d": true}',
+        "model.net.width_2d": 4, "model.net.width_3d": 4, "model.net.small_input_2d": "true",
         "trainer.max_epochs": 2, "trainer.accelerator": "cpu", "trainer.enable_progress_bar": "false",
         "trainer.enable_model_summary": "false", "trainer.enable_checkpointing": "false",
         "trainer.num_sanity_val_steps": 0, "trainer.log_every_n_steps": 1, "seed_everything": 0,

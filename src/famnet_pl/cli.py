@@ -17,6 +17,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -25,6 +26,9 @@ from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
 from famnet_pl.data.datamodule import MERDataModule  # noqa: E402
 from famnet_pl.models.module import FAMNetLitModule  # noqa: E402
+
+# The fold runner drives LightningCLI through `args=` by design (one CLI per fold).
+warnings.filterwarnings("ignore", message=r".*LightningCLI's args parameter is intended.*")
 
 
 class FamNetCLI(LightningCLI):

@@ -95,6 +95,8 @@ def parse_au(cell: object) -> ParsedAU:
         refs |= {_parse_token(t.strip(), raw) for t in re.split(r"[+,]", inner) if t.strip()}
     text = _REF.sub("", text)
     unknown = "?" in text
+    # "A/L12": alternative *sides* of one AU, not alternative AUs -> keep the AU.
+    text = re.sub(r"(?<![\w/])[LRABT]/(?=[LRABT]?\d)", "", text)
     text = text.replace("?", "")
     aus: set[int] = set()
     ambiguous = False

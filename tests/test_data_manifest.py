@@ -1,0 +1,82 @@
+"""CASME II sheet reader and manifest builder, on the real sheets and on broken copies."""
+
+import shutil
+
+import pandas as pd
+import pytest
+
+from famnet_pl.data.annotations import SheetError, read_casme2_sheet
+from famnet_pl.data.manifest import MANIFEST_COLUMNS, ManifestError, build_manifest
+from tests.conftest import CASME2_2014, CASME2_2019
+
+
+def test_real_casme2_sheet_parses_255_rows_26_subjects():
+    table = read_casme2_sheet(CASME2_2014)
+    assert len(table) == 255
+    assert table["subject"].nunique() == 26
+    assert table["apex"].isna().sum() == 1          # the "/" apex, read as missing, not dropped
+    assert table.loc[table["apex"].isna(), "video"].tolist() == ["EP12_01f"]
+
+
+def test_slash_apex_is_fixed_visibly(caplog):
+    manifest, report = build_manifest(protocol="casme2_5cls", annotation=CASME2_2014)
+    row = manifest.set_index("sample_id").loc["casme2/sub04/EP12_01f"]
+    assert row["apex_source"] == "midpoint" and "apex_not_numeric" in row["flags"]
+    assert row["apex"] == (row["onset"] + row["offset"]) // 2
+    assert any("EP12_01f" in m and "apex_not_numeric" in m for m in report.fixed)
+    assert "apex_not_numeric" in caplog.text
+    assert "sub05/EP09_05f" in "".join(report.flagged)   # onset == apex, kept and flagged
+
+
+def test_slash_apex_can_be_dropped():
+    manifest, report = build_manifest(protocol="casme2_5cls", annotation=CASME2_2014, apex_fix="drop")
+    assert len(manifest) == 245 and len(report.dropped_by_rule) == 1
+
+
+@pytest.mark.parametrize("sheet, kept", [(CASME2_2014, 246), (CASME2_2019, 249)])
+def test_casme2_5cls_counts(sheet, kept):
+    manifest, report = build_manifest(protocol="casme2_5cls", annotation=sheet)
+    assert len(manifest) == kept
+    assert list(manifest.columns) == list(MANIFEST_COLUMNS)
+    assert manifest["subject"].str.startswith("casme2/sub").all()
+    assert manifest["sample_id"].is_unique
+    assert set(report.dropped_by_protocol) == {"fear", "sadness"}
+
+
+def _broken_copy(tmp_path, edit):
+    frame = pd.read_excel(CASME2_2014, engine="openpyxl")
+    frame = edit(frame)
+    out = tmp_path / "broken.xlsx"
+    frame.to_excel(out, index=False)
+    return out
+
+
+def test_missing_column_names_file_and_column(tmp_path):
+    sheet = _broken_copy(tmp_path, lambda f: f.drop(columns=["OnsetFrame"]))
+    with pytest.raises(SheetError, match=r"broken\.xlsx.*OnsetFrame"):
+        read_casme2_sheet(sheet)
+
+
+def test_text_in_frame_column_names_row_and_column(tmp_path):
+    def edit(frame):
+        frame["OffsetFrame"] = frame["OffsetFrame"].astype(object)
+        frame.loc[4, "OffsetFrame"] = "eighty"
+        return frame
+
+    with pytest.raises(SheetError, match=r"row 6, column 'OffsetFrame': 'eighty'"):
+        read_casme2_sheet(_broken_copy(tmp_path, edit))
+
+
+def test_synthetic_frames_are_checked(tiny_synth, tmp_path):
+    manifest, report = build_manifest(protocol="synth_4cls", root=tiny_synth)
+    assert report.frames_checked and len(manifest) == 12 and manifest["subject"].nunique() == 3
+    root = tmp_path / "copy"
+    shutil.copytree(tiny_synth, root)
+    victim = root / manifest.iloc[0]["frame_dir"]
+    last = victim / f"img{manifest.iloc[0]['offset']}.jpg"
+    last.unlink()
+    with pytest.raises(ManifestError, match=rf"{manifest.iloc[0]['sample_id']}.*img{manifest.iloc[0]['offset']}\.jpg"):
+        build_manifest(protocol="synth_4cls", root=root)
+    shutil.rmtree(victim)
+    with pytest.raises(ManifestError, match="does not exist"):
+        build_manifest(protocol="synth_4cls", root=root)

@@ -1,0 +1,83 @@
+"""LOSO runner end to end on tiny synthetic data: smoke, W&B offline, resume, honest evaluation."""
+
+import json
+import shutil
+
+import pandas as pd
+import pytest
+
+from famnet_pl.aggregate import SUMMARY_NAME
+from famnet_pl.data import synthetic
+from famnet_pl.loso import run_loso
+from tests.conftest import tiny_args
+
+
+@pytest.fixture(scope="module")
+def two_subjects(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth2")
+    synthetic.generate(root, synthetic.SynthSpec(n_subjects=2, clips_per_class=1, image_size=64,
+                                                 min_frames=8, max_frames=9, seed=2))
+    return root
+
+
+@pytest.fixture(scope="module")
+def finished_run(two_subjects, tmp_path_factory):
+    runs = tmp_path_factory.mktemp("runs")
+    cache = tmp_path_factory.mktemp("cache")
+    args = tiny_args(two_subjects, cache)
+    summary = run_loso(args, exp="smoke", runs_dir=str(runs), wandb="offline", progress=False)
+    return runs / "smoke" / "synth", args, summary
+
+
+def test_two_fold_smoke_writes_every_artefact(finished_run):
+    run_dir, _, summary = finished_run
+    assert summary["complete"] and summary["n_folds"] == 2 and summary["n_samples"] == 8
+    assert 0.0 <= summary["loso/uf1"] <= 1.0 and "loso_oracle/uf1" in summary
+    assert (run_dir / SUMMARY_NAME).is_file() and (run_dir / "confusion.png").stat().st_size > 1000
+    for fold_dir in sorted(run_dir.glob("fold_*")):
+        assert fold_dir.name in {"fold_00_synth-sub01", "fold_01_synth-sub02"}
+        preds = pd.read_csv(fold_dir / "predictions.csv")
+        assert set(preds["epoch"]) == {1}                                    # last epoch of 2
+        assert {"sample_id", "subject", "y_true", "y_pred", "prob_happiness", "au12_prob"} <= set(preds.columns)
+        assert preds["subject"].nunique() == 1
+        assert set(pd.read_csv(fold_dir / "predictions_epochs.csv")["epoch"]) == {0, 1}
+        assert (fold_dir / "config.yaml").is_file()                          # resolved config per fold
+        assert list((fold_dir / "wandb").glob("offline-run-*"))               # one offline W&B run per fold
+
+
+def test_resume_skips_finished_folds(finished_run, monkeypatch):
+    run_dir, args, summary = finished_run
+    before = {p: p.stat().st_mtime_ns for p in run_dir.glob("fold_*/predictions.csv")}
+    import lightning
+
+    def no_fit(*a, **k):
+        raise AssertionError("a finished fold was trained again")
+
+    monkeypatch.setattr(lightning.Trainer, "fit", no_fit)
+    again = run_loso(args, exp="smoke", runs_dir=str(run_dir.parents[1]), wandb="off", progress=False)
+    assert {p: p.stat().st_mtime_ns for p in run_dir.glob("fold_*/predictions.csv")} == before
+    assert again["loso/uf1"] == summary["loso/uf1"]
+
+
+def test_partial_fold_is_redone_and_summary_matches(finished_run, tmp_path):
+    run_dir, args, _ = finished_run
+    copy = tmp_path / "runs" / "smoke" / "synth"
+    shutil.copytree(run_dir, copy)
+    fold = copy / "fold_01_synth-sub02"
+    (fold / "predictions.csv").unlink()            # as if killed after the epoch file was written
+    (fold / "junk.tmp").write_text("partial")
+    (copy / SUMMARY_NAME).unlink()
+    run_loso(args, exp="smoke", runs_dir=str(tmp_path / "runs"), wandb="off", progress=False)
+    assert not (fold / "junk.tmp").exists()
+    assert json.loads((copy / SUMMARY_NAME).read_text()) == json.loads((run_dir / SUMMARY_NAME).read_text())
+
+
+def test_test_subject_evaluation_does_not_change_training(two_subjects, tmp_path):
+    """Recording per-epoch test predictions (oracle) must not perturb the headline run."""
+    args = tiny_args(two_subjects, tmp_path / "cache", **{"trainer.max_epochs": 3})
+    heads = []
+    for every in (1, 0):
+        runs = tmp_path / f"every{every}"
+        run_loso(args, exp="e", runs_dir=str(runs), wandb="off", eval_every=every, progress=False, folds=["0"])
+        heads.append(pd.read_csv(runs / "e" / "synth" / "fold_00_synth-sub01" / "predictions.csv"))
+    pd.testing.assert_frame_equal(heads[0], heads[1])

@@ -1,0 +1,43 @@
+"""Weighted multi-task loss: weights, skipped terms, AU masking."""
+
+import torch
+import torch.nn.functional as F
+
+from famnet_pl.losses import LossWeights, WeightedMultiTaskLoss, masked_bce
+
+
+def _outputs(branches=("2d", "3d", "fused"), a=3):
+    torch.manual_seed(0)
+    out = {f"emotion_{b}": torch.randn(5, 4, requires_grad=True) for b in branches}
+    out.update({f"au_{b}": torch.randn(5, a, requires_grad=True) for b in branches if b != "fused"})
+    return out
+
+
+def test_total_is_the_documented_weighted_sum():
+    out, label = _outputs(), torch.tensor([0, 1, 2, 3, 0])
+    au, mask = torch.randint(0, 2, (5, 3)).float(), torch.ones(5, 3)
+    w = LossWeights(w2d=0.3, w3d=0.7, wfuse=1.3, wau=0.2)
+    total, parts = WeightedMultiTaskLoss(w)(out, label, au, mask)
+    expected = (0.3 * F.cross_entropy(out["emotion_2d"], label) + 0.7 * F.cross_entropy(out["emotion_3d"], label)
+                + 1.3 * F.cross_entropy(out["emotion_fused"], label)
+                + 0.2 * (F.binary_cross_entropy_with_logits(out["au_2d"], au)
+                         + F.binary_cross_entropy_with_logits(out["au_3d"], au)))
+    torch.testing.assert_close(total, expected)
+    assert set(parts) == {"ce_2d", "ce_3d", "ce_fused", "bce_au"}
+    total.backward()
+
+
+def test_single_branch_skips_missing_terms():
+    total, parts = WeightedMultiTaskLoss()(_outputs(("2d",)), torch.zeros(5, dtype=torch.long),
+                                           torch.zeros(5, 3), torch.ones(5, 3))
+    assert set(parts) == {"ce_2d", "bce_au"}
+
+
+def test_masked_entries_do_not_contribute():
+    logits, targets = torch.randn(4, 3), torch.randint(0, 2, (4, 3)).float()
+    mask = torch.tensor([[1, 1, 1], [0, 0, 0], [1, 1, 1], [0, 0, 0]], dtype=torch.float32)
+    garbage = targets.clone()
+    garbage[mask == 0] = 1 - garbage[mask == 0]
+    torch.testing.assert_close(masked_bce(logits, targets, mask), masked_bce(logits, garbage, mask))
+    torch.testing.assert_close(masked_bce(logits, targets, mask),
+                               F.binary_cross_entropy_with_logits(logits[[0, 2]], targets[[0, 2]]))
