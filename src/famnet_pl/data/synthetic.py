@@ -31,8 +31,14 @@ disgust       4+9, 9, 4+10, 4+L10, R10, 9+10
 repression    14, 15+17, 17, L14, R15, 14+17
 ============  ==========================================================
 
-Everything is drawn from ``np.random.default_rng([seed, subject, ...])`` streams, so equal specs
-give byte-identical JPEGs and equal sheet contents.
+Besides the per-sample intensity, each subject has its own AU "style" (direction and strength of
+every AU), so LOSO must generalise across people. Everything is drawn from
+``np.random.default_rng([seed, subject, ...])`` streams, so equal specs give byte-identical JPEGs
+and equal sheet contents (with the same OpenCV build).
+
+Calibration (default spec, LOSO over the 8 subjects, logistic regression, 4 classes): apex frame
+alone at 32x32 grey -> UAR ~0.25 (chance); Farneback flow onset->apex at 16x16x2 -> UAR ~0.84
+(0.83-0.88 over seeds 0-4). Default spec generates in ~2 s on 2 CPU cores.
 """
 from __future__ import annotations
 
@@ -44,7 +50,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import cv2
@@ -64,25 +70,25 @@ SPEC_NAME = "synthetic_spec.json"
 SHEET_COLUMNS = ("Subject", "Filename", None, "OnsetFrame", "ApexFrame", "OffsetFrame", None,
                  "Action Units", "Estimated Emotion")
 # Bump when the rendering changes, so cached roots from an older generator are regenerated.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 # AU -> bumps (anchor, outward dx, dy, amplitude px @128, sigma px @128). "Outward" is mirrored per
-# side so one table serves both halves of the face; midline anchors (glabella, lip_low, chin)
-# ignore laterality.
+# side so one table serves both halves of the face; midline anchors (lip_low, chin) ignore laterality.
+# Amplitudes are calibrated with expression_scale=1 (see the module docstring).
 _AU_BUMPS: dict[int, list[tuple[str, float, float, float, float]]] = {
-    1: [("brow_in", -0.15, -1.0, 2.2, 4.5)],
-    2: [("brow_out", 0.1, -1.0, 2.2, 4.5)],
-    4: [("brow_mid", -0.6, 0.8, 1.8, 5.0), ("brow_in", -0.5, 0.6, 1.2, 4.0)],
-    5: [("lid_up", 0.0, -1.0, 1.0, 3.0)],
-    6: [("cheek", 0.2, -1.0, 1.8, 6.0), ("lid_low", 0.0, -1.0, 0.9, 3.0)],
-    9: [("nose_side", -0.2, -1.0, 1.6, 4.0), ("nostril", 0.1, -1.0, 1.2, 3.5),
-        ("brow_in", 0.0, 1.0, 0.6, 4.0)],
-    10: [("lip_up", 0.0, -1.0, 2.0, 4.5), ("nostril", 0.0, -1.0, 0.7, 3.5)],
-    12: [("corner", 0.6, -0.8, 2.6, 4.5), ("cheek", 0.2, -1.0, 0.6, 6.0)],
-    14: [("corner", -1.0, -0.1, 1.6, 3.5)],
-    15: [("corner", 0.1, 1.0, 2.0, 4.0)],
-    17: [("chin", 0.0, -1.0, 1.8, 6.0), ("lip_low", 0.0, -1.0, 1.2, 4.0)],
-    26: [("lip_low", 0.0, 1.0, 1.5, 5.0), ("chin", 0.0, 1.0, 1.5, 7.0)],
+    1: [("brow_in", -0.15, -1.0, 1.5, 4.5)],
+    2: [("brow_out", 0.1, -1.0, 1.5, 4.5)],
+    4: [("brow_mid", -0.6, 0.8, 1.3, 5.0), ("brow_in", -0.5, 0.6, 0.8, 4.0)],
+    5: [("lid_up", 0.0, -1.0, 0.7, 3.0)],
+    6: [("cheek", 0.2, -1.0, 1.3, 6.0), ("lid_low", 0.0, -1.0, 0.6, 3.0)],
+    9: [("nose_side", -0.2, -1.0, 1.1, 4.0), ("nostril", 0.1, -1.0, 0.8, 3.5),
+        ("brow_in", 0.0, 1.0, 0.4, 4.0)],
+    10: [("lip_up", 0.0, -1.0, 1.4, 4.5), ("nostril", 0.0, -1.0, 0.5, 3.5)],
+    12: [("corner", 0.6, -0.8, 1.8, 4.5), ("cheek", 0.2, -1.0, 0.4, 6.0)],
+    14: [("corner", -1.0, -0.1, 1.1, 3.5)],
+    15: [("corner", 0.1, 1.0, 1.4, 4.0)],
+    17: [("chin", 0.0, -1.0, 1.3, 6.0), ("lip_low", 0.0, -1.0, 0.8, 4.0)],
+    26: [("lip_low", 0.0, 1.0, 1.1, 5.0), ("chin", 0.0, 1.0, 1.1, 7.0)],
 }
 
 
@@ -115,6 +121,7 @@ class SynthSpec:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "classes", tuple(self.classes))  # lists from configs/CLIs stay hashable
         unknown = [c for c in self.classes if c not in EMOTION_AUS]
         if unknown or not self.classes:
             raise ValueError(f"classes must be non-empty keys of EMOTION_AUS, got unknown {unknown}")
@@ -130,8 +137,9 @@ class _Face:
 
     image: np.ndarray                                   # uint8 HxWx3 BGR, neutral
     anchors: dict[tuple[str, int], tuple[float, float]]  # (name, side) -> (x, y); side 0 = midline
-    eyes: list[tuple[float, float, float, float]] = field(default_factory=list)  # cx, cy, rx, ry
-    lid: np.ndarray | None = None                      # eyelid skin image used for blinks
+    eyes: list[tuple[float, float, float, float]]       # per eye: cx, cy, rx, ry
+    lid: np.ndarray                                     # eyelid skin image used for blinks
+    style: dict[int, tuple[float, float]]               # AU -> (rotation rad, gain) of this person
 
 
 def _draw_face(rng: np.random.Generator, size: int) -> _Face:
@@ -139,18 +147,17 @@ def _draw_face(rng: np.random.Generator, size: int) -> _Face:
     k, u = 2, size / 128.0          # draw at 2x and area-downsample: anti-aliased sub-pixel geometry
     big = size * k
 
-    def pt(x: float, y: float) -> tuple[int, int]:   # cv2 fixed-point coordinates (shift=4)
+    def pt(x: float, y: float) -> tuple[int, int]:  # point or axes in cv2 fixed point (shift=4)
         return int(round(x * k * 16)), int(round(y * k * 16))
 
-    def ax(a: float, b: float) -> tuple[int, int]:
-        return int(round(a * k * 16)), int(round(b * k * 16))
+    def col(c: np.ndarray | tuple) -> tuple[float, ...]:
+        return tuple(float(v) for v in np.clip(c, 0, 255))
 
     skin = np.array([(180, 200, 235), (140, 170, 215), (100, 135, 190), (70, 100, 150),
                      (45, 70, 110), (160, 190, 225)][rng.integers(6)], float) + rng.uniform(-12, 12, 3)
     hair = np.array([(20, 20, 25), (30, 45, 70), (40, 70, 110), (90, 140, 180),
                      (60, 60, 60)][rng.integers(5)], float) * rng.uniform(0.8, 1.2)
-    col = lambda c: tuple(float(v) for v in np.clip(c, 0, 255))  # noqa: E731
-    aa = dict(lineType=cv2.LINE_AA, shift=4)
+    aa, lw = dict(lineType=cv2.LINE_AA, shift=4), max(1, int(k * u))
 
     # Background: vertical gradient between two random colours.
     top, bottom = rng.uniform(20, 230, 3), rng.uniform(20, 230, 3)
@@ -162,14 +169,16 @@ def _draw_face(rng: np.random.Generator, size: int) -> _Face:
     y_e = cy - hy * rng.uniform(0.05, 0.18)
     if rng.random() < 0.85:  # hair mass behind the head
         cv2.ellipse(img, pt(cx, cy - hy * rng.uniform(0.15, 0.3)),
-                    ax(hx * rng.uniform(1.05, 1.2), hy * rng.uniform(0.85, 1.0)), 0, 0, 360, col(hair), -1, **aa)
+                    pt(hx * rng.uniform(1.05, 1.2), hy * rng.uniform(0.85, 1.0)), 0, 0, 360, col(hair), -1,
+                    **aa)
     cv2.rectangle(img, pt(cx - hx * 0.45, cy + hy * 0.6), pt(cx + hx * 0.45, size + 1), col(skin * 0.85), -1,
                   cv2.LINE_AA, 4)
     for s in (-1, 1):  # ears
-        cv2.ellipse(img, pt(cx + s * hx, y_e + 5 * u), ax(4 * u, 8 * u), 0, 0, 360, col(skin * 0.92), -1, **aa)
-    cv2.ellipse(img, pt(cx, cy), ax(hx, hy), 0, 0, 360, col(skin), -1, **aa)
+        cv2.ellipse(img, pt(cx + s * hx, y_e + 5 * u), pt(4 * u, 8 * u), 0, 0, 360, col(skin * 0.92), -1,
+                    **aa)
+    cv2.ellipse(img, pt(cx, cy), pt(hx, hy), 0, 0, 360, col(skin), -1, **aa)
     if rng.random() < 0.5:  # fringe, kept above the brows
-        cv2.ellipse(img, pt(cx, cy - hy), ax(hx * 0.97, hy * rng.uniform(0.3, 0.45)), 0, 0, 180,
+        cv2.ellipse(img, pt(cx, cy - hy), pt(hx * 0.97, hy * rng.uniform(0.3, 0.45)), 0, 0, 180,
                     col(hair), -1, **aa)
 
     anchors: dict[tuple[str, int], tuple[float, float]] = {}
@@ -182,13 +191,13 @@ def _draw_face(rng: np.random.Generator, size: int) -> _Face:
     brow_in, brow_out = rng.uniform(0.8, 1.2) * ex, rng.uniform(1.1, 1.5) * ex
     for s in (-1, 1):
         ecx = cx + s * dx_e
-        cv2.ellipse(img, pt(ecx, y_e), ax(ex, ey), 0, 0, 360, col((230, 235, 238)), -1, **aa)
+        cv2.ellipse(img, pt(ecx, y_e), pt(ex, ey), 0, 0, 360, col((230, 235, 238)), -1, **aa)
         r = min(ey * 1.1, ex * 0.5)
         cv2.circle(img, pt(ecx + gaze[0], y_e + gaze[1]), int(r * k * 16), col(iris), -1, **aa)
         cv2.circle(img, pt(ecx + gaze[0], y_e + gaze[1]), int(r * 0.45 * k * 16), col((15, 15, 15)), -1, **aa)
-        cv2.ellipse(img, pt(ecx, y_e), ax(ex, ey), 0, 0, 360, col(skin * 0.4), max(1, int(k * u)), **aa)
-        cv2.ellipse(img, pt(ecx, y_e - 0.6 * ey), ax(ex * 0.9, ey), 0, 200, 340, col(skin * 0.75),
-                    max(1, int(k * u)), **aa)  # lid crease
+        cv2.ellipse(img, pt(ecx, y_e), pt(ex, ey), 0, 0, 360, col(skin * 0.4), lw, **aa)
+        cv2.ellipse(img, pt(ecx, y_e - 0.6 * ey), pt(ex * 0.9, ey), 0, 200, 340, col(skin * 0.75),
+                    lw, **aa)  # lid crease
         eyes.append((ecx, y_e, ex, ey))
         # Brow: quadratic arch from inner to outer end.
         xi, xo = ecx - s * brow_in, ecx + s * brow_out
@@ -202,11 +211,11 @@ def _draw_face(rng: np.random.Generator, size: int) -> _Face:
 
     y_n = y_e + rng.uniform(17, 24) * u
     nw = rng.uniform(3, 5) * u
-    cv2.ellipse(img, pt(cx, y_n - 1 * u), ax(nw * 0.9, 2.5 * u), 0, 0, 360, col(skin * 1.06), -1, **aa)
+    cv2.ellipse(img, pt(cx, y_n - 1 * u), pt(nw * 0.9, 2.5 * u), 0, 0, 360, col(skin * 1.06), -1, **aa)
     for s in (-1, 1):
         cv2.line(img, pt(cx + s * rng.uniform(2.5, 4) * u, y_e + 4 * u), pt(cx + s * nw * 1.1, y_n - 2 * u),
-                 col(skin * 0.85), max(1, int(k * u)), **aa)
-        cv2.ellipse(img, pt(cx + s * nw, y_n), ax(rng.uniform(1.5, 2.5) * u, rng.uniform(0.8, 1.3) * u),
+                 col(skin * 0.85), lw, **aa)
+        cv2.ellipse(img, pt(cx + s * nw, y_n), pt(rng.uniform(1.5, 2.5) * u, rng.uniform(0.8, 1.3) * u),
                     0, 0, 360, col(skin * 0.45), -1, **aa)
         anchors |= {("nostril", s): (cx + s * nw, y_n), ("nose_side", s): (cx + s * 4 * u, (y_e + y_n) / 2),
                     ("cheek", s): (cx + s * dx_e, (y_e + y_n) / 2 + 3 * u)}
@@ -217,14 +226,14 @@ def _draw_face(rng: np.random.Generator, size: int) -> _Face:
     upper = [(cx - w_m, y_m), (cx - w_m * 0.45, y_m - up_h), (cx, y_m - up_h * 0.6),
              (cx + w_m * 0.45, y_m - up_h), (cx + w_m, y_m)]
     cv2.fillPoly(img, [np.array([pt(x, y) for x, y in upper], np.int32)], col(lip), cv2.LINE_AA, 4)
-    cv2.ellipse(img, pt(cx, y_m), ax(w_m * 0.9, low_h), 0, 0, 180, col(lip * 1.05), -1, **aa)
+    cv2.ellipse(img, pt(cx, y_m), pt(w_m * 0.9, low_h), 0, 0, 180, col(lip * 1.05), -1, **aa)
     cv2.polylines(img, [np.array([pt(cx - w_m, y_m), pt(cx, y_m + 0.5 * u), pt(cx + w_m, y_m)], np.int32)],
-                  False, col(lip * 0.5), max(1, int(k * u)), **aa)
+                  False, col(lip * 0.5), lw, **aa)
     y_ch = min(y_m + rng.uniform(10, 15) * u, cy + hy - 3 * u)
-    cv2.ellipse(img, pt(cx, y_ch - 3 * u), ax(5 * u, 2 * u), 0, 20, 160, col(skin * 0.88), max(1, int(k * u)), **aa)
+    cv2.ellipse(img, pt(cx, y_ch - 3 * u), pt(5 * u, 2 * u), 0, 20, 160, col(skin * 0.88), lw, **aa)
     for s in (-1, 1):
         anchors |= {("lip_up", s): (cx + s * w_m * 0.4, y_m - up_h), ("corner", s): (cx + s * w_m, y_m)}
-    anchors |= {("glabella", 0): (cx, y_b), ("lip_low", 0): (cx, y_m + low_h), ("chin", 0): (cx, y_ch)}
+    anchors |= {("lip_low", 0): (cx, y_m + low_h), ("chin", 0): (cx, y_ch)}
     for _ in range(rng.integers(0, 6)):  # moles: identity cues that also give flow something to track
         cv2.circle(img, pt(cx + rng.uniform(-0.8, 0.8) * hx, cy + rng.uniform(-0.6, 0.8) * hy),
                    int(rng.uniform(0.5, 1.2) * u * k * 16), col(skin * 0.55), -1, **aa)
@@ -241,9 +250,13 @@ def _draw_face(rng: np.random.Generator, size: int) -> _Face:
     # Eyelid skin for blinks: eyes inpainted from the surrounding skin, slightly shaded.
     mask = np.zeros((size, size), np.uint8)
     for ecx, ecy, rx, ry in eyes:
-        cv2.ellipse(mask, (round(ecx), round(ecy)), (round(rx * 1.3) + 1, round(ry * 1.5) + 1), 0, 0, 360, 255, -1)
+        cv2.ellipse(mask, (round(ecx), round(ecy)), (round(rx * 1.3) + 1, round(ry * 1.5) + 1), 0, 0, 360,
+                    255, -1)
     lid = (cv2.inpaint(face, mask, 3, cv2.INPAINT_TELEA) * 0.93).astype(np.uint8)
-    return _Face(face, anchors, eyes, lid)
+    # Idiosyncratic expression style: each person moves each AU a little differently (direction and
+    # strength), so a model must generalise across subjects, not memorise one motion template.
+    style = {au: (float(rng.normal(0, 0.35)), float(rng.uniform(0.6, 1.4))) for au in sorted(_AU_BUMPS)}
+    return _Face(face, anchors, eyes, lid, style)
 
 
 def _parse_aus(label: str) -> list[tuple[int, int | None]]:
@@ -261,13 +274,15 @@ def _au_field(face: _Face, label: str, rng: np.random.Generator, gain: float, si
     ys, xs = np.mgrid[0:size, 0:size].astype(np.float32)
     disp = np.zeros((size, size, 2), np.float32)
     for au, side in _parse_aus(label):
+        rot, strength = face.style.get(au, (0.0, 1.0))
         for s in ((side,) if side else (-1, 1)):
             asym = rng.uniform(0.85, 1.15)  # faces are never perfectly symmetric
             for name, out_x, dy, amp, sigma in _AU_BUMPS[au]:
                 px, py = face.anchors.get((name, s)) or face.anchors[(name, 0)]
-                vec = np.array([out_x * s, dy]) / np.hypot(out_x, dy)
+                ang = np.arctan2(dy, out_x * s) + rot * s  # mirrored so both sides share the style
+                vec = np.array([np.cos(ang), np.sin(ang)])
                 w = np.exp(-((xs - px) ** 2 + (ys - py) ** 2) / (2 * (sigma * u) ** 2))
-                disp += (w[..., None] * (vec * amp * u * gain * asym)).astype(np.float32)
+                disp += (w[..., None] * (vec * amp * u * gain * asym * strength)).astype(np.float32)
     return disp
 
 
@@ -318,7 +333,8 @@ def _render_clip(face: _Face, label: str, n: int, apex: int, spec: SynthSpec,
         img = img * np.float32(gains[i]) + rng.standard_normal(img.shape, dtype=np.float32) * spec.noise_std
         ok, buf = cv2.imencode(".jpg", np.clip(np.rint(img), 0, 255).astype(np.uint8),
                                [cv2.IMWRITE_JPEG_QUALITY, 95])
-        assert ok, "JPEG encoding failed"
+        if not ok:
+            raise RuntimeError("cv2.imencode failed to write a JPEG")
         frames.append(buf.tobytes())
     return frames
 
@@ -444,7 +460,7 @@ def generate(root: str | Path, spec: SynthSpec = SynthSpec(), *, overwrite: bool
     return sheet
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     """CLI: ``python -m famnet_pl.data.synthetic ROOT [--subjects N] ...``."""
     p = argparse.ArgumentParser(description="Generate the synthetic CASME II-format ME dataset.")
     p.add_argument("root", type=Path)
@@ -456,12 +472,18 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     spec = replace(SynthSpec(), n_subjects=a.subjects, clips_per_class=a.clips_per_class, seed=a.seed,
                    expression_scale=a.scale)
+    spec_path = a.root / SPEC_NAME
+    before = spec_path.stat().st_mtime_ns if spec_path.exists() else None
     t0 = time.perf_counter()
     sheet = generate(a.root, spec, overwrite=a.overwrite)
-    counts = json.loads((a.root / SPEC_NAME).read_text())["counts"]
-    print(f"{sheet}: {counts['subjects']} subjects, {counts['samples']} samples, {len(spec.classes)} classes, "
-          f"{counts['frames']} frames, {time.perf_counter() - t0:.1f} s")
+    seconds = time.perf_counter() - t0
+    counts = json.loads(spec_path.read_text())["counts"]
+    written = 0 if spec_path.stat().st_mtime_ns == before else counts["frames"]
+    note = "" if written else " (already complete)"
+    print(f"{sheet}: {counts['subjects']} subjects, {counts['samples']} samples, "
+          f"{len(spec.classes)} classes, {written} frames written{note}, {seconds:.1f} s")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
