@@ -29,7 +29,8 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from famnet_pl.data.frames import FlowAlgorithm, clip_indices, onset_apex_flow, read_frame, resize
+from famnet_pl.data.frames import (FlowAlgorithm, clip_indices, onset_apex_flow, read_frame,
+                                   register_to, resize)
 from famnet_pl.data.manifest import manifest_hash
 from famnet_pl.data.protocols import get_dataset
 
@@ -49,6 +50,7 @@ class ViewConfig:
     flow_size: int = 128
     need_flow: bool = True
     need_clip: bool = True
+    register: bool = True
 
 
 def cache_key(manifest: pd.DataFrame, root: str | Path, views: ViewConfig) -> str:
@@ -71,13 +73,16 @@ def _build(manifest: pd.DataFrame, root: Path, views: ViewConfig, out: Path) -> 
     for i, r in enumerate(tqdm(rows, total=n, desc="decode + flow (once)", leave=False)):
         frame_dir = root / r.frame_dir
 
+        onset = read_frame(frame_dir / pattern.format(k=r.onset))
+
         def frame(k: int) -> np.ndarray:
-            return read_frame(frame_dir / pattern.format(k=k))
+            image = read_frame(frame_dir / pattern.format(k=k))
+            return register_to(onset, image) if views.register and k != r.onset else image
 
         apex_full = frame(r.apex)
         apex[i] = resize(apex_full, s)
         if flow is not None:
-            flow[i] = onset_apex_flow(frame(r.onset), apex_full, algorithm=views.flow_algorithm,
+            flow[i] = onset_apex_flow(onset, apex_full, algorithm=views.flow_algorithm,
                                       flow_size=views.flow_size, out_size=s)
         if clip is not None:
             clip[i] = np.stack([resize(frame(k), c) for k in clip_indices(r.onset, r.offset, t)])

@@ -108,6 +108,8 @@ class MERDataModule(L.LightningDataModule):
         flow_algorithm: ``tvl1`` (default, MER standard), ``farneback`` or ``dis``.
         flow_size: side at which flow is computed before resizing to ``image_size``.
         apex_fix: non-numeric / out-of-clip apex: ``midpoint`` (flagged) or ``drop``.
+        register: align every frame to the onset frame (global translation, phase correlation)
+            before flow and clips, removing head drift that is larger than the expression.
         val_subjects: training subjects held out for inner validation (0 = none). Never the test
             subject: this is the honest place for model selection.
         batch_size: training batch size.
@@ -132,6 +134,7 @@ class MERDataModule(L.LightningDataModule):
         flow_algorithm: FlowAlgorithm = "tvl1",
         flow_size: int = 128,
         apex_fix: Literal["midpoint", "drop"] = "midpoint",
+        register: bool = True,
         val_subjects: int = 0,
         batch_size: int = 16,
         num_workers: int = 0,
@@ -203,7 +206,7 @@ class MERDataModule(L.LightningDataModule):
         self.test_subject = subjects[hp.fold]
         views = ViewConfig(image_size=hp.image_size, clip_len=hp.clip_len, clip_size=hp.clip_size,
                            flow_algorithm=hp.flow_algorithm, flow_size=hp.flow_size,
-                           need_flow=hp.input_2d != "apex")
+                           need_flow=hp.input_2d != "apex", register=hp.register)
         arrays = load_or_build(manifest, hp.data_root, views, hp.cache_dir)
         au, au_mask = au_targets([parse_au(a) for a in manifest["au_raw"]], self.au_vocab)
         labels = manifest["label"].to_numpy()

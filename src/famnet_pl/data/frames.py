@@ -45,6 +45,21 @@ def clip_indices(onset: int, offset: int, length: int) -> np.ndarray:
     return np.round(np.linspace(onset, offset, length)).astype(int)
 
 
+def register_to(reference: np.ndarray, frame: np.ndarray) -> np.ndarray:
+    """Shift ``frame`` so it lines up with ``reference`` (global translation, phase correlation).
+
+    Removes slow head drift between onset and later frames, which is larger than most
+    micro-expression motion and would otherwise dominate frame differences and flow. Sub-pixel
+    accurate; border pixels are replicated.
+    """
+    grey = [cv2.cvtColor(f, cv2.COLOR_RGB2GRAY).astype(np.float32) for f in (reference, frame)]
+    window = cv2.createHanningWindow(grey[0].shape[::-1], cv2.CV_32F)
+    (dx, dy), _ = cv2.phaseCorrelate(grey[0], grey[1], window)
+    shift = np.float32([[1, 0, -dx], [0, 1, -dy]])
+    return cv2.warpAffine(frame, shift, frame.shape[1::-1], flags=cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_REPLICATE)
+
+
 def _flow(prev: np.ndarray, nxt: np.ndarray, algorithm: FlowAlgorithm) -> np.ndarray:
     if algorithm == "tvl1":
         if not hasattr(cv2, "optflow"):

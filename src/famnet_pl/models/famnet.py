@@ -53,6 +53,7 @@ class AMNet2D(nn.Module):
         attention: ``"cbam"``, ``"se"`` or ``"none"``.
         attention_stages: 1-based stages followed by attention.
         small_input: 3x3 stride-1 stem without maxpool, for 32-64 px inputs.
+        pool_grid: Final spatial pooling grid (1 = global average; see ResNet2D).
         dropout: Dropout before the heads.
     """
 
@@ -66,6 +67,7 @@ class AMNet2D(nn.Module):
         attention: str = "cbam",
         attention_stages: tuple[int, ...] = (1, 2, 3, 4),
         small_input: bool = False,
+        pool_grid: int = 1,
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
@@ -75,6 +77,7 @@ class AMNet2D(nn.Module):
             attention=attention,
             attention_stages=attention_stages,
             small_input=small_input,
+            pool_grid=pool_grid,
         )
         self.head = MultiTaskHead(self.backbone.out_features, num_classes, num_aus, dropout)
         self.out_features = self.backbone.out_features
@@ -97,6 +100,7 @@ class AMNet3D(nn.Module):
         attention: ``"cbam"``, ``"se"`` or ``"none"``.
         attention_stages: 1-based stages followed by attention.
         temporal_stride_stem: Temporal stride of the stem conv.
+        pool_grid: Final spatial pooling grid (1 = global average; see ResNet3D).
         dropout: Dropout before the heads.
     """
 
@@ -110,6 +114,7 @@ class AMNet3D(nn.Module):
         attention: str = "cbam",
         attention_stages: tuple[int, ...] = (1, 2, 3, 4),
         temporal_stride_stem: int = 1,
+        pool_grid: int = 1,
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
@@ -119,6 +124,7 @@ class AMNet3D(nn.Module):
             attention=attention,
             attention_stages=attention_stages,
             temporal_stride_stem=temporal_stride_stem,
+            pool_grid=pool_grid,
         )
         self.head = MultiTaskHead(self.backbone.out_features, num_classes, num_aus, dropout)
         self.out_features = self.backbone.out_features
@@ -161,6 +167,10 @@ class FAMNet(nn.Module):
       for 32-64 px faces, which the ImageNet stem would shrink 4x at once.
     * ``temporal_stride_stem`` -- not in the paper; default 1 as in torchvision's
       r3d_18, keeping every frame of short micro-expression clips.
+    * ``pool_grid`` -- not in the paper: ResNet18 ends in global average pooling
+      (default 1). With aligned faces the location of a motion identifies the AU, and
+      a coarse grid (2-3) keeps it; the CPU demo uses 3 (it lifts synthetic-set
+      UAR a lot: global pooling sees *that* something moved, not *where*).
     * ``dropout`` -- before the task heads (and inside the feature-fusion MLP);
       unspecified, default 0.0.
     * ``pretrained_2d`` / ``pretrained_3d`` -- optional local files with a
@@ -182,6 +192,7 @@ class FAMNet(nn.Module):
         late_weight: Weight of the 2D branch in late fusion, in [0, 1].
         small_input_2d: Small-input stem for the 2D backbone.
         temporal_stride_stem: Temporal stride of the 3D stem.
+        pool_grid: Final spatial pooling grid of both backbones (1 = global average).
         dropout: Dropout probability before the heads.
         pretrained_2d: Optional path to a torchvision resnet18 state_dict.
         pretrained_3d: Optional path to a torchvision r3d_18 state_dict.
@@ -208,6 +219,7 @@ class FAMNet(nn.Module):
         late_weight: float = 0.5,
         small_input_2d: bool = False,
         temporal_stride_stem: int = 1,
+        pool_grid: int = 1,
         dropout: float = 0.0,
         pretrained_2d: str | None = None,
         pretrained_3d: str | None = None,
@@ -237,6 +249,7 @@ class FAMNet(nn.Module):
                 attention=attention,
                 attention_stages=attention_stages,
                 small_input=small_input_2d,
+                pool_grid=pool_grid,
                 dropout=dropout,
             )
         if use_3d:
@@ -248,6 +261,7 @@ class FAMNet(nn.Module):
                 attention=attention,
                 attention_stages=attention_stages,
                 temporal_stride_stem=temporal_stride_stem,
+                pool_grid=pool_grid,
                 dropout=dropout,
             )
 

@@ -63,6 +63,12 @@ def _init_weights(modules: Sequence[nn.Module]) -> None:
                 nn.init.zeros_(m.bias)
 
 
+def _check_grid(pool_grid: int) -> int:
+    if pool_grid < 1:
+        raise ValueError(f"pool_grid must be >= 1, got {pool_grid}")
+    return pool_grid
+
+
 def _check_input(x: Tensor, *, ndim: int, in_channels: int, name: str, layout: str) -> None:
     """Raise a readable ValueError instead of a conv shape error."""
     if x.ndim != ndim or x.shape[1] != in_channels:
@@ -84,9 +90,12 @@ class ResNet2D(nn.Module):
         small_input: Use a 3x3 stride-1 stem without maxpool (CIFAR-style) so
             32-64 px faces are not downsampled 4x before the first stage. The stem
             then no longer matches ImageNet weights (``conv1`` is skipped on load).
+        pool_grid: Final pooling to a ``pool_grid x pool_grid`` grid instead of one global
+            average (1, as in ResNet18). On aligned faces *where* the motion is tells the AU;
+            global pooling throws that away, a coarse grid keeps it.
 
     Attributes:
-        out_features: Size of the pooled feature vector (``width * 8``).
+        out_features: Size of the pooled feature vector (``width * 8 * pool_grid**2``).
     """
 
     def __init__(
@@ -98,6 +107,7 @@ class ResNet2D(nn.Module):
         attention: str = "cbam",
         attention_stages: tuple[int, ...] = (1, 2, 3, 4),
         small_input: bool = False,
+        pool_grid: int = 1,
     ) -> None:
         super().__init__()
         _check_stages(layers, attention_stages)
@@ -126,8 +136,8 @@ class ResNet2D(nn.Module):
             make_attention(attention if i + 1 in attention_stages else "none", c, dims=2)  # type: ignore[arg-type]
             for i, c in enumerate(channels)
         )
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.out_features = channels[-1]
+        self.avgpool = nn.AdaptiveAvgPool2d(_check_grid(pool_grid))
+        self.out_features = channels[-1] * pool_grid**2
 
     def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
         """One ResNet stage, as in ``torchvision.models.ResNet._make_layer``."""
@@ -164,9 +174,11 @@ class ResNet3D(nn.Module):
         temporal_stride_stem: Temporal stride of the (3, 7, 7) stem conv. 1 (as in
             r3d_18) keeps every frame, which matters for short, subtle clips;
             2 halves compute for long clips.
+        pool_grid: Final pooling: global over time, ``pool_grid x pool_grid`` over space
+            (1 = global average, as in r3d_18); see ResNet2D.
 
     Attributes:
-        out_features: Size of the pooled feature vector (``width * 8``).
+        out_features: Size of the pooled feature vector (``width * 8 * pool_grid**2``).
     """
 
     def __init__(
@@ -178,6 +190,7 @@ class ResNet3D(nn.Module):
         attention: str = "cbam",
         attention_stages: tuple[int, ...] = (1, 2, 3, 4),
         temporal_stride_stem: int = 1,
+        pool_grid: int = 1,
     ) -> None:
         super().__init__()
         _check_stages(layers, attention_stages)
@@ -209,8 +222,8 @@ class ResNet3D(nn.Module):
             make_attention(attention if i + 1 in attention_stages else "none", c, dims=3)  # type: ignore[arg-type]
             for i, c in enumerate(channels)
         )
-        self.avgpool = nn.AdaptiveAvgPool3d(1)
-        self.out_features = channels[-1]
+        self.avgpool = nn.AdaptiveAvgPool3d((1, _check_grid(pool_grid), _check_grid(pool_grid)))
+        self.out_features = channels[-1] * pool_grid**2
 
     def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
         """One R3D stage, as in ``torchvision.models.video.VideoResNet._make_layer``."""
