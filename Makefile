@@ -23,7 +23,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export HF_HUB_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help install loso fit data aggregate test test-full test-gpu bench clean distclean
+.PHONY: help install loso data manifests aggregate test test-full test-gpu bench clean distclean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -47,6 +47,10 @@ loso: $(STAMP) ## LOSO run [DATASET=synth] [MODEL=famnet_cpu] [EXP=] [DATA_ROOT=
 
 data: $(STAMP) ## Write the synthetic dataset to data/synth (make loso does this when needed)
 	$(BIN)/famnet-pl synth data/synth
+
+manifests: $(STAMP) ## Rebuild data_manifests/*.csv from ../shared/annotations
+	$(BIN)/famnet-pl manifest casme2_5cls --annotation ../shared/annotations/casme2/CASME2-coding-20140508.xlsx \
+		--out data_manifests/casme2_5cls.csv
 
 aggregate: $(STAMP) ## Recompute pooled metrics from a run's prediction files: make aggregate RUN=runs/famnet_cpu/synth
 	$(BIN)/famnet-pl aggregate $(RUN)

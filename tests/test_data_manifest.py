@@ -80,3 +80,13 @@ def test_synthetic_frames_are_checked(tiny_synth, tmp_path):
     shutil.rmtree(victim)
     with pytest.raises(ManifestError, match="does not exist"):
         build_manifest(protocol="synth_4cls", root=root)
+
+
+def test_committed_manifest_equals_a_fresh_build():
+    from tests.conftest import REPO
+
+    committed = pd.read_csv(REPO / "data_manifests" / "casme2_5cls.csv", dtype={"au_raw": str, "au_set": str},
+                            keep_default_na=False)
+    fresh, report = build_manifest(protocol="casme2_5cls", annotation=CASME2_2014)
+    fresh = fresh.assign(sheet_sha256=report.sheet_sha256)
+    assert committed.astype(str).equals(fresh.astype(str).reset_index(drop=True))

@@ -1,4 +1,4 @@
-"""Command line: ``famnet-pl {loso,fit,aggregate,synth}`` and the LightningCLI behind them.
+"""Command line: ``famnet-pl {loso,fit,aggregate,manifest,synth}`` and the LightningCLI behind them.
 
 ``FamNetCLI`` is a LightningCLI over (:class:`FAMNetLitModule`, :class:`MERDataModule`) whose
 model sizes that follow from the data (classes, AUs, 2D channels) are linked from the DataModule,
@@ -103,13 +103,32 @@ def _aggregate(argv: list[str]) -> int:
     return 0
 
 
+def _manifest(argv: list[str]) -> int:
+    from famnet_pl.data.manifest import build_manifest
+    from famnet_pl.utils.io import atomic_write_csv
+
+    parser = argparse.ArgumentParser(prog="famnet-pl manifest",
+                                     description="build, validate and write a protocol's manifest")
+    parser.add_argument("protocol", help="e.g. casme2_5cls, synth_4cls")
+    parser.add_argument("--annotation", default=None, help="sheet (default: the pinned sheet in --root)")
+    parser.add_argument("--root", default=None, help="dataset root: frames are checked when given")
+    parser.add_argument("--out", required=True, help="CSV to write, e.g. data_manifests/casme2_5cls.csv")
+    opts = parser.parse_args(argv)
+    manifest, report = build_manifest(protocol=opts.protocol, root=opts.root, annotation=opts.annotation)
+    # Portable: frame_dir is relative to the dataset root; the sheet is named by its SHA-256.
+    atomic_write_csv(opts.out, manifest.assign(sheet_sha256=report.sheet_sha256))
+    print(report.format())
+    print(f"wrote {opts.out}: {len(manifest)} samples, {manifest['subject'].nunique()} subjects")
+    return 0
+
+
 def _synth(argv: list[str]) -> int:
     from famnet_pl.data import synthetic
 
     return synthetic.main(argv)
 
 
-COMMANDS = {"loso": _loso, "fit": _fit, "aggregate": _aggregate, "synth": _synth}
+COMMANDS = {"loso": _loso, "fit": _fit, "aggregate": _aggregate, "manifest": _manifest, "synth": _synth}
 
 
 def main(argv: list[str] | None = None) -> int:
