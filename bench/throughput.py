@@ -83,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     first = next(iter(dm.train_dataloader()))
     fixed = {k: v.to(device) for k, v in first.items()}
     batch_size = len(fixed["label"])
-    step = lambda b: _train_step(module, b, optimizer, autocast)  # noqa: E731
+    def step(batch: dict) -> None:
+        _train_step(module, batch, optimizer, autocast)
+
     model_s = _timed(step, (fixed for _ in range(total)), opts.warmup, device)
     pipe_s = _timed(step, pipeline_batches(), opts.warmup, device)
     figures = {

@@ -9,8 +9,9 @@ Grammar (../shared/notes/datasets.md, section 4):
 * separators ``+`` and ``,`` (spaces allowed);
 * laterality / lip prefixes ``L R A B T`` (``L10``, ``T18``) and side suffixes (``10R``) -> base AU;
 * intensity letters ``A``-``E`` after the number (``7C``) -> stripped;
-* alternatives ``or`` and ``/`` (``R14A or 17A``, ``10A/B``) -> union of the alternatives, flagged
-  ``ambiguous`` (a slash between intensity letters, ``10A/B``, is not an alternative);
+* alternatives ``or`` and ``/`` (``R14A or 17A``) -> union of the alternatives, flagged
+  ``ambiguous``; a slash between intensity letters (``10A/B``) or between sides (``A/L12``) is
+  not an alternative AU;
 * ``ref(...)`` -> excluded by default (its meaning is undocumented), flagged;
 * a ``?`` anywhere -> ``unknown``: the sample's AU loss is masked rather than read as "no AU".
 

@@ -215,23 +215,21 @@ class MERDataModule(L.LightningDataModule):
         test_idx = np.flatnonzero(subject_of == self.test_subject)
         train_subjects = [s for s in subjects if s != self.test_subject]
         rng = np.random.default_rng([hp.seed, hp.fold])
-        val_subjects = sorted(rng.choice(train_subjects, size=hp.val_subjects, replace=False)) \
-            if hp.val_subjects else []
+        val_subjects = (sorted(rng.choice(train_subjects, size=hp.val_subjects, replace=False).tolist())
+                        if hp.val_subjects else [])
         val_idx = np.flatnonzero(np.isin(subject_of, val_subjects))
         train_idx = np.flatnonzero(~np.isin(subject_of, [self.test_subject, *val_subjects]))
 
-        base = MERDataset(arrays, train_idx, labels, au, au_mask, input_2d=hp.input_2d,
-                          clip_mode=hp.clip_mode, stats={}, augment=None)
-        stats = _channel_stats(base, train_idx)
-        make = lambda idx, aug: MERDataset(arrays, idx, labels, au, au_mask,  # noqa: E731
-                                           input_2d=hp.input_2d, clip_mode=hp.clip_mode,
-                                           stats=stats, augment=aug)
-        self.augmenter = ClipAugment(seed=hp.seed * 1000 + hp.fold) if hp.augment else None
-        self.train_set = make(train_idx, self.augmenter)
-        self.val_set = make(val_idx, None) if len(val_idx) else None
-        self.test_set = make(test_idx, None)
-        self.split = {"train": train_subjects if not val_subjects else
-                      [s for s in train_subjects if s not in val_subjects],
+        def make(idx: np.ndarray, augment: ClipAugment | None, stats: dict) -> MERDataset:
+            return MERDataset(arrays, idx, labels, au, au_mask, input_2d=hp.input_2d,
+                              clip_mode=hp.clip_mode, stats=stats, augment=augment)
+
+        stats = _channel_stats(make(train_idx, None, {}), train_idx)
+        augmenter = ClipAugment(seed=hp.seed * 1000 + hp.fold) if hp.augment else None
+        self.train_set = make(train_idx, augmenter, stats)
+        self.val_set = make(val_idx, None, stats) if len(val_idx) else None
+        self.test_set = make(test_idx, None, stats)
+        self.split = {"train": [s for s in train_subjects if s not in val_subjects],
                       "val": list(val_subjects), "test": [self.test_subject]}
         if au[train_idx].sum() == 0 and self.num_aus:
             log.warning("fold %d: every AU target of the training set is 0; check the AU column and "

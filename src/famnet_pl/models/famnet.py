@@ -42,7 +42,23 @@ _FUSIONS = ("late", "feature")
 _FUSION_HIDDEN = 128
 
 
-class AMNet2D(nn.Module):
+class _AttentionMultiTaskNet(nn.Module):
+    """Shared part of AMNet2D/AMNet3D: backbone -> pooled features -> emotion and AU heads."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int, num_aus: int, dropout: float) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = MultiTaskHead(backbone.out_features, num_classes, num_aus, dropout)
+        self.out_features = backbone.out_features
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        """Return ``emotion`` (B, C) logits, ``au`` (B, A) logits, ``features`` (B, F)."""
+        features = self.backbone(x)
+        emotion, au = self.head(features)
+        return {"emotion": emotion, "au": au, "features": features}
+
+
+class AMNet2D(_AttentionMultiTaskNet):
     """2D attention multi-task network: ResNet2D backbone + emotion/AU heads.
 
     Args:
@@ -70,26 +86,12 @@ class AMNet2D(nn.Module):
         pool_grid: int = 1,
         dropout: float = 0.0,
     ) -> None:
-        super().__init__()
-        self.backbone = ResNet2D(
-            in_channels=in_channels,
-            width=width,
-            attention=attention,
-            attention_stages=attention_stages,
-            small_input=small_input,
-            pool_grid=pool_grid,
-        )
-        self.head = MultiTaskHead(self.backbone.out_features, num_classes, num_aus, dropout)
-        self.out_features = self.backbone.out_features
-
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        """Return ``emotion`` (B, C) logits, ``au`` (B, A) logits, ``features`` (B, F)."""
-        features = self.backbone(x)
-        emotion, au = self.head(features)
-        return {"emotion": emotion, "au": au, "features": features}
+        backbone = ResNet2D(in_channels=in_channels, width=width, attention=attention,
+                            attention_stages=attention_stages, small_input=small_input, pool_grid=pool_grid)
+        super().__init__(backbone, num_classes, num_aus, dropout)
 
 
-class AMNet3D(nn.Module):
+class AMNet3D(_AttentionMultiTaskNet):
     """3D attention multi-task network: ResNet3D backbone + emotion/AU heads.
 
     Args:
@@ -117,23 +119,10 @@ class AMNet3D(nn.Module):
         pool_grid: int = 1,
         dropout: float = 0.0,
     ) -> None:
-        super().__init__()
-        self.backbone = ResNet3D(
-            in_channels=in_channels,
-            width=width,
-            attention=attention,
-            attention_stages=attention_stages,
-            temporal_stride_stem=temporal_stride_stem,
-            pool_grid=pool_grid,
-        )
-        self.head = MultiTaskHead(self.backbone.out_features, num_classes, num_aus, dropout)
-        self.out_features = self.backbone.out_features
-
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        """Return ``emotion`` (B, C) logits, ``au`` (B, A) logits, ``features`` (B, F)."""
-        features = self.backbone(x)
-        emotion, au = self.head(features)
-        return {"emotion": emotion, "au": au, "features": features}
+        backbone = ResNet3D(in_channels=in_channels, width=width, attention=attention,
+                            attention_stages=attention_stages, temporal_stride_stem=temporal_stride_stem,
+                            pool_grid=pool_grid)
+        super().__init__(backbone, num_classes, num_aus, dropout)
 
 
 class FAMNet(nn.Module):
