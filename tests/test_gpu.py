@@ -30,4 +30,4 @@ def test_gpu_config_fits_with_bf16_mixed(tiny_synth, tmp_path):
             "--trainer.max_epochs=2", f"--trainer.default_root_dir={tmp_path}"]
     cli = build_cli(args)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    assert cli.trainer.state.finished and cli.model.device.type == "cuda"
+    assert cli.trainer.state.finished and cli.trainer.strategy.root_device.type == "cuda"

@@ -240,7 +240,8 @@ class MERDataModule(L.LightningDataModule):
         generator = torch.Generator().manual_seed(self.hparams.seed * 1000 + self.hparams.fold)
         return DataLoader(dataset, batch_size=self.hparams.batch_size, shuffle=shuffle,
                           num_workers=self.hparams.num_workers, generator=generator,
-                          worker_init_fn=_reseed_worker, persistent_workers=False)
+                          worker_init_fn=_reseed_worker, persistent_workers=self.hparams.num_workers > 0,
+                          pin_memory=torch.cuda.is_available())
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled training subjects."""
