@@ -1,5 +1,5 @@
 """A LOSO run killed (SIGKILL) midway and restarted ends with the same summary as an uninterrupted
-run with the same seed. Runs the real CLI in subprocesses, so it is in the slow tier."""
+run with the same seed. Runs the real CLI in subprocesses (about 30 s on 2 cores)."""
 
 import json
 import os
@@ -8,13 +8,8 @@ import subprocess
 import sys
 import time
 
-import pytest
-
 from famnet_pl.aggregate import SUMMARY_NAME
 from tests.conftest import tiny_args
-
-pytestmark = pytest.mark.slow
-
 
 def _cmd(root, cache, runs):
     return [sys.executable, "-m", "famnet_pl.cli", "loso", "--exp", "k", "--runs-dir", str(runs),
