@@ -20,6 +20,7 @@ normalisation statistics, augmentation, or validation.
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import Literal
@@ -34,7 +35,7 @@ from famnet_pl.data import synthetic
 from famnet_pl.data.au import au_targets, parse_au
 from famnet_pl.data.cache import ViewConfig, load_or_build
 from famnet_pl.data.frames import FlowAlgorithm
-from famnet_pl.data.manifest import build_manifest
+from famnet_pl.data.manifest import build_manifest, resolve_sheet
 from famnet_pl.data.protocols import get_dataset, get_protocol
 from famnet_pl.data.transforms import ClipAugment
 
@@ -180,13 +181,13 @@ class MERDataModule(L.LightningDataModule):
             synthetic.generate(root)
 
     def load_manifest(self) -> pd.DataFrame:
-        """Build (once) and return the validated manifest of the whole protocol."""
+        """Build (once per process and sheet version) and return the protocol's validated manifest."""
         if self.manifest is None:
             self.prepare_data()
-            self.manifest, report = build_manifest(protocol=self.protocol.name, root=self.hparams.data_root,
-                                                   annotation=self.hparams.annotation,
-                                                   apex_fix=self.hparams.apex_fix)
-            log.info("manifest:\n%s", report.format())
+            hp = self.hparams
+            sheet = resolve_sheet(self.protocol.name, hp.data_root, hp.annotation)
+            stamp = sheet.stat().st_mtime_ns if sheet.is_file() else None
+            self.manifest = _manifest(self.protocol.name, str(hp.data_root), hp.annotation, hp.apex_fix, stamp)
         return self.manifest
 
     def subjects(self) -> list[str]:
@@ -254,6 +255,15 @@ class MERDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         """The test subject, in manifest order."""
         return self._loader(self.test_set, shuffle=False)
+
+
+@functools.lru_cache(maxsize=8)
+def _manifest(protocol: str, root: str, annotation: str | None, apex_fix: str, sheet_stamp: int | None):
+    """Manifest memo: the LOSO runner builds one DataModule per fold in one process, and the sheet
+    and frame checks (and their report) need to happen once, not once per fold."""
+    manifest, report = build_manifest(protocol=protocol, root=root, annotation=annotation, apex_fix=apex_fix)
+    log.info("manifest:\n%s", report.format())
+    return manifest
 
 
 def _channel_stats(dataset: MERDataset, idx: np.ndarray) -> dict[str, np.ndarray]:
