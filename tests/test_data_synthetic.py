@@ -159,3 +159,13 @@ def test_cli_prints_summary(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "1 subjects, 4 samples, 4 classes" in out and "frames written" in out
     assert json.loads((tmp_path / SPEC_NAME).read_text())["spec"]["seed"] == 2
+
+
+def test_ensure_keeps_a_custom_spec(tmp_path):
+    from famnet_pl.data import synthetic as syn
+
+    small = syn.SynthSpec(n_subjects=1, clips_per_class=1, image_size=32, min_frames=3, max_frames=4, seed=3)
+    syn.generate(tmp_path / "a", small)
+    before = (tmp_path / "a" / syn.SPEC_NAME).stat().st_mtime_ns
+    syn.ensure(tmp_path / "a")
+    assert (tmp_path / "a" / syn.SPEC_NAME).stat().st_mtime_ns == before      # kept as it is

@@ -9,8 +9,9 @@ Data flow::
 * ``flow.npy``  float32 (N, S, S, 3)     onset->apex (u, v, strain), pixels at size S
 * ``clip.npy``  uint8   (N, T, s, s, 3)  T frames sampled from onset to offset
 
-The key hashes everything that changes the arrays: manifest content, dataset root, sizes, clip
-length, flow algorithm and :data:`CACHE_VERSION` (bump it when the preprocessing code changes).
+The key hashes everything that changes the arrays: manifest content, dataset root, the frame
+folders' modification times, sizes, clip length, flow algorithm and :data:`CACHE_VERSION` (bump it
+when the preprocessing code changes).
 A cache directory is written under a temporary name and renamed into place, so a killed build
 never leaves a cache that looks complete.
 """
@@ -55,8 +56,13 @@ class ViewConfig:
 
 def cache_key(manifest: pd.DataFrame, root: str | Path, views: ViewConfig) -> str:
     """Hash of everything that affects the cached arrays."""
+    # Folder mtimes change when frames are added, removed or the folder is replaced (a regenerated
+    # synthetic set, a re-extracted dataset); they are cheap to read, unlike hashing every frame.
+    frames = [os.stat(Path(root) / d).st_mtime_ns if (Path(root) / d).is_dir() else None
+              for d in manifest["frame_dir"]]
     payload = json.dumps({"manifest": manifest_hash(manifest), "root": str(Path(root).resolve()),
-                          "views": asdict(views), "version": CACHE_VERSION}, sort_keys=True)
+                          "frames": frames, "views": asdict(views), "version": CACHE_VERSION},
+                         sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import logging
-from pathlib import Path
 from typing import Literal
 
 import lightning as L
@@ -174,11 +173,10 @@ class MERDataModule(L.LightningDataModule):
         return self.protocol.classes
 
     def prepare_data(self) -> None:
-        """Generate the default synthetic dataset if this protocol uses it and the root holds none
-        (a root already holding a complete synthetic set of any spec is used as it is)."""
-        root = Path(self.hparams.data_root)
-        if self.protocol.dataset == "synth" and not (root / synthetic.SPEC_NAME).is_file():
-            synthetic.generate(root)
+        """Generate the synthetic dataset if this protocol uses it and the root holds none (or one
+        written by an older generator); a complete set of any spec is used as it is."""
+        if self.protocol.dataset == "synth":
+            synthetic.ensure(self.hparams.data_root)
 
     def load_manifest(self) -> pd.DataFrame:
         """Build (once per process and sheet version) and return the protocol's validated manifest."""

@@ -397,6 +397,18 @@ def _is_complete(root: Path, spec: SynthSpec) -> bool:
             and (root / SHEET_NAME).is_file() and (root / FRAMES_DIRNAME).is_dir())
 
 
+def ensure(root: str | Path) -> Path:
+    """Make ``root`` hold an up-to-date synthetic set: the default spec when it holds none, else
+    the spec it was generated with, regenerated if an older generator wrote it. Returns the sheet."""
+    root = Path(root)
+    try:
+        saved = json.loads((root / SPEC_NAME).read_text())["spec"]
+        spec = SynthSpec(**{**saved, "classes": tuple(saved["classes"])})
+    except (OSError, ValueError, KeyError, TypeError):
+        spec = SynthSpec()
+    return generate(root, spec)
+
+
 @contextlib.contextmanager
 def _root_lock(root: Path) -> Iterator[None]:
     """Serialise concurrent generate() calls on one root (e.g. several DDP ranks); POSIX only."""
