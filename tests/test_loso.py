@@ -24,7 +24,7 @@ def two_subjects(tmp_path_factory):
 def finished_run(two_subjects, tmp_path_factory):
     runs = tmp_path_factory.mktemp("runs")
     cache = tmp_path_factory.mktemp("cache")
-    args = tiny_args(two_subjects, cache)
+    args = tiny_args(two_subjects, cache, **{"trainer.enable_checkpointing": "true"})
     summary = run_loso(args, exp="smoke", runs_dir=str(runs), wandb="offline", progress=False)
     return runs / "smoke" / "synth", args, summary
 
@@ -43,6 +43,7 @@ def test_two_fold_smoke_writes_every_artefact(finished_run):
         assert set(pd.read_csv(fold_dir / "predictions_epochs.csv")["epoch"]) == {0, 1}
         assert (fold_dir / "config.yaml").is_file()                          # resolved config per fold
         assert list((fold_dir / "wandb").glob("offline-run-*"))               # one offline W&B run per fold
+        assert list((fold_dir / "checkpoints").glob("*.ckpt"))                # last-epoch checkpoint per fold
 
 
 def test_resume_skips_finished_folds(finished_run, monkeypatch):

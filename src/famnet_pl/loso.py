@@ -139,6 +139,9 @@ def run_loso(cli_args: list[str], *, exp: str = "famnet", runs_dir: str = "runs"
             callbacks.append(EpochProgress(desc=f"fold {k:02d} epochs"))
         cli = build_cli([*cli_args, f"--data.fold={k}", f"--trainer.default_root_dir={fold_dir}"],
                         extra_callbacks=callbacks, logger=logger)
+        checkpoint = cli.trainer.checkpoint_callback
+        if checkpoint is not None and checkpoint.dirpath is None:
+            checkpoint.dirpath = str(fold_dir / "checkpoints")  # not under the logger's own folders
         try:
             cli.trainer.fit(cli.model, datamodule=cli.datamodule)
         finally:
