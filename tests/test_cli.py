@@ -9,7 +9,6 @@ from tests.conftest import REPO, tiny_args
 
 DATA_CONFIGS = sorted((REPO / "experiments" / "data").glob("*.yaml"))
 MODEL_CONFIGS = sorted((REPO / "experiments" / "model").glob("*.yaml"))
-EXP_CONFIGS = sorted((REPO / "experiments" / "exp").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("data", DATA_CONFIGS, ids=lambda p: p.stem)
@@ -23,7 +22,7 @@ def test_configs_stack_and_parse(data, model, capsys):
     assert "protocol:" in printed and "loss_weights:" in printed
 
 
-@pytest.mark.parametrize("config", MODEL_CONFIGS + EXP_CONFIGS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("config", MODEL_CONFIGS, ids=lambda p: p.stem)
 def test_every_config_smoke_runs_on_cpu(config, tiny_synth, tmp_path):
     """fast_dev_run on tiny data; sizes and precision shrunk for CPU, everything else as configured."""
     args = ["--config", str(REPO / "experiments" / "base.yaml"), "--config", str(config),
@@ -44,3 +43,11 @@ def test_main_without_command_prints_usage(capsys):
 def test_aggregate_command_on_empty_dir(tmp_path: Path, capsys):
     assert main(["aggregate", str(tmp_path)]) == 1
     assert "no finished fold" in capsys.readouterr().err
+
+
+def test_bad_sheet_is_one_line_and_exit_2(tmp_path, capsys):
+    sheet = tmp_path / "not-a-sheet.xlsx"
+    sheet.write_text("hello")
+    assert main(["manifest", "casme2_5cls", "--annotation", str(sheet), "--out", str(tmp_path / "m.csv")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not-a-sheet.xlsx" in err[0] and "error" in err[0]

@@ -7,7 +7,10 @@ import pytest
 
 from famnet_pl.data.annotations import SheetError, read_casme2_sheet
 from famnet_pl.data.manifest import MANIFEST_COLUMNS, ManifestError, build_manifest
+
 from tests.conftest import CASME2_2014, CASME2_2019
+
+pytestmark = pytest.mark.shared  # reads the real sheets in ../shared/annotations
 
 
 def test_real_casme2_sheet_parses_255_rows_26_subjects():
@@ -90,3 +93,29 @@ def test_committed_manifest_equals_a_fresh_build():
     fresh, report = build_manifest(protocol="casme2_5cls", annotation=CASME2_2014)
     fresh = fresh.assign(sheet_sha256=report.sheet_sha256)
     assert committed.astype(str).equals(fresh.astype(str).reset_index(drop=True))
+
+
+@pytest.mark.parametrize("column, row, value, message", [
+    ("OnsetFrame", 3, 500, r"row 5: OnsetFrame 500 > OffsetFrame"),
+    ("OffsetFrame", 3, 80.5, r"row 5, column 'OffsetFrame': 80.5 is not a frame number"),
+    ("Filename", 7, None, r"row 9, column 'Filename': empty"),
+    ("Subject", 7, None, r"row 9, column 'Subject': empty"),
+])
+def test_malformed_cells_name_row_and_column(tmp_path, column, row, value, message):
+    def edit(frame):
+        frame[column] = frame[column].astype(object)
+        frame.loc[row, column] = value
+        return frame
+
+    with pytest.raises(SheetError, match=message):
+        read_casme2_sheet(_broken_copy(tmp_path, edit))
+
+
+def test_unreadable_au_cell_names_the_row(tmp_path):
+    def edit(frame):
+        frame["Action Units"] = frame["Action Units"].astype(object)
+        frame.loc[2, "Action Units"] = "4+blink"
+        return frame
+
+    with pytest.raises(ManifestError, match=r"row 4 .*'Action Units'.*4\+blink"):
+        build_manifest(protocol="casme2_5cls", annotation=_broken_copy(tmp_path, edit))

@@ -82,3 +82,49 @@ def test_test_subject_evaluation_does_not_change_training(two_subjects, tmp_path
         run_loso(args, exp="e", runs_dir=str(runs), wandb="off", eval_every=every, progress=False, folds=["0"])
         heads.append(pd.read_csv(runs / "e" / "synth" / "fold_00_synth-sub01" / "predictions.csv"))
     pd.testing.assert_frame_equal(heads[0], heads[1])
+
+
+def test_resume_with_a_changed_config_is_refused(finished_run):
+    run_dir, args, _ = finished_run
+    with pytest.raises(SystemExit, match="different config"):
+        run_loso([*args, "--model.lr=0.5"], exp="smoke", runs_dir=str(run_dir.parents[1]), wandb="off",
+                 progress=False)
+
+
+def test_fold_out_of_range_is_refused(finished_run):
+    run_dir, args, _ = finished_run
+    with pytest.raises(SystemExit, match="out of range"):
+        run_loso(args, exp="smoke", runs_dir=str(run_dir.parents[1]), folds=["7"], wandb="off", progress=False)
+
+
+def test_aggregate_command_keeps_a_partial_run_incomplete(finished_run, tmp_path, capsys):
+    from famnet_pl.cli import main
+
+    run_dir, _, _ = finished_run
+    copy = tmp_path / "partial"
+    shutil.copytree(run_dir, copy)
+    shutil.rmtree(copy / "fold_01_synth-sub02")
+    assert main(["aggregate", str(copy)]) == 0
+    summary = json.loads((copy / SUMMARY_NAME).read_text())
+    assert summary["complete"] is False and summary["folds_missing"] == [1]
+    assert "INCOMPLETE" in capsys.readouterr().out
+
+
+def test_test_subject_evaluation_restores_the_global_rng(finished_run, two_subjects, tmp_path):
+    """Even a test loader that draws from the global RNG must leave it as it was."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from famnet_pl.callbacks.loso import LOSOCallback
+    from famnet_pl.cli import build_cli
+
+    cli = build_cli([*tiny_args(two_subjects, tmp_path / "cache"), "--trainer.max_epochs=1",
+                     f"--trainer.default_root_dir={tmp_path}"])
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    dm = cli.datamodule
+    dm.test_dataloader = lambda: DataLoader(dm.test_set, batch_size=2, shuffle=True)  # global RNG
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    table = LOSOCallback(str(tmp_path)).predict_test(cli.trainer, cli.model, epoch=0)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert sorted(table["sample_id"]) == sorted(dm.manifest.iloc[dm.test_set.indices]["sample_id"])

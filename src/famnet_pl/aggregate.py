@@ -50,13 +50,18 @@ def aggregate_run(run_dir: str | Path, *, expected_folds: int | None = None, ora
     folds = finished_folds(run_dir)
     if not folds:
         return None
-    meta = json.loads((folds[0] / "metrics.json").read_text())
+    metas = [json.loads((f / "metrics.json").read_text()) for f in folds]
+    meta = metas[0]
+    for other, f in zip(metas, folds):
+        if (other["class_names"], other["au_vocab"]) != (meta["class_names"], meta["au_vocab"]):
+            raise ValueError(f"{f}: classes or AU vocabulary differ from {folds[0]}; folds of one run "
+                             "must share them (delete the stray fold or use another run directory)")
     last = pd.concat([pd.read_csv(f / "predictions.csv") for f in folds], ignore_index=True)
     epoch_files = [f / "predictions_epochs.csv" for f in folds if (f / "predictions_epochs.csv").is_file()]
     epochs = pd.concat([pd.read_csv(f) for f in epoch_files], ignore_index=True) if epoch_files else None
     summary = summarize(last, epochs, class_names=meta["class_names"], au_vocab=meta["au_vocab"],
                         oracle_by=oracle_by)
-    done = sorted(int(json.loads((f / "metrics.json").read_text())["fold"]) for f in folds)
+    done = sorted(int(m["fold"]) for m in metas)
     summary.update({"protocol": meta["protocol"], "folds_done": done,
                     "complete": expected_folds is None or len(done) == expected_folds})
     if expected_folds is not None:

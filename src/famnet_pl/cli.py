@@ -14,11 +14,13 @@ sweeps pass their parameters (``--model.loss_weights.wau=0.3``).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
@@ -79,7 +81,8 @@ def _loso(argv: list[str]) -> int:
     summary = run_loso(cli_args, exp=opts.exp, runs_dir=opts.runs_dir,
                        folds=opts.folds.split(",") if opts.folds else None, wandb=opts.wandb,
                        eval_every=opts.eval_every, oracle_by=opts.oracle_by)
-    return 0 if summary and summary.get("complete") else 1
+    # A deliberate subset (--folds) that finished is a success; the table says INCOMPLETE.
+    return 0 if summary is not None else 1
 
 
 def _fit(argv: list[str]) -> int:
@@ -93,9 +96,13 @@ def _aggregate(argv: list[str]) -> int:
 
     parser = argparse.ArgumentParser(prog="famnet-pl aggregate")
     parser.add_argument("run_dir", help="runs/<exp>/<dataset>")
-    parser.add_argument("--oracle-by", choices=["acc", "uf1"], default="acc")
+    parser.add_argument("--oracle-by", choices=["acc", "uf1"], default=None,
+                        help="default: the criterion the run used (run.json)")
     opts = parser.parse_args(argv)
-    summary = aggregate_run(opts.run_dir, oracle_by=opts.oracle_by)
+    run = Path(opts.run_dir) / "run.json"
+    plan = json.loads(run.read_text()) if run.is_file() else {}
+    summary = aggregate_run(opts.run_dir, expected_folds=plan.get("n_folds"),
+                            oracle_by=opts.oracle_by or plan.get("oracle_by", "acc"))
     if summary is None:
         print(f"{opts.run_dir}: no finished fold (no fold_*/predictions.csv)", file=sys.stderr)
         return 1
@@ -138,7 +145,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"usage: famnet-pl {{{','.join(COMMANDS)}}} [options]  (famnet-pl CMD --help)", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return COMMANDS[argv[0]](argv[1:])
+    from famnet_pl.data.annotations import SheetError
+    from famnet_pl.data.frames import FrameError
+    from famnet_pl.data.manifest import ManifestError
+
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except (SheetError, ManifestError, FrameError) as exc:
+        # Bad input: one line naming the file/row and the fix, not a framework traceback.
+        print(f"famnet-pl {argv[0]}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ W&B: one run per fold (``group`` = ``<exp>/<dataset>``), offline unless ``wandb=
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -28,7 +29,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from famnet_pl.aggregate import aggregate_run, format_summary
+from famnet_pl.aggregate import aggregate_run, finished_folds, format_summary
 from famnet_pl.callbacks.loso import LOSOCallback, fold_dir_name
 from famnet_pl.callbacks.progress import EpochProgress
 from famnet_pl.cli import build_cli
@@ -77,12 +78,31 @@ def _git_state() -> dict:
     return {"sha": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
 
 
+def config_fingerprint(cli) -> str:
+    """Hash of the resolved config, minus what differs between folds of one run (fold index,
+    fold directory, logger): a resumed run may only reuse folds trained with the same config."""
+    cfg = cli.config.clone()
+    cfg.data.fold, cfg.trainer.default_root_dir, cfg.trainer.logger = 0, None, None
+    return hashlib.sha256(cli.parser.dump(cfg, skip_check=True).encode()).hexdigest()[:16]
+
+
+def _check_finished_folds(run_dir: Path, config_hash: str) -> None:
+    for fold_dir in finished_folds(run_dir):
+        theirs = json.loads((fold_dir / "metrics.json").read_text()).get("config_hash")
+        if theirs != config_hash:
+            raise SystemExit(
+                f"{fold_dir}: finished with a different config (hash {theirs} vs {config_hash} now); "
+                "its results cannot be reused: pick another EXP= (--exp) or delete that run directory")
+
+
 def _select(folds: list[str] | None, subjects: list[str]) -> list[int]:
     if not folds:
         return list(range(len(subjects)))
     chosen = []
     for f in folds:
         if f.isdigit():
+            if int(f) >= len(subjects):
+                raise SystemExit(f"--folds: fold {f} out of range: this protocol has folds 0..{len(subjects) - 1}")
             chosen.append(int(f))
         else:
             matches = [k for k, s in enumerate(subjects) if s == f or s.split("/")[-1] == f]
@@ -117,9 +137,12 @@ def run_loso(cli_args: list[str], *, exp: str = "famnet", runs_dir: str = "runs"
     subjects = dm.subjects()
     run_dir = Path(runs_dir) / exp / dm.protocol.dataset
     todo = _select(folds, subjects)
+    config_hash = config_fingerprint(plan_cli)
+    _check_finished_folds(run_dir, config_hash)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_dir / "run.json", {
         "exp": exp, "protocol": dm.protocol.name, "args": cli_args, "argv": sys.argv,
+        "config_hash": config_hash, "n_folds": len(subjects), "oracle_by": oracle_by,
         "folds": {k: s for k, s in enumerate(subjects)}, "git": _git_state(),
     })
     del plan_cli
@@ -134,7 +157,7 @@ def run_loso(cli_args: list[str], *, exp: str = "famnet", runs_dir: str = "runs"
         shutil.rmtree(fold_dir, ignore_errors=True)  # a partial fold is redone from scratch
         logger = _make_logger(wandb, fold_dir, group=f"{exp}/{dm.protocol.dataset}", name=fold_dir.name)
         callbacks = [LOSOCallback(str(run_dir), n_folds=len(subjects), eval_every=eval_every,
-                                  oracle_by=oracle_by)]
+                                  oracle_by=oracle_by, config_hash=config_hash)]
         if progress:
             callbacks.append(EpochProgress(desc=f"fold {k:02d} epochs"))
         cli = build_cli([*cli_args, f"--data.fold={k}", f"--trainer.default_root_dir={fold_dir}"],

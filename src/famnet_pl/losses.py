@@ -40,16 +40,14 @@ class WeightedMultiTaskLoss(nn.Module):
 
     Args:
         weights: the term weights.
-        class_weights: optional per-class CE weights (e.g. inverse training frequency).
     """
 
     _EMOTION_TERMS = (("emotion_2d", "w2d"), ("emotion_3d", "w3d"), ("emotion_fused", "wfuse"))
     _AU_TERMS = ("au_2d", "au_3d")
 
-    def __init__(self, weights: LossWeights = LossWeights(), class_weights: Tensor | None = None) -> None:
+    def __init__(self, weights: LossWeights = LossWeights()) -> None:
         super().__init__()
         self.weights = weights
-        self.register_buffer("class_weights", class_weights, persistent=False)
 
     def forward(self, outputs: dict[str, Tensor], label: Tensor, au: Tensor | None = None,
                 au_mask: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
@@ -58,8 +56,9 @@ class WeightedMultiTaskLoss(nn.Module):
         total = label.new_zeros((), dtype=torch.float32)
         for key, weight_name in self._EMOTION_TERMS:
             if key in outputs:
-                parts["ce_" + key.split("_")[1]] = F.cross_entropy(outputs[key], label, weight=self.class_weights)
-                total = total + getattr(self.weights, weight_name) * parts["ce_" + key.split("_")[1]]
+                name = "ce_" + key.split("_")[1]
+                parts[name] = F.cross_entropy(outputs[key], label)
+                total = total + getattr(self.weights, weight_name) * parts[name]
         au_keys = [k for k in self._AU_TERMS if k in outputs and outputs[k].shape[1] > 0]
         if au is not None and au_keys and self.weights.wau:
             mask = torch.ones_like(au) if au_mask is None else au_mask

@@ -49,12 +49,14 @@ class LOSOCallback(Callback):
         eval_every: evaluate the test subject every N epochs for the oracle comparison (0: last
             epoch only).
         oracle_by: oracle criterion, ``acc`` or ``uf1``.
+        config_hash: fingerprint of the run's config, stored with the fold so a resumed run never
+            mixes folds trained under different configs.
     """
 
     def __init__(self, run_dir: str, n_folds: int | None = None, eval_every: int = 1,
-                 oracle_by: str = "acc") -> None:
+                 oracle_by: str = "acc", config_hash: str | None = None) -> None:
         super().__init__()
-        self.run_dir, self.n_folds = Path(run_dir), n_folds
+        self.run_dir, self.n_folds, self.config_hash = Path(run_dir), n_folds, config_hash
         self.eval_every, self.oracle_by = eval_every, oracle_by
         self.rows: list[pd.DataFrame] = []
         self.summary: dict | None = None
@@ -69,7 +71,7 @@ class LOSOCallback(Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch
-        last = trainer.max_epochs is not None and epoch + 1 >= trainer.max_epochs
+        last = bool(trainer.max_epochs and trainer.max_epochs > 0 and epoch + 1 >= trainer.max_epochs)
         if last or (self.eval_every and (epoch + 1) % self.eval_every == 0):
             self.rows.append(self.predict_test(trainer, pl_module, epoch))
 
@@ -123,10 +125,13 @@ class LOSOCallback(Callback):
             "fold": int(dm.hparams.fold), "subject": dm.test_subject, "protocol": dm.protocol.name,
             "class_names": list(dm.class_names), "au_vocab": list(dm.au_vocab),
             "epoch": int(last["epoch"].iloc[0]), "n_test": len(last), "split": dm.split,
+            "config_hash": self.config_hash,
             **{f"test/{k}": v for k, v in fold_scores(last["y_true"], last["y_pred"]).items()},
         })
         atomic_write_csv(out / "predictions.csv", last)
         self.summary = aggregate_run(self.run_dir, expected_folds=self.n_folds, oracle_by=self.oracle_by)
-        if self.summary and trainer.logger is not None:
+        # Pooled metrics are logged once, by the fold that completes the run (earlier partial
+        # pools under the same keys would read as final numbers in W&B).
+        if self.summary and self.summary.get("complete") and trainer.logger is not None:
             trainer.logger.log_metrics({k: v for k, v in self.summary.items()
                                         if k.startswith("loso") and isinstance(v, float)})

@@ -44,12 +44,15 @@ def _frame_column(df: pd.DataFrame, column: str, path: Path, *, allow_text: froz
         try:
             number = float(cell)
         except (TypeError, ValueError):
+            number = -1.0  # reported below
+        if np.isnan(number) and column == "ApexFrame":
+            values.append(number)  # an empty apex is the manifest's to fix or drop, visibly
+            continue
+        if np.isnan(number) or number < 0 or not number.is_integer():
             raise SheetError(
                 f"{path}: row {sheet_row}, column {column!r}: {cell!r} is not a frame number; "
-                "correct the cell (frame numbers are integers)"
-            ) from None
-        if np.isnan(number) and column != "ApexFrame":
-            raise SheetError(f"{path}: row {sheet_row}, column {column!r}: empty; fill in the frame number")
+                "correct the cell (frame numbers are non-negative integers)"
+            )
         values.append(number)
     return values
 
@@ -78,8 +81,15 @@ def read_casme2_sheet(path: str | Path) -> pd.DataFrame:
                            "Action Units", "Estimated Emotion"], path, header_row=1)
     raw = raw.dropna(how="all").copy()
     raw["sheet_row"] = raw.index + 2  # header is spreadsheet row 1
+    for column in ("Subject", "Filename", "Estimated Emotion"):
+        blank = raw[column].isna() | (raw[column].astype(str).str.strip() == "")
+        if blank.any():
+            raise SheetError(f"{path}: row {raw.loc[blank, 'sheet_row'].iloc[0]}, column {column!r}: "
+                             "empty; fill it in or delete the row")
     subjects = []
     for sheet_row, cell in zip(raw["sheet_row"], raw["Subject"]):
+        if isinstance(cell, float) and cell.is_integer():
+            cell = int(cell)  # a blank elsewhere in the column turns ints into floats
         text = str(cell).strip().lower().removeprefix("sub")
         if not text.isdigit():
             raise SheetError(f"{path}: row {sheet_row}, column 'Subject': {cell!r} is not a subject number")
@@ -95,4 +105,9 @@ def read_casme2_sheet(path: str | Path) -> pd.DataFrame:
         "emotion": raw["Estimated Emotion"].astype(str).str.strip().str.lower(),
         "sheet_row": raw["sheet_row"].astype(int),
     })
+    backwards = out[out["onset"] > out["offset"]]
+    if len(backwards):
+        r = backwards.iloc[0]
+        raise SheetError(f"{path}: row {r.sheet_row}: OnsetFrame {int(r.onset)} > OffsetFrame {int(r.offset)}; "
+                         "correct the frame range")
     return out.reset_index(drop=True)

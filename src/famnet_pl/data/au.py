@@ -94,7 +94,8 @@ def parse_au(cell: object) -> ParsedAU:
     refs: set[int] = set()
     for inner in _REF.findall(text):
         refs |= {_parse_token(t.strip(), raw) for t in re.split(r"[+,]", inner) if t.strip()}
-    text = _REF.sub("", text)
+    # Grouping parentheses, as in "(R6 or R12)+R15", carry no meaning beyond the alternatives.
+    text = _REF.sub("", text).replace("(", " ").replace(")", " ")
     unknown = "?" in text
     # "A/L12": alternative *sides* of one AU, not alternative AUs -> keep the AU.
     text = re.sub(r"(?<![\w/])[LRABT]/(?=[LRABT]?\d)", "", text)

@@ -42,7 +42,8 @@ CACHE_VERSION = 1
 
 @dataclass(frozen=True)
 class ViewConfig:
-    """What to precompute. Sizes are square; ``flow`` is skipped when ``need_flow`` is false."""
+    """What to precompute. Sizes are square; ``flow`` is skipped when ``need_flow`` is false;
+    ``register`` aligns every frame to the onset frame first (frames.register_to)."""
 
     image_size: int = 64
     clip_len: int = 8
@@ -50,7 +51,6 @@ class ViewConfig:
     flow_algorithm: FlowAlgorithm = "tvl1"
     flow_size: int = 128
     need_flow: bool = True
-    need_clip: bool = True
     register: bool = True
 
 
@@ -73,8 +73,7 @@ def _build(manifest: pd.DataFrame, root: Path, views: ViewConfig, out: Path) -> 
     apex = np.lib.format.open_memmap(out / "apex.npy", mode="w+", dtype=np.uint8, shape=(n, s, s, 3))
     flow = (np.lib.format.open_memmap(out / "flow.npy", mode="w+", dtype=np.float32, shape=(n, s, s, 3))
             if views.need_flow else None)
-    clip = (np.lib.format.open_memmap(out / "clip.npy", mode="w+", dtype=np.uint8, shape=(n, t, c, c, 3))
-            if views.need_clip else None)
+    clip = np.lib.format.open_memmap(out / "clip.npy", mode="w+", dtype=np.uint8, shape=(n, t, c, c, 3))
     rows = manifest.itertuples(index=False)
     for i, r in enumerate(tqdm(rows, total=n, desc="decode + flow (once)", leave=False)):
         frame_dir = root / r.frame_dir
@@ -90,8 +89,7 @@ def _build(manifest: pd.DataFrame, root: Path, views: ViewConfig, out: Path) -> 
         if flow is not None:
             flow[i] = onset_apex_flow(onset, apex_full, algorithm=views.flow_algorithm,
                                       flow_size=views.flow_size, out_size=s)
-        if clip is not None:
-            clip[i] = np.stack([resize(frame(k), c) for k in clip_indices(r.onset, r.offset, t)])
+        clip[i] = np.stack([resize(frame(k), c) for k in clip_indices(r.onset, r.offset, t)])
     for array in (apex, flow, clip):
         if array is not None:
             array.flush()
@@ -120,7 +118,11 @@ def load_or_build(manifest: pd.DataFrame, root: str | Path, views: ViewConfig,
         _build(manifest, root, views, tmp)
         (tmp / "meta.json").write_text(json.dumps({"views": asdict(views), "n": len(manifest),
                                                    "sample_ids": manifest["sample_id"].tolist()}))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        try:
+            os.replace(tmp, final)
+        except OSError:  # another process (a parallel fold) finished the same cache first
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not (final / "meta.json").is_file():
+                raise
     return {name: np.load(final / f"{name}.npy", mmap_mode="r")
             for name in ("apex", "flow", "clip") if (final / f"{name}.npy").is_file()}

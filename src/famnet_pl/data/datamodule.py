@@ -114,7 +114,8 @@ class MERDataModule(L.LightningDataModule):
             subject: this is the honest place for model selection.
         batch_size: training batch size.
         num_workers: DataLoader workers (arrays are in memory, 0 is usually fastest on CPU).
-        augment: clip-consistent flip/translate/brightness on training samples.
+        augment: flip/translate/brightness on training samples, identical for every frame of a
+            view (the 2D and the 3D view draw their parameters separately).
         au_vocab: AU numbers for the AU head; default: the dataset's vocabulary.
         cache_dir: where decoded arrays are cached.
         seed: seed of the augmentation stream and of the inner-validation draw.
@@ -172,6 +173,11 @@ class MERDataModule(L.LightningDataModule):
         """Class names in label order."""
         return self.protocol.classes
 
+    @property
+    def _fold_seed(self) -> int:
+        """Seed of this fold's augmentation and shuffling streams."""
+        return self.hparams.seed * 1000 + self.hparams.fold
+
     def prepare_data(self) -> None:
         """Generate the synthetic dataset if this protocol uses it and the root holds none (or one
         written by an older generator); a complete set of any spec is used as it is."""
@@ -213,6 +219,9 @@ class MERDataModule(L.LightningDataModule):
         subject_of = manifest["subject"].to_numpy()
         test_idx = np.flatnonzero(subject_of == self.test_subject)
         train_subjects = [s for s in subjects if s != self.test_subject]
+        if not 0 <= hp.val_subjects < len(train_subjects):
+            raise ValueError(f"val_subjects={hp.val_subjects}: needs 0 <= val_subjects < "
+                             f"{len(train_subjects)} (the training subjects of this fold)")
         rng = np.random.default_rng([hp.seed, hp.fold])
         val_subjects = (sorted(rng.choice(train_subjects, size=hp.val_subjects, replace=False).tolist())
                         if hp.val_subjects else [])
@@ -224,7 +233,7 @@ class MERDataModule(L.LightningDataModule):
                               clip_mode=hp.clip_mode, stats=stats, augment=augment)
 
         stats = _channel_stats(make(train_idx, None, {}), train_idx)
-        augmenter = ClipAugment(seed=hp.seed * 1000 + hp.fold) if hp.augment else None
+        augmenter = ClipAugment(seed=self._fold_seed) if hp.augment else None
         self.train_set = make(train_idx, augmenter, stats)
         self.val_set = make(val_idx, None, stats) if len(val_idx) else None
         self.test_set = make(test_idx, None, stats)
@@ -236,7 +245,7 @@ class MERDataModule(L.LightningDataModule):
         self._ready = True
 
     def _loader(self, dataset: Dataset, *, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.hparams.seed * 1000 + self.hparams.fold)
+        generator = torch.Generator().manual_seed(self._fold_seed)
         return DataLoader(dataset, batch_size=self.hparams.batch_size, shuffle=shuffle,
                           num_workers=self.hparams.num_workers, generator=generator,
                           worker_init_fn=_reseed_worker, persistent_workers=self.hparams.num_workers > 0,

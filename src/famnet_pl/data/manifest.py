@@ -28,7 +28,7 @@ from typing import Literal
 
 import pandas as pd
 
-from famnet_pl.data.au import format_aus, parse_au
+from famnet_pl.data.au import AUParseError, format_aus, parse_au
 from famnet_pl.data.protocols import get_dataset, get_protocol
 
 log = logging.getLogger(__name__)
@@ -158,7 +158,10 @@ def build_manifest(
         if apex == r.onset:
             flags.append("onset_eq_apex")
             report.flagged.append(f"{where}: onset == apex ({int(apex)})")
-        parsed = parse_au(r.au_raw)
+        try:
+            parsed = parse_au(r.au_raw)
+        except AUParseError as exc:
+            raise ManifestError(f"{where}, column 'Action Units': {exc}") from None
         subject = f"{spec.name}/{r.subject}"
         frame_dir = Path(spec.frames_subdir) / r.subject / r.video
         rows.append({

@@ -5,7 +5,7 @@
 * :data:`PROTOCOLS` says which samples and classes an experiment uses: a map from the sheet's
   emotion words to class names (emotions not in the map are dropped) and the pinned sheet version.
 
-Configs name both by string (``--data.dataset synth --data.protocol synth_4cls``).
+Configs name the protocol by string (``--data.protocol synth_4cls``); it names its dataset.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ class DatasetSpec:
         frame_pattern: file name of frame ``k`` (``img{k}.jpg``).
         fps: capture frame rate.
         au_vocab: AU numbers the dataset is scored on.
-        default_protocol: protocol used when the config names none.
     """
 
     name: str
@@ -41,7 +40,6 @@ class DatasetSpec:
     frame_pattern: str
     fps: int
     au_vocab: tuple[int, ...]
-    default_protocol: str
 
 
 @dataclass(frozen=True)
@@ -76,13 +74,11 @@ DATASETS: dict[str, DatasetSpec] = {
     "casme2": DatasetSpec(
         name="casme2", read_sheet=read_casme2_sheet, frames_subdir="CASME2_RAW_selected",
         frame_pattern="img{k}.jpg", fps=200, au_vocab=AU_VOCABULARIES["casme2"],
-        default_protocol="casme2_5cls",
     ),
     # The built-in synthetic set is written in CASME II's format and read by CASME II's reader.
     "synth": DatasetSpec(
         name="synth", read_sheet=read_casme2_sheet, frames_subdir=synthetic.FRAMES_DIRNAME,
         frame_pattern="img{k}.jpg", fps=200, au_vocab=SYNTH_AU_VOCAB,
-        default_protocol="synth_4cls",
     ),
 }
 
