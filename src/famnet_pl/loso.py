@@ -176,5 +176,4 @@ def run_loso(cli_args: list[str], *, exp: str = "famnet", runs_dir: str = "runs"
     if summary is not None:
         print("\n" + format_summary(summary), flush=True)
         print(f"\nsummary: {run_dir / 'loso_summary.json'}; confusion matrix: {run_dir / 'confusion.png'}")
-        log.debug(json.dumps({k: v for k, v in summary.items() if k.startswith("loso")}))
     return summary
