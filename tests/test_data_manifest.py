@@ -54,20 +54,20 @@ def _broken_copy(tmp_path, edit):
     return out
 
 
+def _with_cell(tmp_path, column, row, value):
+    """A copy of the real sheet with one cell replaced (row = 0-based data row)."""
+    def edit(frame):
+        frame[column] = frame[column].astype(object)
+        frame.loc[row, column] = value
+        return frame
+
+    return _broken_copy(tmp_path, edit)
+
+
 def test_missing_column_names_file_and_column(tmp_path):
     sheet = _broken_copy(tmp_path, lambda f: f.drop(columns=["OnsetFrame"]))
     with pytest.raises(SheetError, match=r"broken\.xlsx.*OnsetFrame"):
         read_casme2_sheet(sheet)
-
-
-def test_text_in_frame_column_names_row_and_column(tmp_path):
-    def edit(frame):
-        frame["OffsetFrame"] = frame["OffsetFrame"].astype(object)
-        frame.loc[4, "OffsetFrame"] = "eighty"
-        return frame
-
-    with pytest.raises(SheetError, match=r"row 6, column 'OffsetFrame': 'eighty'"):
-        read_casme2_sheet(_broken_copy(tmp_path, edit))
 
 
 def test_synthetic_frames_are_checked(tiny_synth, tmp_path):
@@ -96,26 +96,17 @@ def test_committed_manifest_equals_a_fresh_build():
 
 
 @pytest.mark.parametrize("column, row, value, message", [
+    ("OffsetFrame", 4, "eighty", r"row 6, column 'OffsetFrame': 'eighty'"),
     ("OnsetFrame", 3, 500, r"row 5: OnsetFrame 500 > OffsetFrame"),
     ("OffsetFrame", 3, 80.5, r"row 5, column 'OffsetFrame': 80.5 is not a frame number"),
     ("Filename", 7, None, r"row 9, column 'Filename': empty"),
     ("Subject", 7, None, r"row 9, column 'Subject': empty"),
 ])
 def test_malformed_cells_name_row_and_column(tmp_path, column, row, value, message):
-    def edit(frame):
-        frame[column] = frame[column].astype(object)
-        frame.loc[row, column] = value
-        return frame
-
     with pytest.raises(SheetError, match=message):
-        read_casme2_sheet(_broken_copy(tmp_path, edit))
+        read_casme2_sheet(_with_cell(tmp_path, column, row, value))
 
 
 def test_unreadable_au_cell_names_the_row(tmp_path):
-    def edit(frame):
-        frame["Action Units"] = frame["Action Units"].astype(object)
-        frame.loc[2, "Action Units"] = "4+blink"
-        return frame
-
     with pytest.raises(ManifestError, match=r"row 4 .*'Action Units'.*4\+blink"):
-        build_manifest(protocol="casme2_5cls", annotation=_broken_copy(tmp_path, edit))
+        build_manifest(protocol="casme2_5cls", annotation=_with_cell(tmp_path, "Action Units", 2, "4+blink"))
