@@ -14,6 +14,12 @@ DATASET ?= synth
 MODEL ?= famnet_cpu
 EXP ?= $(MODEL)
 DATA_ROOT ?=
+PROTOCOL ?=
+SHEETS ?= ../shared/annotations
+# Manifests built from the official sheets in $(SHEETS) and committed in data_manifests/.
+MANIFESTS := casme2 casme2_5cls casme2_5cls_2019 casme2_3cls samm samm_5cls samm_3cls mmew mmew_6cls \
+	mmew_5cls mmew_3cls casme3 casme3_7cls casme3_4cls casme3_3cls casme3_3cls_687 megc2019_3cls \
+	megc2019_flow_3cls famnet_3cls
 WANDB ?= offline
 FOLDS ?=
 ARGS ?=
@@ -23,7 +29,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export HF_HUB_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help install loso data manifests aggregate test test-full test-gpu bench clean distclean
+.PHONY: help install loso data manifests fabricate aggregate test test-full test-gpu bench clean distclean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -40,17 +46,21 @@ $(STAMP): setup.cfg pyproject.toml
 
 install: $(STAMP) ## Create .venv and install famnet_pl with its pinned dependencies
 
-loso: $(STAMP) ## LOSO run [DATASET=synth] [MODEL=famnet_cpu] [EXP=] [DATA_ROOT=] [WANDB=offline|online|off] [FOLDS=0,3] [ARGS=]
+loso: $(STAMP) ## LOSO run [DATASET=synth] [PROTOCOL=] [MODEL=famnet_cpu] [EXP=] [DATA_ROOT=] [WANDB=offline|online|off] [FOLDS=0,3] [ARGS=]
 	$(BIN)/famnet-pl loso --exp $(EXP) --wandb $(WANDB) $(if $(FOLDS),--folds $(FOLDS)) \
 		--config experiments/base.yaml --config experiments/data/$(DATASET).yaml \
-		--config experiments/model/$(MODEL).yaml $(if $(DATA_ROOT),--data.data_root=$(DATA_ROOT)) $(ARGS)
+		--config experiments/model/$(MODEL).yaml $(if $(DATA_ROOT),--data.data_root=$(DATA_ROOT)) \
+		$(if $(PROTOCOL),--data.protocol=$(PROTOCOL)) $(ARGS)
 
 data: $(STAMP) ## Write the synthetic dataset to data/synth (make loso does this when needed)
 	$(BIN)/famnet-pl synth data/synth
 
-manifests: $(STAMP) ## Rebuild data_manifests/*.csv from ../shared/annotations
-	$(BIN)/famnet-pl manifest casme2_5cls --annotation ../shared/annotations/casme2/CASME2-coding-20140508.xlsx \
-		--out data_manifests/casme2_5cls.csv
+manifests: $(STAMP) ## Rebuild data_manifests/*.csv from the official sheets [SHEETS=../shared/annotations]
+	set -e; for p in $(MANIFESTS); do \
+		$(BIN)/famnet-pl manifest $$p --sheets-dir $(SHEETS) --out data_manifests/$$p.csv | tail -n 1; done
+
+fabricate: $(STAMP) ## Write a tiny fake tree in a dataset's real layout: make fabricate DATASET=samm DIR=/tmp/samm
+	$(BIN)/famnet-pl fabricate $(DATASET) $(DIR)
 
 aggregate: $(STAMP) ## Recompute pooled metrics from a run's prediction files: make aggregate RUN=runs/famnet_cpu/synth
 	$(BIN)/famnet-pl aggregate $(RUN)

@@ -44,8 +44,18 @@ def test_parse_au_ref_is_kept_apart():
 
 
 def test_parse_au_rejects_garbage_with_the_raw_string():
-    with pytest.raises(AUParseError, match="soft focus"):
-        parse_au("12+soft focus")
+    with pytest.raises(AUParseError, match="12x9"):
+        parse_au("4+12x9")
+
+
+@pytest.mark.parametrize("cell, aus, notes", [
+    ("R14+17+soft focus", {14, 17}, ("soft focus",)),   # SAMM: free text beside the codes
+    ("r18", {18}, ()),                                   # CAS(ME)^3 full sheet: lower-case side
+    ("4\uff0c11", {4, 11}, ()),                          # Part C: full-width comma
+])
+def test_parse_au_sheet_quirks(cell, aus, notes):
+    parsed = parse_au(cell)
+    assert parsed.aus == aus and parsed.notes == notes
 
 
 @pytest.mark.shared
@@ -54,14 +64,15 @@ def test_every_real_casme2_au_cell_parses_and_most_are_nonempty(sheet):
     cells = pd.read_excel(sheet, engine="openpyxl")["Action Units"]
     parsed = [parse_au(c) for c in cells]
     assert sum(bool(p.aus) for p in parsed) >= 0.97 * len(parsed)
-    targets, mask = au_targets(parsed, (1, 2, 4, 7, 12, 14, 15, 17))
+    targets, mask = au_targets([p.aus for p in parsed], [p.unknown for p in parsed], (1, 2, 4, 7, 12, 14, 15, 17))
     assert targets.sum(axis=1).astype(bool).mean() > 0.6          # not silently all zero
     assert (targets.sum(axis=0) > 0).all()                       # every vocabulary AU occurs
     assert mask.min() == (0.0 if any(p.unknown for p in parsed) else 1.0)
 
 
 def test_au_targets_mask_unknown_rows():
-    targets, mask = au_targets([parse_au("1+2"), parse_au("?")], (1, 2, 4))
+    parsed = [parse_au("1+2"), parse_au("?")]
+    targets, mask = au_targets([p.aus for p in parsed], [p.unknown for p in parsed], (1, 2, 4))
     np.testing.assert_array_equal(targets, [[1, 1, 0], [0, 0, 0]])
     np.testing.assert_array_equal(mask, [[1, 1, 1], [0, 0, 0]])
 

@@ -1,4 +1,4 @@
-"""Command line: ``famnet-pl {loso,fit,aggregate,manifest,synth}`` and the LightningCLI behind them.
+"""Command line: ``famnet-pl {loso,fit,aggregate,manifest,synth,fabricate}`` and the LightningCLI behind them.
 
 ``FamNetCLI`` is a LightningCLI over (:class:`FAMNetLitModule`, :class:`MERDataModule`) whose
 model sizes that follow from the data (classes, AUs, 2D channels) are linked from the DataModule,
@@ -27,7 +27,10 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
 from famnet_pl.data.datamodule import MERDataModule  # noqa: E402
+from famnet_pl.data.protocols import PROTOCOLS, get_protocol  # noqa: E402
 from famnet_pl.models.module import FAMNetLitModule  # noqa: E402
+
+log = logging.getLogger(__name__)
 
 # The fold runner drives LightningCLI through `args=` by design (one CLI per fold).
 warnings.filterwarnings("ignore", message=r".*LightningCLI's args parameter is intended.*")
@@ -49,6 +52,22 @@ class FamNetCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         for name in ("num_classes", "num_aus", "in_channels_2d"):
             parser.link_arguments(f"data.{name}", f"model.{name}", apply_on="instantiate")
+
+    def before_instantiate_classes(self) -> None:
+        """Data without frame sequences (precomputed flow images) has no 3D view: FAMNet runs its
+        2D branch alone, and says so; a 3D-only model cannot run there."""
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        protocol = get_protocol(config.data.protocol)
+        if protocol.has_clips:
+            return
+        model = config.model.model
+        if model == "famnet_r18":
+            log.warning("protocol %s has no frame sequences (no 3D view): FAMNet runs its 2D branch alone "
+                        "(model amnet2d_r18, same options)", protocol.name)
+            config.model.model = "amnet2d_r18"
+        elif model == "amnet3d_r18":
+            raise ValueError(f"protocol {protocol.name} has no frame sequences, so the 3D-only model {model} "
+                             "cannot run on it; use famnet_r18 (2D branch) or amnet2d_r18")
 
     def instantiate_trainer(self, **kwargs):
         if self._logger is not None:
@@ -115,18 +134,53 @@ def _manifest(argv: list[str]) -> int:
     from famnet_pl.utils.io import atomic_write_csv
 
     parser = argparse.ArgumentParser(prog="famnet-pl manifest",
-                                     description="build, validate and write a protocol's manifest")
-    parser.add_argument("protocol", help="e.g. casme2_5cls, synth_4cls")
+                                     description="build, validate and write a protocol's manifest, and print "
+                                                 "the validation report")
+    parser.add_argument("protocol", help=f"a dataset (all its samples) or a protocol: {', '.join(sorted(PROTOCOLS))}")
     parser.add_argument("--annotation", default=None, help="sheet (default: the pinned sheet in --root)")
-    parser.add_argument("--root", default=None, help="dataset root: frames are checked when given")
-    parser.add_argument("--out", required=True, help="CSV to write, e.g. data_manifests/casme2_5cls.csv")
+    parser.add_argument("--annotations", default=None, type=json.loads,
+                        help='composites: JSON {"casme2": FILE, "samm": FILE, "list": FILE}')
+    parser.add_argument("--sheets-dir", default=None,
+                        help="folder searched (recursively) for the protocol's pinned sheets and official list, "
+                             "e.g. ../shared/annotations; no files on disk are checked")
+    parser.add_argument("--root", default=None, help="data root: files on disk are checked when given")
+    parser.add_argument("--layout", default="auto", help="on-disk layout (raw, cropped; default: detect)")
+    parser.add_argument("--apex-fix", default="midpoint", choices=["midpoint", "flow_peak", "drop"])
+    parser.add_argument("--onset-eq-apex", default="keep", choices=["keep", "fix", "drop"])
+    parser.add_argument("--missing-frames", default="error", choices=["error", "drop"])
+    parser.add_argument("--out", required=True, help="CSV to write, e.g. data_manifests/samm_5cls.csv")
     opts = parser.parse_args(argv)
-    manifest, report = build_manifest(protocol=opts.protocol, root=opts.root, annotation=opts.annotation)
-    # Portable: frame_dir is relative to the dataset root; the sheet is named by its SHA-256.
+    annotations = {**_pinned_sheets(opts.protocol, Path(opts.sheets_dir)), **(opts.annotations or {})} \
+        if opts.sheets_dir else opts.annotations
+    manifest, report = build_manifest(protocol=opts.protocol, root=opts.root, annotation=opts.annotation,
+                                      annotations=annotations, layout=opts.layout, apex_fix=opts.apex_fix,
+                                      onset_eq_apex=opts.onset_eq_apex, missing_frames=opts.missing_frames)
+    # Portable: paths are relative to the data root; the sheets are named by their SHA-256.
     atomic_write_csv(opts.out, manifest.assign(sheet_sha256=report.sheet_sha256))
     print(report.format())
     print(f"wrote {opts.out}: {len(manifest)} samples, {manifest['subject'].nunique()} subjects")
     return 0
+
+
+def _pinned_sheets(protocol: str, folder: Path) -> dict[str, str]:
+    """{dataset or "list": path} of a protocol's pinned files found under ``folder``."""
+    proto = get_protocol(protocol)
+    wanted = {p.dataset: p.sheet for p in proto.parts if p.sheet}
+    if proto.sample_list is not None:
+        wanted["list"] = proto.sample_list.file
+    found = {}
+    for key, name in wanted.items():
+        hits = sorted(folder.rglob(name))
+        if not hits:
+            raise FileNotFoundError(f"{folder}: no {name} (pinned {key} sheet of {protocol}) below it")
+        found[key] = str(hits[0])
+    return found
+
+
+def _fabricate(argv: list[str]) -> int:
+    from famnet_pl.data import fabricate
+
+    return fabricate.main(argv)
 
 
 def _synth(argv: list[str]) -> int:
@@ -135,7 +189,8 @@ def _synth(argv: list[str]) -> int:
     return synthetic.main(argv)
 
 
-COMMANDS = {"loso": _loso, "fit": _fit, "aggregate": _aggregate, "manifest": _manifest, "synth": _synth}
+COMMANDS = {"loso": _loso, "fit": _fit, "aggregate": _aggregate, "manifest": _manifest, "synth": _synth,
+            "fabricate": _fabricate}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,12 +201,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from famnet_pl.data.annotations import SheetError
+    from famnet_pl.data.au import AUParseError
     from famnet_pl.data.frames import FrameError
     from famnet_pl.data.manifest import ManifestError
 
     try:
         return COMMANDS[argv[0]](argv[1:])
-    except (SheetError, ManifestError, FrameError) as exc:
+    except (SheetError, ManifestError, FrameError, AUParseError) as exc:
         # Bad input: one line naming the file/row and the fix, not a framework traceback.
         print(f"famnet-pl {argv[0]}: error: {exc}", file=sys.stderr)
         return 2

@@ -135,7 +135,7 @@ def run_loso(cli_args: list[str], *, exp: str = "famnet", runs_dir: str = "runs"
     plan_cli = build_cli([*cli_args, "--trainer.logger=false"])
     dm = plan_cli.datamodule
     subjects = dm.subjects()
-    run_dir = Path(runs_dir) / exp / dm.protocol.dataset
+    run_dir = Path(runs_dir) / exp / dm.run_name
     todo = _select(folds, subjects)
     config_hash = config_fingerprint(plan_cli)
     _check_finished_folds(run_dir, config_hash)
@@ -155,7 +155,7 @@ def run_loso(cli_args: list[str], *, exp: str = "famnet", runs_dir: str = "runs"
             log.info("fold %d (%s) already finished: skipped", k, subjects[k])
             continue
         shutil.rmtree(fold_dir, ignore_errors=True)  # a partial fold is redone from scratch
-        logger = _make_logger(wandb, fold_dir, group=f"{exp}/{dm.protocol.dataset}", name=fold_dir.name)
+        logger = _make_logger(wandb, fold_dir, group=f"{exp}/{dm.run_name}", name=fold_dir.name)
         callbacks = [LOSOCallback(str(run_dir), n_folds=len(subjects), eval_every=eval_every,
                                   oracle_by=oracle_by, config_hash=config_hash)]
         if progress:

@@ -1,18 +1,25 @@
-"""Readers for official annotation sheets -> one normalised table.
+"""Readers for official annotation sheets (and sheet-less layouts) -> one normalised table.
 
 Every reader returns a DataFrame with the columns of :data:`SHEET_COLUMNS`:
-``subject`` (dataset-native id, e.g. ``sub01``), ``video`` (the sheet's Filename), ``onset``,
-``apex`` (float; NaN where the sheet holds no number, e.g. CASME II's ``/``), ``offset``,
-``au_raw``, ``emotion`` (lower case) and ``sheet_row`` (the 1-based spreadsheet row, so every
-later error can point at the row a user must fix).
+``subject`` (dataset-native id, normalised: ``sub01``, ``006``, ``S01``, ``spNO.1``, ``s01``),
+``video`` (the sheet's Filename), ``onset``, ``apex``, ``offset`` (floats; NaN where the sheet has
+no number, e.g. CASME II's ``/`` apex or SMIC's missing apex), ``au_raw``, ``emotion`` (lower case)
+and ``sheet_row`` (the 1-based spreadsheet row, so every later error can point at the row a user
+must fix). Some readers add columns that a dataset's on-disk layout needs (SMIC's
+``disk_subject``; the flow-image list's ``flow_name``, ``imagename`` and source ``dataset``).
 
 A malformed sheet raises :class:`SheetError` with one line naming the file, the row, the column and
-what to do. Sheet-specific fixes (the CASME II ``/`` apex and friends) are *not* applied here: the
-manifest builder applies them visibly and records them in the manifest's ``flags``.
+what to do. Sheet *content* problems (an apex outside the clip, an onset after the offset, a known
+erratum) are not fixed here: the manifest builder fixes or drops them visibly and records them.
+
+Sample lists (MEGC2019, the 687-ME CAS(ME)^3 list) are read by ``read_*_list`` into
+``dataset, subject, video, onset, emotion`` rows that select samples of the sheets.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -20,22 +27,88 @@ import pandas as pd
 
 SHEET_COLUMNS = ("subject", "video", "onset", "apex", "offset", "au_raw", "emotion", "sheet_row")
 
+# MEGC2019 label numbers (the official list's last column): 0, 1, 2.
+MEGC_LABELS = ("negative", "positive", "surprise")
+
+# Every emotion word each sheet may hold (lower case); any other is a sheet error naming the cell.
+EMOTIONS: dict[str, tuple[str, ...]] = {
+    "casme2": ("happiness", "surprise", "disgust", "repression", "others", "sadness", "fear"),
+    "samm": ("anger", "contempt", "disgust", "fear", "happiness", "sadness", "surprise", "other"),
+    "mmew": ("happiness", "surprise", "disgust", "fear", "sadness", "anger", "others"),
+    "casme3": ("disgust", "surprise", "fear", "anger", "sad", "happy", "others"),
+    "smic": MEGC_LABELS,
+    "megc2019_flow": MEGC_LABELS,
+}
+
 
 class SheetError(ValueError):
     """An annotation sheet that cannot be read as documented."""
 
 
-def _require_columns(df: pd.DataFrame, columns: list[str], path: Path, header_row: int) -> None:
+# --- subject ids: one normalisation per dataset, used by sheets and lists alike ------------------
+
+def _subject_number(value: object, where: str) -> int:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # a blank elsewhere in the column turns ints into floats
+    text = re.sub(r"^(sub|s)", "", str(value).strip(), flags=re.IGNORECASE)
+    if not text.isdigit():
+        raise SheetError(f"{where}: {value!r} is not a subject number")
+    return int(text)
+
+
+def normalise_subject(dataset: str, value: object, where: str = "subject") -> str:
+    """The dataset-native subject id in one spelling (``casme2``: 1 -> ``sub01``; ``samm``:
+    ``6`` -> ``006``; ``mmew``: 1 -> ``S01``; ``smic``: ``s1`` -> ``s01``; ``casme3``: as is)."""
+    if dataset in ("casme2", "synth"):
+        return f"sub{_subject_number(value, where):02d}"
+    if dataset == "samm":
+        return f"{_subject_number(value, where):03d}"
+    if dataset == "mmew":
+        return f"S{_subject_number(value, where):02d}"
+    if dataset == "smic":
+        return f"s{_subject_number(value, where):02d}"
+    return str(value).strip()
+
+
+# --- shared helpers ------------------------------------------------------------------------------
+
+def _require_file(path: Path, what: str) -> None:
+    if not path.is_file():
+        raise SheetError(f"{path}: {what} not found; pass --data.annotation FILE or check DATA_ROOT")
+
+
+def _read_table(path: Path, what: str, **kwargs) -> pd.DataFrame:
+    _require_file(path, what)
+    try:
+        if path.suffix.lower() == ".csv":
+            return pd.read_csv(path, **kwargs)
+        return pd.read_excel(path, engine="calamine", **kwargs)  # .xlsx and legacy .xls alike
+    except Exception as exc:  # the engines raise many types for a file of the wrong kind
+        raise SheetError(f"{path}: cannot read the {what} ({type(exc).__name__}: {exc}); "
+                         "give the official file") from exc
+
+
+def _require_columns(df: pd.DataFrame, columns: Iterable[str], path: Path, header_row: int) -> None:
     missing = [c for c in columns if c not in df.columns]
     if missing:
         raise SheetError(
             f"{path}: row {header_row}: missing column(s) {missing}; found {list(df.columns)}. "
-            "Point --data.annotation at the official coding sheet or restore the header."
+            "Point --data.annotation at the official sheet or restore the header."
         )
 
 
-def _frame_column(df: pd.DataFrame, column: str, path: Path, *, allow_text: frozenset[str] = frozenset()):
-    """Numeric frame numbers; ``allow_text`` cells become NaN, any other text is an error."""
+def _require_filled(df: pd.DataFrame, columns: Iterable[str], path: Path) -> None:
+    for column in columns:
+        blank = df[column].isna() | (df[column].astype(str).str.strip() == "")
+        if blank.any():
+            raise SheetError(f"{path}: row {df.loc[blank, 'sheet_row'].iloc[0]}, column {column!r}: "
+                             "empty; fill it in or delete the row")
+
+
+def _frame_column(df: pd.DataFrame, column: str, path: Path, *, allow_text: frozenset[str] = frozenset(),
+                  allow_blank: bool = False) -> list[float]:
+    """Numeric frame numbers; ``allow_text`` cells (and blanks if allowed) become NaN, any other
+    text is an error naming the cell."""
     values = []
     for sheet_row, cell in zip(df["sheet_row"], df[column]):
         if isinstance(cell, str) and cell.strip() in allow_text:
@@ -45,7 +118,7 @@ def _frame_column(df: pd.DataFrame, column: str, path: Path, *, allow_text: froz
             number = float(cell)
         except (TypeError, ValueError):
             number = -1.0  # reported below
-        if np.isnan(number) and column == "ApexFrame":
+        if np.isnan(number) and allow_blank:
             values.append(number)  # an empty apex is the manifest's to fix or drop, visibly
             continue
         if np.isnan(number) or number < 0 or not number.is_integer():
@@ -57,57 +130,228 @@ def _frame_column(df: pd.DataFrame, column: str, path: Path, *, allow_text: froz
     return values
 
 
+def _au_text(cell: object) -> str:
+    if cell is None or (isinstance(cell, float) and np.isnan(cell)):
+        return ""
+    if isinstance(cell, float) and cell.is_integer():
+        return str(int(cell))  # Excel hands back 12.0 for an int-typed AU cell
+    return str(cell).strip()
+
+
+def check_emotions(emotions: pd.Series, rows: pd.Series, vocabulary: tuple[str, ...], path: Path,
+                   column: str) -> None:
+    """Every emotion is a word the dataset uses (a typo is an error, not a silently dropped row)."""
+    unknown = ~emotions.isin(vocabulary)
+    if unknown.any():
+        i = unknown.idxmax()
+        raise SheetError(f"{path}: row {rows[i]}, column {column!r}: unknown emotion {emotions[i]!r}; "
+                         f"this sheet uses {list(vocabulary)}: correct the cell")
+
+
+def _normalise(raw: pd.DataFrame, path: Path, dataset: str, *, columns: dict[str, str],
+               apex_text: frozenset[str] = frozenset(), vocabulary: str | None = None) -> pd.DataFrame:
+    """Sheet rows (with ``sheet_row``) -> :data:`SHEET_COLUMNS`. ``columns`` maps our names
+    (subject, video, onset, apex, offset, au, emotion) to the sheet's; emotions are checked against
+    ``EMOTIONS[vocabulary or dataset]``."""
+    c = columns
+    _require_filled(raw, [c["subject"], c["video"], c["emotion"]], path)
+    emotions = raw[c["emotion"]].astype(str).str.strip().str.lower()
+    if (vocabulary or dataset) in EMOTIONS:
+        check_emotions(emotions, raw["sheet_row"], EMOTIONS[vocabulary or dataset], path, c["emotion"])
+    subjects = [normalise_subject(dataset, cell, f"{path}: row {row}, column {c['subject']!r}")
+                for row, cell in zip(raw["sheet_row"], raw[c["subject"]])]
+    table = pd.DataFrame({
+        "subject": subjects,
+        "video": raw[c["video"]].astype(str).str.strip(),
+        "onset": _frame_column(raw, c["onset"], path),
+        "apex": _frame_column(raw, c["apex"], path, allow_text=apex_text, allow_blank=True),
+        "offset": _frame_column(raw, c["offset"], path),
+        "au_raw": [_au_text(cell) for cell in raw[c["au"]]] if c.get("au") else "",
+        "emotion": emotions.to_numpy(),
+        "sheet_row": raw["sheet_row"].astype(int).to_numpy(),
+    })
+    table.attrs["au_column"] = c.get("au", "AU")  # for messages about AU cells downstream
+    return table
+
+
+def _with_rows(raw: pd.DataFrame, header_row: int) -> pd.DataFrame:
+    """Drop empty rows and number the rest as the spreadsheet does (header on ``header_row``)."""
+    raw = raw.dropna(how="all").copy()
+    raw["sheet_row"] = raw.index + header_row + 1
+    return raw
+
+
+# --- per-dataset readers -------------------------------------------------------------------------
+
+_CASME2_COLUMNS = {"subject": "Subject", "video": "Filename", "onset": "OnsetFrame", "apex": "ApexFrame",
+                   "offset": "OffsetFrame", "au": "Action Units", "emotion": "Estimated Emotion"}
+
+
 def read_casme2_sheet(path: str | Path) -> pd.DataFrame:
     """Read a CASME II coding sheet (2014-05-08, 2019-07-01, or the synthetic set's).
 
-    Args:
-        path: the ``.xlsx`` file.
-
-    Returns:
-        The normalised table (:data:`SHEET_COLUMNS`). ``Subject`` 1 becomes ``sub01``; ``/`` in
-        ``ApexFrame`` becomes NaN (the manifest decides what to do with it).
-
-    Raises:
-        SheetError: unreadable file, missing columns, or text in a frame column.
+    ``Subject`` 1 becomes ``sub01``; ``/`` in ``ApexFrame`` becomes NaN (the manifest decides).
     """
     path = Path(path)
-    if not path.is_file():
-        raise SheetError(f"{path}: annotation sheet not found; pass --data.annotation FILE or check DATA_ROOT")
+    raw = _read_table(path, "CASME II coding sheet", dtype={"Filename": str})
+    _require_columns(raw, _CASME2_COLUMNS.values(), path, header_row=1)
+    return _normalise(_with_rows(raw, 1), path, "casme2", columns=_CASME2_COLUMNS, apex_text=frozenset({"/"}))
+
+
+_SAMM_COLUMNS = {"subject": "Subject", "video": "Filename", "onset": "Onset Frame", "apex": "Apex Frame",
+                 "offset": "Offset Frame", "au": "Action Units", "emotion": "Estimated Emotion"}
+
+
+def read_samm_sheet(path: str | Path) -> pd.DataFrame:
+    """Read the SAMM FACS-codes sheet (v2: worksheet ``MICRO_ONLY``).
+
+    The header row is *detected* (the first row holding both ``Subject`` and ``Filename``): v2 has
+    13 preamble rows, another release has one. Subject ``6`` / ``006`` becomes ``006``.
+    """
+    path = Path(path)
+    _require_file(path, "SAMM FACS-codes sheet")
     try:
-        raw = pd.read_excel(path, engine="openpyxl", dtype={"Filename": str})
-    except Exception as exc:  # openpyxl raises many types for a non-xlsx file
-        raise SheetError(f"{path}: cannot read as .xlsx ({exc}); give the official CASME II coding sheet") from exc
-    _require_columns(raw, ["Subject", "Filename", "OnsetFrame", "ApexFrame", "OffsetFrame",
-                           "Action Units", "Estimated Emotion"], path, header_row=1)
+        names = pd.ExcelFile(path, engine="calamine").sheet_names
+    except Exception as exc:
+        raise SheetError(f"{path}: cannot read as a spreadsheet ({exc}); give the official SAMM sheet") from exc
+    sheet = "MICRO_ONLY" if "MICRO_ONLY" in names else names[0]
+    grid = _read_table(path, "SAMM FACS-codes sheet", sheet_name=sheet, header=None, dtype=str)
+    header = next((i for i, row in grid.iterrows()
+                   if {"Subject", "Filename"} <= {str(v).strip() for v in row.values}), None)
+    if header is None:
+        raise SheetError(f"{path}: sheet {sheet!r} has no header row with 'Subject' and 'Filename'; "
+                         "give the official SAMM_Micro_FACS_Codes sheet")
+    raw = grid.iloc[header + 1:].copy()
+    raw.columns = [str(v).strip() for v in grid.iloc[header].values]
+    _require_columns(raw, _SAMM_COLUMNS.values(), path, header_row=header + 1)
     raw = raw.dropna(how="all").copy()
-    raw["sheet_row"] = raw.index + 2  # header is spreadsheet row 1
-    for column in ("Subject", "Filename", "Estimated Emotion"):
-        blank = raw[column].isna() | (raw[column].astype(str).str.strip() == "")
-        if blank.any():
-            raise SheetError(f"{path}: row {raw.loc[blank, 'sheet_row'].iloc[0]}, column {column!r}: "
-                             "empty; fill it in or delete the row")
-    subjects = []
-    for sheet_row, cell in zip(raw["sheet_row"], raw["Subject"]):
-        if isinstance(cell, float) and cell.is_integer():
-            cell = int(cell)  # a blank elsewhere in the column turns ints into floats
-        text = str(cell).strip().lower().removeprefix("sub")
-        if not text.isdigit():
-            raise SheetError(f"{path}: row {sheet_row}, column 'Subject': {cell!r} is not a subject number")
-        subjects.append(f"sub{int(text):02d}")
-    out = pd.DataFrame({
-        "subject": subjects,
-        "video": raw["Filename"].astype(str).str.strip(),
-        "onset": _frame_column(raw, "OnsetFrame", path),
-        "apex": _frame_column(raw, "ApexFrame", path, allow_text=frozenset({"/"})),
-        "offset": _frame_column(raw, "OffsetFrame", path),
-        "au_raw": [("" if pd.isna(c) else str(int(c)) if isinstance(c, float) else str(c).strip())
-                   for c in raw["Action Units"]],
-        "emotion": raw["Estimated Emotion"].astype(str).str.strip().str.lower(),
+    raw["sheet_row"] = raw.index + 1  # grid index 0 is spreadsheet row 1
+    return _normalise(raw, path, "samm", columns=_SAMM_COLUMNS)
+
+
+def read_mmew_sheet(path: str | Path) -> pd.DataFrame:
+    """Read MMEW's micro-expression sheet: the original ``MMEW_Micro_Exp.xlsx`` or the derived
+    ``MMEW_Micro_Exp_delete_others*.csv`` (same first columns; derived ones are ignored)."""
+    path = Path(path)
+    raw = _read_table(path, "MMEW sheet", dtype={"Filename": str})
+    _require_columns(raw, _CASME2_COLUMNS.values(), path, header_row=1)
+    return _normalise(_with_rows(raw, 1), path, "mmew", columns=_CASME2_COLUMNS)
+
+
+_CASME3_COLUMNS = {"subject": "Subject", "video": "Filename", "onset": "Onset", "apex": "Apex",
+                   "offset": "Offset", "au": "AU", "emotion": "emotion"}
+
+
+def read_casme3_sheet(path: str | Path) -> pd.DataFrame:
+    """Read CAS(ME)^3 Part A's micro-expression label sheet (JpgIndex v2, worksheet ``label``).
+
+    Several MEs share a video, so samples are keyed by (subject, video, onset) downstream. Frame
+    numbers are the jpg numbers. ``Others`` and ``others`` are one class (lower case).
+    """
+    path = Path(path)
+    raw = _read_table(path, "CAS(ME)^3 ME label sheet", sheet_name=0, dtype={"Subject": str, "Filename": str})
+    _require_columns(raw, _CASME3_COLUMNS.values(), path, header_row=1)
+    return _normalise(_with_rows(raw, 1), path, "casme3", columns=_CASME3_COLUMNS)
+
+
+def scan_smic(root: str | Path) -> pd.DataFrame:
+    """SMIC-HS has no public sheet: its frame tree is the annotation.
+
+    Walks ``<root>/HS/s<N>/micro/<negative|positive|surprise>/<video>/image<6 digits>.bmp``.
+    onset/offset are the first/last frame numbers on disk; the apex is not annotated (NaN: the
+    manifest uses the midpoint, flagged). ``sheet_row`` numbers the clips in sorted order.
+    """
+    root = Path(root)
+    base = root / "HS"
+    if not base.is_dir():
+        raise SheetError(f"{base}: SMIC-HS frame tree not found; DATA_ROOT must hold HS/s1/micro/<class>/<clip>/")
+    rows = []
+    for clip in sorted(base.glob("s*/micro/*/*")):
+        numbers = sorted(int(m.group(1)) for name in (p.name for p in clip.iterdir())
+                         if (m := re.fullmatch(r"image(\d+)\.bmp", name, flags=re.IGNORECASE)))
+        if not numbers:
+            raise SheetError(f"{clip}: no image<number>.bmp frames; restore the clip or remove the folder")
+        disk_subject = clip.parents[2].name
+        rows.append({"subject": normalise_subject("smic", disk_subject, str(clip)), "video": clip.name,
+                     "onset": float(numbers[0]), "apex": np.nan, "offset": float(numbers[-1]),
+                     "au_raw": "", "emotion": clip.parent.name.lower(), "disk_subject": disk_subject})
+    if not rows:
+        raise SheetError(f"{base}: no clips under s*/micro/<class>/; check DATA_ROOT")
+    table = pd.DataFrame(rows)
+    table["sheet_row"] = np.arange(1, len(table) + 1)
+    check_emotions(table["emotion"], table["sheet_row"], EMOTIONS["smic"], base, "class folder")
+    return table
+
+
+def _smic_video(filename: str) -> str:
+    """MEGC spells SMIC clips ``s01_ne_01``; on disk they are ``s1_ne_01``."""
+    return re.sub(r"^s0*(\d+)_", r"s\1_", filename.strip())
+
+
+def read_megc_list(path: str | Path) -> pd.DataFrame:
+    """Read the official MEGC2019 3-class list (``combined_3class_gt.csv``: no header,
+    ``dataset,subject,filename,label``; or the flow-image CSV with its header)."""
+    path = Path(path)
+    first = _read_table(path, "MEGC2019 sample list", header=None, nrows=1, dtype=str)
+    has_header = str(first.iloc[0, 0]).strip() == "dataset"
+    raw = _read_table(path, "MEGC2019 sample list", header=0 if has_header else None, dtype=str)
+    raw = raw.iloc[:, :4]
+    raw.columns = ["dataset", "subject", "video", "label"]
+    raw["sheet_row"] = raw.index + (2 if has_header else 1)
+    out = []
+    for r in raw.itertuples(index=False):
+        where = f"{path}: row {r.sheet_row}"
+        dataset = str(r.dataset).strip().lower()
+        if dataset not in ("casme2", "samm", "smic"):
+            raise SheetError(f"{where}, column 'dataset': {r.dataset!r} is not casme2, samm or smic")
+        if str(r.label).strip() not in ("0", "1", "2"):
+            raise SheetError(f"{where}, column 'label': {r.label!r} is not 0, 1 or 2")
+        video = _smic_video(r.video) if dataset == "smic" else str(r.video).strip()
+        subject = normalise_subject(dataset, r.subject, f"{where}, column 'subject'")
+        out.append({"dataset": dataset, "subject": subject, "video": video, "onset": np.nan,
+                    "emotion": MEGC_LABELS[int(r.label)], "sheet_row": r.sheet_row,
+                    # SMIC's folders say s1 where the list says s01 (the layout needs the former).
+                    "disk_subject": f"s{int(subject[1:])}" if dataset == "smic" else subject})
+    return pd.DataFrame(out)
+
+
+def read_casme3_edited_list(path: str | Path) -> pd.DataFrame:
+    """Read the published 687-ME CAS(ME)^3 3-class list (``cas(me)3_part_A_edited.csv``)."""
+    path = Path(path)
+    raw = _read_table(path, "CAS(ME)^3 edited list", dtype={"Subject": str, "Filename": str})
+    _require_columns(raw, ["Subject", "Filename", "Onset", "label_for_3"], path, header_row=1)
+    return pd.DataFrame({"dataset": "casme3", "subject": raw["Subject"].str.strip(),
+                         "video": raw["Filename"].str.strip(), "onset": raw["Onset"].astype(float),
+                         "emotion": [MEGC_LABELS[int(v)] for v in raw["label_for_3"]],
+                         "sheet_row": raw.index + 2})
+
+
+def read_megc_flow_csv(path: str | Path) -> pd.DataFrame:
+    """Read the label CSV of the precomputed-flow MEGC2019 layout.
+
+    Header ``dataset,sub,filename_o,label,apex,imagename,sub_filename``. Each row names its flow
+    image ``<sub>_<filename_o> .png`` (a space before ``.png``, as distributed) and its apex crop by
+    ``imagename`` (SMIC rows: ``s03_s3_ne_01.jpg``, not ``<sub>_<filename_o>``). There are no
+    frames: onset/apex/offset are NaN and the source ``dataset`` column is kept (per-dataset scores).
+    """
+    path = Path(path)
+    raw = _read_table(path, "MEGC2019 flow-image label CSV", dtype=str)
+    _require_columns(raw, ["dataset", "sub", "filename_o", "label", "imagename"], path, header_row=1)
+    raw = _with_rows(raw, 1)
+    _require_filled(raw, ["dataset", "sub", "filename_o", "label", "imagename"], path)
+    bad = ~raw["label"].str.strip().isin(["0", "1", "2"])
+    if bad.any():
+        r = raw[bad].iloc[0]
+        raise SheetError(f"{path}: row {r.sheet_row}, column 'label': {r.label!r} is not 0, 1 or 2")
+    dataset = raw["dataset"].str.strip().str.lower()
+    return pd.DataFrame({
+        "subject": [normalise_subject(d, s, f"{path}: row {row}, column 'sub'")
+                    for d, s, row in zip(dataset, raw["sub"], raw["sheet_row"])],
+        "video": raw["filename_o"].str.strip(),
+        "onset": np.nan, "apex": np.nan, "offset": np.nan, "au_raw": "",
+        "emotion": [MEGC_LABELS[int(v)] for v in raw["label"]],
         "sheet_row": raw["sheet_row"].astype(int),
-    })
-    backwards = out[out["onset"] > out["offset"]]
-    if len(backwards):
-        r = backwards.iloc[0]
-        raise SheetError(f"{path}: row {r.sheet_row}: OnsetFrame {int(r.onset)} > OffsetFrame {int(r.offset)}; "
-                         "correct the frame range")
-    return out.reset_index(drop=True)
+        "dataset": dataset,
+        "flow_name": raw["sub"].str.strip() + "_" + raw["filename_o"].str.strip() + " .png",
+        "imagename": raw["imagename"].str.strip(),
+    }).reset_index(drop=True)

@@ -13,7 +13,9 @@ Grammar (../shared/notes/datasets.md, section 4):
   ``ambiguous``; a slash between intensity letters (``10A/B``) or between sides (``A/L12``) is
   not an alternative AU;
 * ``ref(...)`` -> excluded by default (its meaning is undocumented), flagged;
-* a ``?`` anywhere -> ``unknown``: the sample's AU loss is masked rather than read as "no AU".
+* a ``?`` anywhere -> ``unknown``: the sample's AU loss is masked rather than read as "no AU";
+* words that are not AU codes (SAMM's ``soft focus``) -> dropped and kept in ``notes``; letters are
+  case-insensitive (CAS(ME)^3's ``r18``) and a full-width comma (``4，11``, Part C) separates.
 
 The parser is deliberately strict: a token it cannot read raises :class:`AUParseError` naming the
 raw string, so a new sheet quirk is seen instead of silently producing empty targets (the classic
@@ -54,6 +56,7 @@ class ParsedAU:
         ambiguous: the cell holds alternatives (``or`` / ``/``); ``aus`` is their union.
         unknown: the cell is (partly) ``?``: AU targets for this sample must be masked.
         refs: AUs inside ``ref(...)`` (excluded from ``aus``).
+        notes: non-AU words found in the cell (``soft focus``), dropped from ``aus``.
     """
 
     raw: str
@@ -61,6 +64,11 @@ class ParsedAU:
     ambiguous: bool = False
     unknown: bool = False
     refs: frozenset[int] = field(default_factory=frozenset)
+    notes: tuple[str, ...] = ()
+
+
+# Free-text words seen inside AU cells; anything else that is not an AU code is an error.
+_NOTE = re.compile(r"^[a-z][a-z ]{3,}$")
 
 
 def _parse_token(token: str, raw: str) -> int:
@@ -90,7 +98,7 @@ def parse_au(cell: object) -> ParsedAU:
     if isinstance(cell, float) and cell.is_integer():
         cell = int(cell)  # Excel hands back 12.0 for an int-typed cell
     raw = str(cell).strip()
-    text = raw
+    text = raw.replace("\uff0c", ",")
     refs: set[int] = set()
     for inner in _REF.findall(text):
         refs |= {_parse_token(t.strip(), raw) for t in re.split(r"[+,]", inner) if t.strip()}
@@ -101,41 +109,56 @@ def parse_au(cell: object) -> ParsedAU:
     text = re.sub(r"(?<![\w/])[LRABT]/(?=[LRABT]?\d)", "", text)
     text = text.replace("?", "")
     aus: set[int] = set()
+    notes: list[str] = []
     ambiguous = False
     for part in re.split(r"[+,]", text):
         part = part.strip()
         if not part:
             continue
+        if _NOTE.match(part) and not re.search(r"\d", part):
+            notes.append(part)
+            continue
+        part = re.sub(r"(?<![a-z])([lrabt])(?=\d)", lambda m: m.group(1).upper(), part)
         # "or" alternatives, and "/" between whole tokens (not between intensity letters: 10A/B).
         alternatives = re.split(r"\s+or\s+|(?<=\d)/(?=[LRABT]?\d)|(?<=[A-E])/(?=[LRABT]\d)", part)
         if len(alternatives) > 1:
             ambiguous = True
         aus |= {_parse_token(alt.replace(" ", ""), raw) for alt in alternatives if alt.strip()}
     return ParsedAU(raw=raw, aus=frozenset(aus), ambiguous=ambiguous, unknown=unknown,
-                    refs=frozenset(refs))
+                    refs=frozenset(refs), notes=tuple(notes))
 
 
-def au_targets(parsed: list[ParsedAU], vocab: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+def au_targets(au_sets: list[frozenset[int] | set[int]], unknown: np.ndarray, vocab: tuple[int, ...],
+               coded: list[tuple[int, ...] | None] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Multi-hot AU targets and loss mask over a vocabulary.
 
     Args:
-        parsed: one :class:`ParsedAU` per sample.
-        vocab: the AU numbers the dataset is scored on (column order).
+        au_sets: one set of base AUs per sample (``ParsedAU.aus``, or a manifest's ``au_set``).
+        unknown: bool per sample: the AUs are unknown (``?``, or a dataset without AU coding).
+        vocab: the AU numbers of the AU head (column order).
+        coded: per sample, the AUs its dataset codes (``None``: all). In a composite, an AU the
+            sample's dataset never codes is masked, not read as "absent".
 
     Returns:
-        ``(targets, mask)``, both float32 ``(N, len(vocab))``. ``mask`` is 0 for samples whose
-        cell is unknown (``?``), so the AU loss ignores them instead of reading "absent".
+        ``(targets, mask)``, both float32 ``(N, len(vocab))``.
     """
     index = {au: j for j, au in enumerate(vocab)}
-    targets = np.zeros((len(parsed), len(vocab)), dtype=np.float32)
+    targets = np.zeros((len(au_sets), len(vocab)), dtype=np.float32)
     mask = np.ones_like(targets)
-    for i, p in enumerate(parsed):
-        for au in p.aus:
+    for i, aus in enumerate(au_sets):
+        for au in aus:
             if au in index:
                 targets[i, index[au]] = 1.0
-        if p.unknown:
+        if unknown[i]:
             mask[i] = 0.0
+        elif coded is not None and coded[i] is not None:
+            mask[i] = [au in coded[i] for au in vocab]
     return targets, mask
+
+
+def parse_au_set(text: str) -> frozenset[int]:
+    """Inverse of :func:`format_aus` (``1+2+12`` -> {1, 2, 12}; empty -> empty)."""
+    return frozenset(int(t) for t in str(text).split("+") if t.strip().isdigit())
 
 
 def format_aus(aus: frozenset[int] | set[int]) -> str:

@@ -9,6 +9,11 @@ Data flow::
 * ``flow.npy``  float32 (N, S, S, 3)     onset->apex (u, v, strain), pixels at size S
 * ``clip.npy``  uint8   (N, T, s, s, 3)  T frames sampled from onset to offset
 
+Frame paths come from the manifest (``frame_dir`` + ``frame_pattern``, relative to the data root).
+Precomputed-flow layouts (``flow_image``/``apex_image`` set, MEGC2019's STSTNet images) have no
+frames: ``apex`` is the apex crop, ``flow`` the stored image scaled to [0, 1] (its R, G, B planes are
+u, v and strain; OpenCV reads BGR, ``read_frame`` returns RGB, so channel 0 is u), and no clip.
+
 The key hashes everything that changes the arrays: manifest content, dataset root, the frame
 folders' modification times, sizes, clip length, flow algorithm and :data:`CACHE_VERSION` (bump it
 when the preprocessing code changes).
@@ -33,7 +38,6 @@ from tqdm.auto import tqdm
 from famnet_pl.data.frames import (FlowAlgorithm, clip_indices, onset_apex_flow, read_frame,
                                    register_to, resize)
 from famnet_pl.data.manifest import manifest_hash
-from famnet_pl.data.protocols import get_dataset
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +56,15 @@ class ViewConfig:
     flow_size: int = 128
     need_flow: bool = True
     register: bool = True
+    need_clip: bool = True
 
 
 def cache_key(manifest: pd.DataFrame, root: str | Path, views: ViewConfig) -> str:
     """Hash of everything that affects the cached arrays."""
     # Folder mtimes change when frames are added, removed or the folder is replaced (a regenerated
     # synthetic set, a re-extracted dataset); they are cheap to read, unlike hashing every frame.
-    frames = [os.stat(Path(root) / d).st_mtime_ns if (Path(root) / d).is_dir() else None
-              for d in manifest["frame_dir"]]
+    sources = [d or f for d, f in zip(manifest["frame_dir"], manifest["flow_image"])]
+    frames = [os.stat(Path(root) / d).st_mtime_ns if (Path(root) / d).exists() else None for d in sources]
     payload = json.dumps({"manifest": manifest_hash(manifest), "root": str(Path(root).resolve()),
                           "frames": frames, "views": asdict(views), "version": CACHE_VERSION},
                          sort_keys=True)
@@ -68,20 +73,24 @@ def cache_key(manifest: pd.DataFrame, root: str | Path, views: ViewConfig) -> st
 
 def _build(manifest: pd.DataFrame, root: Path, views: ViewConfig, out: Path) -> None:
     n = len(manifest)
-    pattern = get_dataset(manifest["dataset"].iloc[0]).frame_pattern
     s, t, c = views.image_size, views.clip_len, views.clip_size
     apex = np.lib.format.open_memmap(out / "apex.npy", mode="w+", dtype=np.uint8, shape=(n, s, s, 3))
     flow = (np.lib.format.open_memmap(out / "flow.npy", mode="w+", dtype=np.float32, shape=(n, s, s, 3))
             if views.need_flow else None)
-    clip = np.lib.format.open_memmap(out / "clip.npy", mode="w+", dtype=np.uint8, shape=(n, t, c, c, 3))
+    clip = (np.lib.format.open_memmap(out / "clip.npy", mode="w+", dtype=np.uint8, shape=(n, t, c, c, 3))
+            if views.need_clip else None)
     rows = manifest.itertuples(index=False)
     for i, r in enumerate(tqdm(rows, total=n, desc="decode + flow (once)", leave=False)):
+        if r.flow_image:  # precomputed flow image + apex crop: nothing to compute
+            apex[i] = resize(read_frame(root / r.apex_image), s)
+            if flow is not None:
+                flow[i] = resize(read_frame(root / r.flow_image), s).astype(np.float32) / 255.0
+            continue
         frame_dir = root / r.frame_dir
-
-        onset = read_frame(frame_dir / pattern.format(k=r.onset))
+        onset = read_frame(frame_dir / r.frame_pattern.format(k=r.onset))
 
         def frame(k: int) -> np.ndarray:
-            image = read_frame(frame_dir / pattern.format(k=k))
+            image = read_frame(frame_dir / r.frame_pattern.format(k=k))
             return register_to(onset, image) if views.register and k != r.onset else image
 
         apex_full = frame(r.apex)
@@ -89,7 +98,8 @@ def _build(manifest: pd.DataFrame, root: Path, views: ViewConfig, out: Path) -> 
         if flow is not None:
             flow[i] = onset_apex_flow(onset, apex_full, algorithm=views.flow_algorithm,
                                       flow_size=views.flow_size, out_size=s)
-        clip[i] = np.stack([resize(frame(k), c) for k in clip_indices(r.onset, r.offset, t)])
+        if clip is not None:
+            clip[i] = np.stack([resize(frame(k), c) for k in clip_indices(r.onset, r.offset, t)])
     for array in (apex, flow, clip):
         if array is not None:
             array.flush()

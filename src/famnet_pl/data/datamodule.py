@@ -1,10 +1,11 @@
-"""MERDataModule: one LOSO fold of one protocol, serving FAMNet's two views.
+"""MERDataModule: one LOSO fold of one protocol (one dataset or a composite), serving two views.
 
 Data flow::
 
     prepare_data: synthetic set generated if the protocol needs it and it is missing
-    setup:        manifest (validated) -> cached arrays (decoded once, mmap) -> fold split
-                  (test = one subject; optional inner validation = held-out *training* subjects)
+    setup:        manifest (validated, every dataset of the protocol) -> cached arrays (decoded once,
+                  mmap) -> fold split (test = one subject, or one dataset with ``split="dataset"``;
+                  optional inner validation = held-out *training* groups)
                   -> per-channel standardisation from training samples only
     batches:      {"x2d": (B, C2d, S, S), "x3d": (B, 3, T, s, s), "label": (B,),
                    "au": (B, A), "au_mask": (B, A), "index": (B,)}
@@ -12,15 +13,18 @@ Data flow::
 2D view (``input_2d``): ``apex`` (RGB apex frame, 3 channels), ``flow`` (onset->apex u, v and
 optical strain, 3 channels) or ``both`` (6 channels). 3D view: ``clip_len`` frames sampled
 uniformly from onset to offset; ``clip_mode="diff"`` subtracts the first (onset) frame from every
-frame, which removes identity and keeps motion.
+frame, which removes identity and keeps motion. Precomputed-flow datasets (``megc2019_flow``) have
+no frames: their batches carry no ``x3d`` and models run their 2D branch alone.
 
-Folds are the subjects in sorted order; ``fold`` indexes them. The test subject never contributes to
-normalisation statistics, augmentation, or validation.
+Folds are the groups (namespaced subjects such as ``samm/006``, or datasets) in sorted order;
+``fold`` indexes them. The test group never contributes to normalisation statistics, augmentation,
+or validation. In a composite, AUs a sample's dataset does not code are masked in its AU loss.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 from typing import Literal
 
@@ -31,10 +35,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from famnet_pl.data import synthetic
-from famnet_pl.data.au import au_targets, parse_au
+from famnet_pl.data.au import au_targets, parse_au_set
 from famnet_pl.data.cache import ViewConfig, load_or_build
 from famnet_pl.data.frames import FlowAlgorithm
-from famnet_pl.data.manifest import build_manifest, resolve_sheet
+from famnet_pl.data.manifest import ApexFix, ManifestError, build_manifest, part_root, part_sheet
 from famnet_pl.data.protocols import get_dataset, get_protocol
 from famnet_pl.data.transforms import ClipAugment
 
@@ -65,8 +69,10 @@ class MERDataset(Dataset):
             parts.append(np.asarray(self.arrays["flow"][i], dtype=np.float32))
         return np.concatenate(parts, axis=-1)
 
-    def view_3d(self, i: int) -> np.ndarray:
-        """Un-normalised clip ``(T, s, s, 3)`` float32 of manifest row ``i``."""
+    def view_3d(self, i: int) -> np.ndarray | None:
+        """Un-normalised clip ``(T, s, s, 3)`` float32 of manifest row ``i`` (None: no clips)."""
+        if "clip" not in self.arrays:
+            return None
         return self.arrays["clip"][i].astype(np.float32) / 255.0
 
     def __getitem__(self, item: int) -> dict[str, torch.Tensor]:
@@ -76,14 +82,17 @@ class MERDataset(Dataset):
             has_rgb = self.input_2d in ("apex", "both")
             x2d = self.augment(x2d, rgb=slice(0, 3) if has_rgb else None,
                                flow_u={"apex": None, "flow": 0, "both": 3}[self.input_2d])
-            x3d = self.augment(x3d, rgb=slice(0, 3), flow_u=None)
+            if x3d is not None:
+                x3d = self.augment(x3d, rgb=slice(0, 3), flow_u=None)
         x2d = (x2d[0] - self.stats["mean_2d"]) / self.stats["std_2d"]
-        x3d = (x3d - self.stats["mean_3d"]) / self.stats["std_3d"]
-        if self.clip_mode == "diff":
-            x3d = x3d - x3d[:1]
+        item_out = {"x2d": torch.from_numpy(np.ascontiguousarray(x2d.transpose(2, 0, 1), dtype=np.float32))}
+        if x3d is not None:
+            x3d = (x3d - self.stats["mean_3d"]) / self.stats["std_3d"]
+            if self.clip_mode == "diff":
+                x3d = x3d - x3d[:1]
+            item_out["x3d"] = torch.from_numpy(np.ascontiguousarray(x3d.transpose(3, 0, 1, 2), dtype=np.float32))
         return {
-            "x2d": torch.from_numpy(np.ascontiguousarray(x2d.transpose(2, 0, 1), dtype=np.float32)),
-            "x3d": torch.from_numpy(np.ascontiguousarray(x3d.transpose(3, 0, 1, 2), dtype=np.float32)),
+            **item_out,
             "label": torch.tensor(self.labels[i], dtype=torch.long),
             "au": torch.from_numpy(self.au[i]),
             "au_mask": torch.from_numpy(self.au_mask[i]),
@@ -95,11 +104,20 @@ class MERDataModule(L.LightningDataModule):
     """One leave-one-subject-out fold of a protocol.
 
     Args:
-        protocol: protocol name (``synth_4cls``, ``casme2_5cls``; protocols.py).
-        data_root: dataset root (frame folders, and the sheet unless ``annotation`` is given). For
-            the synthetic protocol a missing dataset is generated here.
+        protocol: protocol name (``synth_4cls``, ``samm_5cls``, ``megc2019_3cls``; protocols.py).
+        data_root: dataset root (frame folders, and the sheet unless ``annotation`` is given); for a
+            composite, the folder holding one folder per dataset (``casme2/``, ``samm/``...) and the
+            official list. For the synthetic protocol a missing dataset is generated here.
         annotation: sheet path overriding the protocol's pinned sheet in ``data_root``.
-        fold: index into the sorted subject list; that subject is the test set.
+        annotations: per-dataset sheet paths for composites (``{casme2: FILE, list: FILE}``).
+        roots: per-dataset roots for composites, overriding ``data_root/<dataset>``.
+        datasets: keep only these datasets of a composite protocol.
+        label_maps: per dataset, a replacement emotion -> class map (composites are configurable).
+        classes: replacement class list (label order), with ``label_maps``.
+        drop: sample ids to drop (logged in the manifest report).
+        layout: on-disk layout (``raw``, ``cropped``); ``auto`` picks the one found on disk.
+        split: fold groups: ``subject`` (LOSO) or ``dataset`` (leave-one-dataset-out).
+        fold: index into the sorted group list; that group is the test set.
         input_2d: 2D view: ``apex``, ``flow`` or ``both``.
         clip_mode: 3D view: raw ``frames`` or ``diff`` (each frame minus the onset frame).
         image_size: side of the 2D view.
@@ -107,7 +125,11 @@ class MERDataModule(L.LightningDataModule):
         clip_size: side of the 3D view.
         flow_algorithm: ``tvl1`` (default, MER standard), ``farneback`` or ``dis``.
         flow_size: side at which flow is computed before resizing to ``image_size``.
-        apex_fix: non-numeric / out-of-clip apex: ``midpoint`` (flagged) or ``drop``.
+        apex_fix: non-numeric / out-of-clip / unannotated apex: ``midpoint`` or ``flow_peak``
+            (flagged), or ``drop`` (manifest.py lists every rule).
+        onset_eq_apex: onset == apex: ``keep`` (flagged), ``fix`` (as ``apex_fix``) or ``drop``.
+        missing_frames: frames missing on disk: ``error`` or ``drop`` (listed in the report).
+        official_lists: apply the dataset's official exclusion lists (CAS(ME)^3) found next to its sheet.
         register: align every frame to the onset frame (global translation, phase correlation)
             before flow and clips, removing head drift that is larger than the expression.
         val_subjects: training subjects held out for inner validation (0 = none). Never the test
@@ -126,6 +148,14 @@ class MERDataModule(L.LightningDataModule):
         protocol: str = "synth_4cls",
         data_root: str = "data/synth",
         annotation: str | None = None,
+        annotations: dict[str, str] | None = None,
+        roots: dict[str, str] | None = None,
+        datasets: list[str] | None = None,
+        label_maps: dict[str, dict[str, str]] | None = None,
+        classes: list[str] | None = None,
+        drop: list[str] | None = None,
+        layout: str = "auto",
+        split: Literal["subject", "dataset"] = "subject",
         fold: int = 0,
         input_2d: Literal["apex", "flow", "both"] = "flow",
         clip_mode: Literal["frames", "diff"] = "frames",
@@ -134,7 +164,10 @@ class MERDataModule(L.LightningDataModule):
         clip_size: int = 48,
         flow_algorithm: FlowAlgorithm = "tvl1",
         flow_size: int = 128,
-        apex_fix: Literal["midpoint", "drop"] = "midpoint",
+        apex_fix: ApexFix = "midpoint",
+        onset_eq_apex: Literal["keep", "fix", "drop"] = "keep",
+        missing_frames: Literal["error", "drop"] = "error",
+        official_lists: bool = True,
         register: bool = True,
         val_subjects: int = 0,
         batch_size: int = 16,
@@ -146,9 +179,8 @@ class MERDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.protocol = get_protocol(protocol)
-        self.dataset_spec = get_dataset(self.protocol.dataset)
-        self.au_vocab = tuple(au_vocab) if au_vocab else self.dataset_spec.au_vocab
+        self.protocol = get_protocol(protocol, datasets=datasets, label_maps=label_maps, classes=classes)
+        self.au_vocab = tuple(au_vocab) if au_vocab is not None else self.protocol.vocab
         self.manifest: pd.DataFrame | None = None
         self.test_subject: str | None = None
 
@@ -184,19 +216,34 @@ class MERDataModule(L.LightningDataModule):
         if self.protocol.dataset == "synth":
             synthetic.ensure(self.hparams.data_root)
 
+    @property
+    def run_name(self) -> str:
+        """Folder of this protocol's runs: the dataset, or the protocol for composites (``_lodo``
+        appended for leave-one-dataset-out)."""
+        name = self.protocol.dataset if len(self.protocol.parts) == 1 else self.protocol.name
+        return f"{name}_lodo" if self.hparams.split == "dataset" else name
+
     def load_manifest(self) -> pd.DataFrame:
-        """Build (once per process and sheet version) and return the protocol's validated manifest."""
+        """Build (once per process and configuration) and return the protocol's validated manifest."""
         if self.manifest is None:
             self.prepare_data()
             hp = self.hparams
-            sheet = resolve_sheet(self.protocol.name, hp.data_root, hp.annotation)
-            stamp = sheet.stat().st_mtime_ns if sheet.is_file() else None
-            self.manifest = _manifest(self.protocol.name, str(hp.data_root), hp.annotation, hp.apex_fix, stamp)
+            options = {k: hp[k] for k in ("annotation", "annotations", "roots", "datasets", "label_maps", "classes",
+                                          "drop", "layout", "apex_fix", "onset_eq_apex", "missing_frames",
+                                          "official_lists")}
+            # Sheet modification times are part of the memo key: an edited sheet is read again.
+            options["_stamp"] = _sheet_stamps(self.protocol, hp.data_root, hp.annotation, hp.annotations, hp.roots)
+            self.manifest = _manifest(self.protocol.name, str(hp.data_root), json.dumps(options, sort_keys=True))
         return self.manifest
 
+    @property
+    def group_column(self) -> str:
+        """Manifest column whose values are the folds."""
+        return "subject" if self.hparams.split == "subject" else "dataset"
+
     def subjects(self) -> list[str]:
-        """Sorted namespaced subject ids: fold ``k`` tests ``subjects()[k]``."""
-        return sorted(self.load_manifest()["subject"].unique())
+        """Sorted fold groups (namespaced subject ids, or datasets): fold ``k`` tests ``subjects()[k]``."""
+        return sorted(self.load_manifest()[self.group_column].unique())
 
     def setup(self, stage: str | None = None) -> None:
         """Load arrays and split train / (val) / test for ``fold``."""
@@ -211,12 +258,17 @@ class MERDataModule(L.LightningDataModule):
         self.test_subject = subjects[hp.fold]
         views = ViewConfig(image_size=hp.image_size, clip_len=hp.clip_len, clip_size=hp.clip_size,
                            flow_algorithm=hp.flow_algorithm, flow_size=hp.flow_size,
-                           need_flow=hp.input_2d != "apex", register=hp.register)
+                           need_flow=hp.input_2d != "apex", register=hp.register,
+                           need_clip=self.protocol.has_clips)
         arrays = load_or_build(manifest, hp.data_root, views, hp.cache_dir)
-        au, au_mask = au_targets([parse_au(a) for a in manifest["au_raw"]], self.au_vocab)
+        # Composites: an AU outside a sample's own dataset vocabulary is "not coded", not "absent".
+        coded = ([get_dataset(d).au_vocab for d in manifest["dataset"]] if len(self.protocol.parts) > 1
+                 else None)
+        au, au_mask = au_targets([parse_au_set(a) for a in manifest["au_set"]],
+                                 manifest["au_unknown"].to_numpy(dtype=bool), self.au_vocab, coded)
         labels = manifest["label"].to_numpy()
 
-        subject_of = manifest["subject"].to_numpy()
+        subject_of = manifest[self.group_column].to_numpy()
         test_idx = np.flatnonzero(subject_of == self.test_subject)
         train_subjects = [s for s in subjects if s != self.test_subject]
         if not 0 <= hp.val_subjects < len(train_subjects):
@@ -265,20 +317,38 @@ class MERDataModule(L.LightningDataModule):
 
 
 @functools.lru_cache(maxsize=8)
-def _manifest(protocol: str, root: str, annotation: str | None, apex_fix: str, sheet_stamp: int | None):
+def _manifest(protocol: str, root: str, options_json: str) -> pd.DataFrame:
     """Manifest memo: the LOSO runner builds one DataModule per fold in one process, and the sheet
-    and frame checks (and their report) need to happen once, not once per fold."""
-    manifest, report = build_manifest(protocol=protocol, root=root, annotation=annotation, apex_fix=apex_fix)
+    and frame checks (and their report) need to happen once, not once per fold. ``options_json``
+    holds the manifest options (hashable)."""
+    options = json.loads(options_json)
+    options.pop("_stamp")
+    proto = get_protocol(protocol, datasets=options.pop("datasets"), label_maps=options.pop("label_maps"),
+                         classes=options.pop("classes"))
+    manifest, report = build_manifest(protocol=proto, root=root, **options)
     log.info("manifest:\n%s", report.format())
     return manifest
+
+
+def _sheet_stamps(protocol, root, annotation, annotations, roots) -> list:
+    stamps = []
+    for part in protocol.parts:
+        try:
+            sheet = part_sheet(protocol, part, part_root(protocol, part.dataset, root, roots), annotation, annotations)
+        except ManifestError:
+            sheet = None
+        stamps.append(sheet.stat().st_mtime_ns if sheet is not None and sheet.is_file() else None)
+    return stamps
 
 
 def _channel_stats(dataset: MERDataset, idx: np.ndarray) -> dict[str, np.ndarray]:
     """Per-channel mean/std of both views over the given (training) rows."""
     x2d = np.stack([dataset.view_2d(i) for i in idx])
-    x3d = np.stack([dataset.view_3d(i) for i in idx])
-    return {"mean_2d": x2d.mean(axis=(0, 1, 2)), "std_2d": x2d.std(axis=(0, 1, 2)) + 1e-6,
-            "mean_3d": x3d.mean(axis=(0, 1, 2, 3)), "std_3d": x3d.std(axis=(0, 1, 2, 3)) + 1e-6}
+    stats = {"mean_2d": x2d.mean(axis=(0, 1, 2)), "std_2d": x2d.std(axis=(0, 1, 2)) + 1e-6}
+    if dataset.view_3d(int(idx[0])) is not None:
+        x3d = np.stack([dataset.view_3d(i) for i in idx])
+        stats |= {"mean_3d": x3d.mean(axis=(0, 1, 2, 3)), "std_3d": x3d.std(axis=(0, 1, 2, 3)) + 1e-6}
+    return stats
 
 
 def _reseed_worker(worker_id: int) -> None:

@@ -36,8 +36,9 @@ def read_frame(path: str | Path) -> np.ndarray:
 
 
 def resize(image: np.ndarray, size: int) -> np.ndarray:
-    """Square resize (area interpolation: frames are only ever shrunk here)."""
-    return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+    """Square resize: area interpolation to shrink, bilinear to enlarge (28 px flow images)."""
+    enlarge = size > min(image.shape[:2])
+    return cv2.resize(image, (size, size), interpolation=cv2.INTER_LINEAR if enlarge else cv2.INTER_AREA)
 
 
 def clip_indices(onset: int, offset: int, length: int) -> np.ndarray:
@@ -100,3 +101,22 @@ def onset_apex_flow(onset: np.ndarray, apex: np.ndarray, *, algorithm: FlowAlgor
     flow = _flow(grey[0], grey[1], algorithm)
     flow = cv2.resize(flow, (out_size, out_size), interpolation=cv2.INTER_AREA) * (out_size / flow_size)
     return np.dstack([flow, optical_strain(flow)]).astype(np.float32)
+
+
+def peak_motion_frame(paths: list[Path], *, first: int, size: int = 64, max_frames: int = 48) -> int:
+    """Frame number of largest motion from the first frame (an apex estimate).
+
+    Farneback flow from ``paths[0]`` (the onset) to up to ``max_frames`` frames spread over the clip,
+    at ``size`` px; the frame with the largest mean flow magnitude wins. ``first`` is the frame
+    number of ``paths[0]``. Used to repair a missing or impossible apex (flagged ``flow_peak``).
+    """
+    def grey(path: Path) -> np.ndarray:
+        return cv2.cvtColor(resize(read_frame(path), size), cv2.COLOR_RGB2GRAY)
+
+    if len(paths) < 2:
+        return first
+    onset = grey(paths[0])
+    picks = np.unique(np.linspace(1, len(paths) - 1, min(max_frames, len(paths) - 1)).round().astype(int))
+    scores = [np.linalg.norm(cv2.calcOpticalFlowFarneback(onset, grey(paths[i]), None, 0.5, 3, 9, 3, 5, 1.1, 0),
+                             axis=-1).mean() for i in picks]
+    return first + int(picks[int(np.argmax(scores))])

@@ -81,7 +81,7 @@ class FAMNetLitModule(L.LightningModule):
         return self.net(x2d=x2d, x3d=x3d)
 
     def _step(self, batch: dict[str, Tensor], stage: str, metrics: MetricCollection) -> Tensor:
-        outputs = self(batch["x2d"], batch["x3d"])
+        outputs = self(batch["x2d"], batch.get("x3d"))
         loss, parts = self.criterion(outputs, batch["label"], batch["au"], batch["au_mask"])
         batch_size = batch["label"].shape[0]
         on_step = stage == "train"
@@ -112,7 +112,7 @@ class FAMNetLitModule(L.LightningModule):
             ``{"probs": (B, C), "au_probs": (B, A), "index": (B,)}``. AU probabilities average the
             branches that have an AU head.
         """
-        outputs = self(batch["x2d"], batch["x3d"])
+        outputs = self(batch["x2d"], batch.get("x3d"))
         au = [torch.sigmoid(outputs[k]) for k in ("au_2d", "au_3d") if k in outputs]
         au_probs = torch.stack(au).mean(0) if au else outputs["emotion"].new_zeros((len(batch["label"]), 0))
         return {"probs": torch.softmax(outputs["emotion"].float(), dim=1), "au_probs": au_probs,

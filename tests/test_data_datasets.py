@@ -1,0 +1,271 @@
+"""Every dataset and protocol: published counts from the real sheets, and LOSO on fabricated trees.
+
+The real sheets (../shared/annotations, tests marked ``shared``) must reproduce the published
+counts; the fabricated trees (data/fabricate.py: tiny frame folders in each dataset's real layout)
+must run through manifest -> cache -> LOSO for every protocol.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from famnet_pl.data import fabricate
+from famnet_pl.data.annotations import SheetError, read_samm_sheet
+from famnet_pl.data.au import au_targets
+from famnet_pl.data.manifest import ManifestError, build_manifest
+from famnet_pl.data.protocols import PROTOCOLS
+
+from tests.conftest import REPO, SHARED, tiny_args
+
+SAMM = SHARED / "samm" / "SAMM_Micro_FACS_Codes_v2.xlsx"
+CASME3 = SHARED / "casme3" / "cas(me)3_part_A_ME_label_JpgIndex_v2.xlsx"
+
+
+def _real(protocol: str, **kwargs):
+    """Manifest of ``protocol`` from the real sheets (found below ../shared/annotations)."""
+    from famnet_pl.cli import _pinned_sheets
+
+    return build_manifest(protocol=protocol, annotations=_pinned_sheets(protocol, SHARED), **kwargs)
+
+
+def _per_dataset(manifest: pd.DataFrame, classes) -> dict[str, tuple[int, ...]]:
+    counts = manifest.groupby("dataset")["label"].value_counts().unstack(fill_value=0)
+    return {d: tuple(int(counts.loc[d].get(i, 0)) for i in range(len(classes))) for d in counts.index}
+
+
+# --- published counts (real sheets) --------------------------------------------------------------
+
+@pytest.mark.shared
+@pytest.mark.parametrize("protocol, samples, subjects", [
+    ("casme2", 255, 26), ("casme2_5cls", 246, 26), ("casme2_5cls_2019", 249, 26),
+    ("samm", 159, 29), ("samm_5cls", 136, None), ("samm_3cls", 133, 28),
+    ("mmew", 234, 30), ("mmew_6cls", 234, 30), ("mmew_5cls", 226, 30),
+    ("megc2019_3cls", 442, 68), ("megc2019_flow_3cls", 442, 68), ("famnet_3cls", 512, 82),
+])
+def test_published_counts(protocol, samples, subjects):
+    manifest, _ = _real(protocol)
+    assert len(manifest) == samples and manifest["sample_id"].is_unique
+    if subjects is not None:
+        assert manifest["subject"].nunique() == subjects
+
+
+@pytest.mark.shared
+@pytest.mark.parametrize("protocol", ["megc2019_3cls", "megc2019_flow_3cls"])
+def test_megc2019_split_per_dataset(protocol):
+    manifest, _ = _real(protocol)
+    assert PROTOCOLS[protocol].classes == ("negative", "positive", "surprise")
+    assert _per_dataset(manifest, PROTOCOLS[protocol].classes) == {
+        "casme2": (88, 32, 25), "samm": (92, 26, 15), "smic": (70, 51, 43)}
+    assert manifest["subject"].str.match(r"^(casme2/sub\d\d|samm/\d{3}|smic/s\d\d)$").all()
+
+
+@pytest.mark.shared
+def test_casme3_860_mes_keyed_by_onset_with_errata_and_official_lists():
+    manifest, report = _real("casme3", official_lists=False)
+    assert report.rows_in_sheet["casme3"] == 860 and len(manifest) == 860
+    assert manifest["sample_id"].is_unique                 # (subject, video, onset), never (subject, video)
+    assert manifest["subject"].nunique() == 94
+    row = manifest.set_index("sample_id").loc["casme3/spNO.149/d/112"]
+    assert row["apex"] == 160                             # apex 83 < onset: fixed from the full sheet
+    assert "casme3/spNO.216/d/2647" in set(manifest["sample_id"])   # onset 3647 > apex: fixed
+    assert len(report.fixed) == 6
+    with_lists, report = _real("casme3")
+    assert len(with_lists) == 845                         # 15 MEs with an occluded apex dropped
+    assert sum("apex occluded" in m for m in report.dropped_by_rule) == 15
+    assert (with_lists["frame_dir"] == with_lists["subject"].str[7:] + "/" + with_lists["video"] + "/color").all()
+    assert with_lists["depth_dir"].str.endswith("/depth").all()
+
+
+@pytest.mark.shared
+@pytest.mark.parametrize("protocol, official_lists, samples", [
+    ("casme3_7cls", False, 860), ("casme3_4cls", False, 860), ("casme3_3cls", False, 699),
+    ("casme3_3cls_687", False, 687), ("casme3_3cls_687", True, 678),
+])
+def test_casme3_protocol_counts(protocol, official_lists, samples):
+    manifest, _ = _real(protocol, official_lists=official_lists)
+    assert len(manifest) == samples
+
+
+@pytest.mark.shared
+def test_mmew_4cls_needs_the_original_sheet():
+    with pytest.raises(ManifestError, match=r"class\(es\) \['others'\] have no sample"):
+        build_manifest(protocol="mmew_4cls", annotation=SHARED / "mmew" / "MMEW_Micro_Exp_delete_others.csv")
+
+
+@pytest.mark.shared
+@pytest.mark.parametrize("path", sorted((REPO / "data_manifests").glob("*.csv")), ids=lambda p: p.stem)
+def test_committed_manifests_equal_fresh_builds(path):
+    committed = pd.read_csv(path, dtype=str, keep_default_na=False)
+    fresh, report = _real(path.stem)
+    fresh = fresh.assign(sheet_sha256=report.sheet_sha256)
+    fresh = pd.read_csv(__import__("io").StringIO(fresh.to_csv(index=False)), dtype=str, keep_default_na=False)
+    pd.testing.assert_frame_equal(committed, fresh)
+
+
+@pytest.mark.shared
+def test_samm_header_row_is_detected_not_hard_coded(tmp_path):
+    """Another release has its header after one preamble row: same 159 samples."""
+    grid = pd.read_excel(SAMM, sheet_name="MICRO_ONLY", header=None, dtype=str)
+    short = pd.concat([grid.iloc[[0]], grid.iloc[13:]], ignore_index=True)
+    out = tmp_path / "samm_short.xlsx"
+    short.to_excel(out, sheet_name="MICRO_ONLY", header=False, index=False)
+    table = read_samm_sheet(out)
+    assert len(table) == 159 and table["subject"].iloc[0] == "006"
+    assert table["sheet_row"].iloc[0] == 3               # header on row 2, first sample on row 3
+
+
+@pytest.mark.shared
+@pytest.mark.parametrize("column, value, message", [
+    ("Estimated Emotion", "Angr", r"row 15, column 'Estimated Emotion': unknown emotion 'angr'"),
+    ("Onset Frame", "soon", r"row 15, column 'Onset Frame': 'soon' is not a frame number"),
+])
+def test_malformed_samm_cells_name_row_and_column(tmp_path, column, value, message):
+    grid = pd.read_excel(SAMM, sheet_name="MICRO_ONLY", header=None, dtype=str)
+    grid.iloc[14, list(grid.iloc[13]).index(column)] = value
+    out = tmp_path / "samm_bad.xlsx"
+    grid.to_excel(out, sheet_name="MICRO_ONLY", header=False, index=False)
+    with pytest.raises(SheetError, match=rf"samm_bad\.xlsx: {message}"):
+        read_samm_sheet(out)
+
+
+@pytest.mark.shared
+def test_samm_missing_column_names_the_header_row(tmp_path):
+    grid = pd.read_excel(SAMM, sheet_name="MICRO_ONLY", header=None, dtype=str)
+    grid = grid.drop(columns=list(grid.iloc[13]).index("Apex Frame"))
+    out = tmp_path / "samm_cols.xlsx"
+    grid.to_excel(out, sheet_name="MICRO_ONLY", header=False, index=False)
+    with pytest.raises(SheetError, match=r"samm_cols\.xlsx: row 14: missing column\(s\) \['Apex Frame'\]"):
+        read_samm_sheet(out)
+
+
+# --- AU masks in composites -------------------------------------------------------------------------
+
+def test_composite_masks_aus_a_dataset_never_codes():
+    vocab = (1, 2, 4, 12)
+    targets, mask = au_targets([{4}, {12}, set()], np.array([False, False, True]), vocab,
+                               coded=[(1, 2, 4, 7, 12), (2, 4, 7, 12), ()])
+    np.testing.assert_array_equal(targets, [[0, 0, 1, 0], [0, 0, 0, 1], [0, 0, 0, 0]])
+    np.testing.assert_array_equal(mask, [[1, 1, 1, 1], [0, 1, 1, 1], [0, 0, 0, 0]])
+
+
+# --- fabricated trees: every protocol runs -----------------------------------------------------------
+
+_TREE = {"megc2019_3cls": "megc2019", "famnet_3cls": "famnet", "megc2019_flow_3cls": "megc2019_flow"}
+_RUNNABLE = sorted(p for p in PROTOCOLS if p != "synth_4cls")
+
+
+def _tree_of(protocol: str) -> str:
+    return _TREE.get(protocol, PROTOCOLS[protocol].dataset)
+
+
+@pytest.fixture(scope="module")
+def trees(tmp_path_factory):
+    """One fabricated tree per dataset kind (3 subjects, every emotion once, 6 frames)."""
+    base = tmp_path_factory.mktemp("trees")
+    return {name: fabricate.fabricate(name, base / name) for name in sorted({_tree_of(p) for p in _RUNNABLE})}
+
+
+@pytest.mark.parametrize("protocol", _RUNNABLE)
+def test_every_protocol_runs_loso_on_a_fabricated_tree(protocol, trees, tmp_path):
+    from famnet_pl.loso import run_loso
+
+    root = trees[_tree_of(protocol)]
+    manifest, report = build_manifest(protocol=protocol, root=root)
+    assert report.frames_checked and len(manifest) and set(manifest["label"]) == set(range(len(PROTOCOLS[protocol].classes)))
+    args = tiny_args(root, tmp_path / "cache", **{"data.protocol": protocol, "trainer.max_epochs": 1})
+    summary = run_loso(args, exp="fab", runs_dir=str(tmp_path / "runs"), folds=["0"], wandb="off")
+    assert summary is not None and summary["n_folds"] == 1
+    if len(PROTOCOLS[protocol].parts) > 1:
+        fold = next((tmp_path / "runs" / "fab").glob("*/fold_00_*"))
+        assert pd.read_csv(fold / "predictions.csv")["dataset"].nunique() == 1   # one subject, one dataset
+
+
+def test_composite_summary_breaks_down_per_dataset(trees, tmp_path):
+    from famnet_pl.loso import run_loso
+
+    args = tiny_args(trees["megc2019"], tmp_path / "cache", **{"data.protocol": "megc2019_3cls",
+                                                                "trainer.max_epochs": 1})
+    summary = run_loso(args, exp="fab", runs_dir=str(tmp_path / "runs"), wandb="off")
+    assert summary["n_folds"] == 9                     # 3 subjects per dataset, namespaced
+    for dataset in ("casme2", "samm", "smic"):
+        assert f"loso/{dataset}/uf1" in summary and f"loso/{dataset}/uar" in summary
+
+
+def test_leave_one_dataset_out(trees, tmp_path):
+    from famnet_pl.data.datamodule import MERDataModule
+
+    dm = MERDataModule(protocol="famnet_3cls", data_root=str(trees["famnet"]), split="dataset", fold=1,
+                       cache_dir=str(tmp_path / "cache"), image_size=16, clip_len=2, clip_size=16,
+                       flow_algorithm="farneback", flow_size=32)
+    assert dm.subjects() == ["casme2", "mmew", "samm"] and dm.run_name == "famnet_3cls_lodo"
+    dm.setup()
+    assert dm.split["test"] == ["mmew"]
+    test_rows = dm.manifest.iloc[dm.test_set.indices]
+    assert (test_rows["dataset"] == "mmew").all() and len(test_rows) == (dm.manifest["dataset"] == "mmew").sum()
+
+
+def test_flow_images_have_no_3d_view_and_famnet_runs_2d(trees, tmp_path, caplog):
+    from famnet_pl.cli import build_cli
+
+    args = tiny_args(trees["megc2019_flow"], tmp_path / "cache", **{"data.protocol": "megc2019_flow_3cls",
+                                                                     "data.input_2d": "both"})
+    cli = build_cli([*args, "--model.model=famnet_r18"])
+    assert cli.model.hparams.model == "amnet2d_r18" and "runs its 2D branch alone" in caplog.text
+    cli.datamodule.setup()
+    batch = next(iter(cli.datamodule.train_dataloader()))
+    assert "x3d" not in batch and batch["x2d"].shape[1] == 6
+    with pytest.raises(ValueError, match="no frame sequences"):
+        build_cli([*args, "--model.model=amnet3d_r18"])
+
+
+def test_cropped_layout_is_found(tmp_path):
+    root = fabricate.fabricate("casme2", tmp_path / "c2", layout="cropped")
+    manifest, report = build_manifest(protocol="casme2_5cls", root=root)
+    assert report.layouts["casme2"] == "cropped"
+    assert manifest["frame_dir"].str.startswith("Cropped/").all() and (manifest["frame_pattern"] == "reg_img{k}.jpg").all()
+
+
+def test_frame_tree_that_does_not_match_the_sheet_names_row_and_file(trees, tmp_path):
+    root = tmp_path / "samm"
+    shutil.copytree(trees["samm"], root)
+    manifest, _ = build_manifest(protocol="samm_5cls", root=root)
+    first = manifest.iloc[0]
+    victim = root / first["frame_dir"] / first["frame_pattern"].format(k=int(first["apex"]))
+    victim.unlink()
+    with pytest.raises(ManifestError, match=rf"row {first['sheet_row']} \({first['sample_id']}\).*{victim.name}"):
+        build_manifest(protocol="samm_5cls", root=root)
+    kept, report = build_manifest(protocol="samm_5cls", root=root, missing_frames="drop")
+    assert len(kept) == len(manifest) - 1 and first["sample_id"] in report.dropped_ids
+
+
+def test_smic_apex_is_the_midpoint_and_flagged(trees):
+    manifest, report = build_manifest(protocol="smic_3cls", root=trees["smic"])
+    assert (manifest["apex_source"] == "midpoint").all()
+    assert (manifest["apex"] == (manifest["onset"] + manifest["offset"]) // 2).all()
+    assert manifest["flags"].str.contains("apex_not_annotated").all() and manifest["au_unknown"].all()
+    assert manifest["subject"].str.match(r"^smic/s\d\d$").all()
+
+
+def test_flow_peak_apex_repairs_from_frames(trees):
+    manifest, _ = build_manifest(protocol="smic_3cls", root=trees["smic"], apex_fix="flow_peak")
+    assert (manifest["apex_source"] == "flow_peak").all()
+    assert ((manifest["apex"] > manifest["onset"]) & (manifest["apex"] <= manifest["offset"])).all()
+
+
+def test_manifest_cli_writes_and_reports(trees, tmp_path, capsys):
+    from famnet_pl.cli import main
+
+    out = tmp_path / "m.csv"
+    assert main(["manifest", "megc2019_3cls", "--root", str(trees["megc2019"]), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "protocol megc2019_3cls" in printed and "files on disk: checked" in printed
+    assert len(pd.read_csv(out)) == 42
+    bad = json.dumps({"casme2": str(tmp_path / "nope.xlsx")})
+    assert main(["manifest", "megc2019_3cls", "--root", str(trees["megc2019"]), "--annotations", bad,
+                 "--out", str(out)]) == 2
+    assert "nope.xlsx" in capsys.readouterr().err
