@@ -86,3 +86,25 @@ def test_parse_au_property_recovers_base_aus(tokens, sep):
     cell = sep.join(f"{p}{au}{i}" for p, au, i in tokens)
     assert parse_au(cell).aus == {au for _, au, _ in tokens}
     assert format_aus(parse_au(cell).aus) == "+".join(str(a) for a in sorted({au for _, au, _ in tokens}))
+
+
+_SHEETS = {  # (file below ../shared/annotations, pandas read options, AU column)
+    "samm": ("samm/SAMM_Micro_FACS_Codes_v2.xlsx", {"header": 13}, "Action Units"),
+    "mmew": ("mmew/MMEW_Micro_Exp_delete_others.csv", {}, "Action Units"),
+    "casme3": ("casme3/cas(me)3_part_A_ME_label_JpgIndex_v2.xlsx", {}, "AU"),
+    "casme3_full": ("casme3/CAS(ME)3_part_A_v2.xls", {"sheet_name": "AU+Emotion"}, "AU"),
+    "casme3_part_c": ("casme3/CAS(ME)3_part_C_ME.xlsx", {}, "au"),
+}
+
+
+@pytest.mark.shared
+@pytest.mark.parametrize("name", sorted(_SHEETS))
+def test_every_au_cell_of_every_real_sheet_parses(name):
+    from tests.conftest import SHARED
+
+    file, options, column = _SHEETS[name]
+    path = SHARED / file
+    cells = (pd.read_csv(path, **options) if path.suffix == ".csv"
+             else pd.read_excel(path, engine="calamine", **options))[column]
+    parsed = [parse_au(c) for c in cells]
+    assert sum(bool(p.aus) for p in parsed) >= 0.95 * len(parsed)

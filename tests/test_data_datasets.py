@@ -269,3 +269,29 @@ def test_manifest_cli_writes_and_reports(trees, tmp_path, capsys):
     assert main(["manifest", "megc2019_3cls", "--root", str(trees["megc2019"]), "--annotations", bad,
                  "--out", str(out)]) == 2
     assert "nope.xlsx" in capsys.readouterr().err
+
+
+_CONFIG_TREE = {"famnet_lodo": "famnet"}
+_DATA_CONFIGS = sorted(p.stem for p in (REPO / "experiments" / "data").glob("*.yaml") if p.stem != "synth")
+
+
+@pytest.mark.parametrize("dataset", _DATA_CONFIGS)
+def test_make_loso_line_runs_every_data_config(dataset, trees, tmp_path):
+    """The exact command of ``make loso DATASET=<name> DATA_ROOT=<fabricated tree>`` (taken from
+    ``make -n``), run in-process on one fold with CPU demo sizes."""
+    import shlex
+    import subprocess
+
+    from famnet_pl.cli import main
+
+    root = trees[_CONFIG_TREE.get(dataset, dataset)]
+    small = ("--data.image_size=24 --data.clip_len=4 --data.clip_size=16 --data.flow_size=48 "
+             f"--data.flow_algorithm=farneback --data.cache_dir={tmp_path}/cache --trainer.max_epochs=1 "
+             f"--runs-dir={tmp_path}/runs")
+    dry = subprocess.run(["make", "-s", "-n", "loso", f"DATASET={dataset}", f"DATA_ROOT={root}", "WANDB=off",
+                          "FOLDS=0", f"ARGS={small}", "STAMP=/dev/null"], cwd=REPO, capture_output=True,
+                         text=True, check=True)
+    line = next(x for x in dry.stdout.replace("\\\n", " ").splitlines() if "famnet-pl loso" in x)
+    argv = shlex.split(line)
+    assert main(argv[argv.index("loso"):]) == 0
+    assert list((tmp_path / "runs").glob("*/*/fold_00_*/predictions.csv"))

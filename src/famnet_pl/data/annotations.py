@@ -74,7 +74,8 @@ def normalise_subject(dataset: str, value: object, where: str = "subject") -> st
 
 def _require_file(path: Path, what: str) -> None:
     if not path.is_file():
-        raise SheetError(f"{path}: {what} not found; pass --data.annotation FILE or check DATA_ROOT")
+        raise SheetError(f"{path}: {what} not found; check DATA_ROOT or give the file (--data.annotation FILE; "
+                         "composites: --data.annotations '{casme2: FILE, list: FILE}')")
 
 
 def _read_table(path: Path, what: str, **kwargs) -> pd.DataFrame:
