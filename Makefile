@@ -17,8 +17,8 @@ DATA_ROOT ?=
 PROTOCOL ?=
 SHEETS ?= ../shared/annotations
 # Manifests built from the official sheets in $(SHEETS) and committed in data_manifests/.
-MANIFESTS := casme2 casme2_5cls casme2_5cls_2019 casme2_3cls samm samm_5cls samm_3cls mmew mmew_6cls \
-	mmew_5cls mmew_3cls casme3 casme3_7cls casme3_4cls casme3_3cls casme3_3cls_687 megc2019_3cls \
+MANIFESTS := casme2 casme2_5cls casme2_5cls_2019 casme2_3cls samm samm_5cls samm_3cls mmew_6cls \
+	mmew_5cls mmew_3cls casme3_7cls casme3_4cls casme3_3cls casme3_3cls_687 megc2019_3cls \
 	megc2019_flow_3cls famnet_3cls
 WANDB ?= offline
 FOLDS ?=
@@ -56,7 +56,7 @@ data: $(STAMP) ## Write the synthetic dataset to data/synth (make loso does this
 	$(BIN)/famnet-pl synth data/synth
 
 manifests: $(STAMP) ## Rebuild data_manifests/*.csv from the official sheets [SHEETS=../shared/annotations]
-	set -e; for p in $(MANIFESTS); do \
+	set -eo pipefail; for p in $(MANIFESTS); do \
 		$(BIN)/famnet-pl manifest $$p --sheets-dir $(SHEETS) --out data_manifests/$$p.csv | tail -n 1; done
 
 fabricate: $(STAMP) ## Write a tiny fake tree in a dataset's real layout: make fabricate DATASET=samm DIR=/tmp/samm

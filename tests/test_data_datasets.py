@@ -92,6 +92,37 @@ def test_casme3_protocol_counts(protocol, official_lists, samples):
 
 
 @pytest.mark.shared
+@pytest.mark.parametrize("protocol, per_class, official_lists", [
+    ("casme2_5cls", {"casme2": (32, 25, 63, 27, 99)}, True),
+    ("samm_5cls", {"samm": (57, 12, 26, 15, 26)}, True),
+    ("mmew_6cls", {"mmew": (36, 89, 72, 16, 13, 8)}, True),
+    ("casme3_4cls", {"casme3": (457, 55, 187, 161)}, False),
+    ("casme3_3cls_687", {"casme3": (449, 54, 184)}, False),
+    ("famnet_3cls", {"casme2": (88, 32, 25), "samm": (92, 26, 15), "mmew": (109, 36, 89)}, True),
+])
+def test_published_per_class_counts(protocol, per_class, official_lists):
+    manifest, _ = _real(protocol, official_lists=official_lists)
+    assert _per_dataset(manifest, PROTOCOLS[protocol].classes) == per_class
+
+
+@pytest.mark.shared
+@pytest.mark.parametrize("protocol, subjects", [("casme3_3cls", 88), ("casme3_3cls_687", 87)])
+def test_casme3_3cls_subjects(protocol, subjects):
+    assert _real(protocol, official_lists=False)[0]["subject"].nunique() == subjects
+
+
+@pytest.mark.shared
+def test_a_sheet_that_is_not_the_official_release_is_reported(tmp_path):
+    copy = tmp_path / "SAMM_Micro_FACS_Codes_v2.xlsx"
+    grid = pd.read_excel(SAMM, sheet_name="MICRO_ONLY", header=None, dtype=str)
+    grid.to_excel(copy, sheet_name="MICRO_ONLY", header=False, index=False)
+    _, report = build_manifest(protocol="samm_5cls", annotation=copy)
+    assert "DIFFERS from the official release" in report.sheets["samm"]
+    _, report = build_manifest(protocol="samm_5cls", annotation=SAMM)
+    assert "official release" in report.sheets["samm"] and "DIFFERS" not in report.sheets["samm"]
+
+
+@pytest.mark.shared
 def test_mmew_4cls_needs_the_original_sheet():
     with pytest.raises(ManifestError, match=r"class\(es\) \['others'\] have no sample"):
         build_manifest(protocol="mmew_4cls", annotation=SHARED / "mmew" / "MMEW_Micro_Exp_delete_others.csv")
@@ -147,10 +178,23 @@ def test_samm_missing_column_names_the_header_row(tmp_path):
 
 def test_composite_masks_aus_a_dataset_never_codes():
     vocab = (1, 2, 4, 12)
-    targets, mask = au_targets([{4}, {12}, set()], np.array([False, False, True]), vocab,
-                               coded=[(1, 2, 4, 7, 12), (2, 4, 7, 12), ()])
+    targets, mask = au_targets([{4}, {12}, set()], np.array([False, False, False]), vocab,
+                               coded=[None, (2, 4, 7, 12), ()])
     np.testing.assert_array_equal(targets, [[0, 0, 1, 0], [0, 0, 0, 1], [0, 0, 0, 0]])
     np.testing.assert_array_equal(mask, [[1, 1, 1, 1], [0, 1, 1, 1], [0, 0, 0, 0]])
+
+
+def test_megc_composite_masks_smic_aus_only(trees, tmp_path):
+    from famnet_pl.data.datamodule import MERDataModule
+
+    dm = MERDataModule(protocol="megc2019_3cls", data_root=str(trees["megc2019"]), cache_dir=str(tmp_path),
+                       image_size=16, clip_len=2, clip_size=16, flow_algorithm="farneback", flow_size=32)
+    dm.setup()
+    datasets = dm.manifest["dataset"].to_numpy()
+    mask = dm.train_set.au_mask
+    assert dm.au_vocab == (1, 2, 4, 5, 6, 7, 9, 10, 12, 14, 15, 17)
+    assert (mask[datasets == "smic"] == 0).all() and (mask[datasets != "smic"] == 1).all()
+    assert dm.train_set.au[datasets == "casme2"].sum() > 0
 
 
 # --- fabricated trees: every protocol runs -----------------------------------------------------------
@@ -251,10 +295,81 @@ def test_smic_apex_is_the_midpoint_and_flagged(trees):
     assert manifest["subject"].str.match(r"^smic/s\d\d$").all()
 
 
-def test_flow_peak_apex_repairs_from_frames(trees):
+def test_flow_peak_apex_finds_the_known_apex(trees):
+    """The fabricated blob moves from onset to onset + n//2 and back: the motion peak is there."""
     manifest, _ = build_manifest(protocol="smic_3cls", root=trees["smic"], apex_fix="flow_peak")
     assert (manifest["apex_source"] == "flow_peak").all()
-    assert ((manifest["apex"] > manifest["onset"]) & (manifest["apex"] <= manifest["offset"])).all()
+    known = manifest["onset"] + (manifest["offset"] - manifest["onset"] + 1) // 2
+    assert ((manifest["apex"] - known).abs() <= 1).mean() >= 0.8
+    midpoint = (manifest["onset"] + manifest["offset"]) // 2
+    assert (manifest["apex"] != midpoint).any() or (known == midpoint).all()
+
+
+def test_flow_peak_respects_missing_frames_drop(trees, tmp_path):
+    root = tmp_path / "smic"
+    shutil.copytree(trees["smic"], root)
+    first = build_manifest(protocol="smic_3cls", root=root)[0].iloc[0]
+    (root / first["frame_dir"] / first["frame_pattern"].format(k=int(first["onset"]) + 1)).unlink()
+    kept, report = build_manifest(protocol="smic_3cls", root=root, apex_fix="flow_peak", missing_frames="drop")
+    assert first["sample_id"] in report.dropped_ids and len(kept) == 8
+
+
+def test_flow_images_are_read_in_opencv_channel_order(trees, tmp_path):
+    """cv2.imwrite of (u, v, strain) -> channel 0 is u, centred (value / 255 - 0.5)."""
+    import cv2
+
+    from famnet_pl.data.cache import ViewConfig, load_or_build
+
+    root = trees["megc2019_flow"]
+    manifest, _ = build_manifest(protocol="megc2019_flow_3cls", root=root)
+    arrays = load_or_build(manifest, root, ViewConfig(image_size=28, need_clip=False), tmp_path)
+    stored = cv2.imread(str(root / manifest.iloc[0]["flow_image"]), cv2.IMREAD_COLOR)
+    np.testing.assert_allclose(arrays["flow"][0], stored / 255.0 - 0.5, atol=1e-6)
+    assert "clip" not in arrays
+
+
+def test_official_list_label_disagreement_is_flagged(trees, tmp_path):
+    root = tmp_path / "megc"
+    shutil.copytree(trees["megc2019"], root)
+    lines = (root / "combined_3class_gt.csv").read_text().splitlines()
+    dataset, subject, video, label = lines[0].split(",")
+    lines[0] = ",".join([dataset, subject, video, str((int(label) + 1) % 3)])
+    (root / "combined_3class_gt.csv").write_text("\r\n".join(lines) + "\r\n")
+    manifest, report = build_manifest(protocol="megc2019_3cls", root=root)
+    assert sum("the official list says" in m for m in report.flagged) == 1
+    row = manifest.set_index("sample_id").loc[f"casme2/{subject}/{video}"]
+    assert row["label"] == (int(label) + 1) % 3                # the list wins, visibly
+
+
+def test_composite_narrowed_to_one_dataset_keeps_its_folder(trees, tmp_path):
+    from famnet_pl.data.datamodule import MERDataModule
+
+    dm = MERDataModule(protocol="famnet_3cls", data_root=str(trees["famnet"]), datasets=["samm"])
+    assert dm.subjects() == ["samm/006", "samm/007", "samm/008"] and dm.run_name == "famnet_3cls"
+    assert dm.manifest["frame_dir"].str.startswith("samm/").all()
+
+
+def test_manifest_memo_sees_an_edited_list(trees, tmp_path):
+    from famnet_pl.data.datamodule import MERDataModule
+
+    root = tmp_path / "megc"
+    shutil.copytree(trees["megc2019"], root)
+    before = MERDataModule(protocol="megc2019_3cls", data_root=str(root)).load_manifest()
+    listed = root / "combined_3class_gt.csv"
+    lines = listed.read_text().splitlines()
+    listed.write_text("\r\n".join(lines[1:]) + "\r\n")
+    after = MERDataModule(protocol="megc2019_3cls", data_root=str(root)).load_manifest()
+    assert len(after) == len(before) - 1
+
+
+def test_casme3_video_letters_are_case_blind(trees, tmp_path):
+    root = tmp_path / "c3"
+    shutil.copytree(trees["casme3"], root)
+    (root / "spNO.1" / "a").rename(root / "spNO.1" / "A")      # the folder spelled as on some disks
+    manifest, _ = build_manifest(protocol="casme3_7cls", root=root)
+    rows = manifest[manifest["subject"] == "casme3/spNO.1"]
+    assert rows["sample_id"].str.match(r"casme3/spNO\.1/[a-z]/\d+$").all()
+    assert rows["frame_dir"].str.startswith("spNO.1/A/").any()
 
 
 def test_manifest_cli_writes_and_reports(trees, tmp_path, capsys):
@@ -265,6 +380,8 @@ def test_manifest_cli_writes_and_reports(trees, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "protocol megc2019_3cls" in printed and "files on disk: checked" in printed
     assert len(pd.read_csv(out)) == 42
+    assert main(["manifest", "no_such_protocol", "--out", str(out)]) == 2
+    assert "unknown protocol 'no_such_protocol'" in capsys.readouterr().err
     bad = json.dumps({"casme2": str(tmp_path / "nope.xlsx")})
     assert main(["manifest", "megc2019_3cls", "--root", str(trees["megc2019"]), "--annotations", bad,
                  "--out", str(out)]) == 2

@@ -27,7 +27,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
 from famnet_pl.data.datamodule import MERDataModule  # noqa: E402
-from famnet_pl.data.protocols import PROTOCOLS, get_protocol  # noqa: E402
+from famnet_pl.data.protocols import ALIASES, PROTOCOLS, get_protocol  # noqa: E402
 from famnet_pl.models.module import FAMNetLitModule  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -136,7 +136,7 @@ def _manifest(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="famnet-pl manifest",
                                      description="build, validate and write a protocol's manifest, and print "
                                                  "the validation report")
-    parser.add_argument("protocol", help=f"a dataset (all its samples) or a protocol: {', '.join(sorted(PROTOCOLS))}")
+    parser.add_argument("protocol", help=f"a dataset (all its samples) or a protocol: {', '.join(sorted([*PROTOCOLS, *ALIASES]))}")
     parser.add_argument("--annotation", default=None, help="sheet (default: the pinned sheet in --root)")
     parser.add_argument("--annotations", default=None, type=json.loads,
                         help='composites: JSON {"casme2": FILE, "samm": FILE, "list": FILE}')
@@ -164,15 +164,19 @@ def _manifest(argv: list[str]) -> int:
 
 def _pinned_sheets(protocol: str, folder: Path) -> dict[str, str]:
     """{dataset or "list": path} of a protocol's pinned files found under ``folder``."""
+    from famnet_pl.data.manifest import ManifestError
+
     proto = get_protocol(protocol)
     wanted = {p.dataset: p.sheet for p in proto.parts if p.sheet}
     if proto.sample_list is not None:
         wanted["list"] = proto.sample_list.file
     found = {}
     for key, name in wanted.items():
-        hits = sorted(folder.rglob(name))
-        if not hits:
-            raise FileNotFoundError(f"{folder}: no {name} (pinned {key} sheet of {protocol}) below it")
+        hits = sorted(folder.rglob(name)) if folder.is_dir() else []
+        if len(hits) != 1:
+            raise ManifestError(f"{folder}: {'no' if not hits else len(hits)} files named {name} (the pinned "
+                                f"{key} sheet of {protocol}) below it; point --sheets-dir at a folder with "
+                                f"exactly one{'' if not hits else ': ' + ', '.join(map(str, hits[:3]))}")
         found[key] = str(hits[0])
     return found
 
@@ -202,12 +206,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from famnet_pl.data.annotations import SheetError
     from famnet_pl.data.au import AUParseError
+    from famnet_pl.data.protocols import ProtocolError
     from famnet_pl.data.frames import FrameError
     from famnet_pl.data.manifest import ManifestError
 
     try:
         return COMMANDS[argv[0]](argv[1:])
-    except (SheetError, ManifestError, FrameError, AUParseError) as exc:
+    except (SheetError, ManifestError, FrameError, AUParseError, ProtocolError) as exc:
         # Bad input: one line naming the file/row and the fix, not a framework traceback.
         print(f"famnet-pl {argv[0]}: error: {exc}", file=sys.stderr)
         return 2

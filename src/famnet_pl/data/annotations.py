@@ -85,7 +85,8 @@ def _read_table(path: Path, what: str, **kwargs) -> pd.DataFrame:
             return pd.read_csv(path, **kwargs)
         return pd.read_excel(path, engine="calamine", **kwargs)  # .xlsx and legacy .xls alike
     except Exception as exc:  # the engines raise many types for a file of the wrong kind
-        raise SheetError(f"{path}: cannot read the {what} ({type(exc).__name__}: {exc}); "
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise SheetError(f"{path}: cannot read the {what} ({type(exc).__name__}: {first}); "
                          "give the official file") from exc
 
 
@@ -150,15 +151,14 @@ def check_emotions(emotions: pd.Series, rows: pd.Series, vocabulary: tuple[str, 
 
 
 def _normalise(raw: pd.DataFrame, path: Path, dataset: str, *, columns: dict[str, str],
-               apex_text: frozenset[str] = frozenset(), vocabulary: str | None = None) -> pd.DataFrame:
+               apex_text: frozenset[str] = frozenset()) -> pd.DataFrame:
     """Sheet rows (with ``sheet_row``) -> :data:`SHEET_COLUMNS`. ``columns`` maps our names
     (subject, video, onset, apex, offset, au, emotion) to the sheet's; emotions are checked against
-    ``EMOTIONS[vocabulary or dataset]``."""
+    ``EMOTIONS[dataset]``."""
     c = columns
     _require_filled(raw, [c["subject"], c["video"], c["emotion"]], path)
     emotions = raw[c["emotion"]].astype(str).str.strip().str.lower()
-    if (vocabulary or dataset) in EMOTIONS:
-        check_emotions(emotions, raw["sheet_row"], EMOTIONS[vocabulary or dataset], path, c["emotion"])
+    check_emotions(emotions, raw["sheet_row"], EMOTIONS[dataset], path, c["emotion"])
     subjects = [normalise_subject(dataset, cell, f"{path}: row {row}, column {c['subject']!r}")
                 for row, cell in zip(raw["sheet_row"], raw[c["subject"]])]
     table = pd.DataFrame({
@@ -173,6 +173,29 @@ def _normalise(raw: pd.DataFrame, path: Path, dataset: str, *, columns: dict[str
     })
     table.attrs["au_column"] = c.get("au", "AU")  # for messages about AU cells downstream
     return table
+
+
+def _megc_labels(raw: pd.DataFrame, column: str, path: Path) -> list[str]:
+    """Class names of a 0/1/2 label column (negative, positive, surprise)."""
+    labels = []
+    for row, cell in zip(raw["sheet_row"], raw[column]):
+        text = str(cell).strip().removesuffix(".0")
+        if text not in ("0", "1", "2"):
+            raise SheetError(f"{path}: row {row}, column {column!r}: {cell!r} is not 0, 1 or 2 "
+                             "(negative, positive, surprise)")
+        labels.append(MEGC_LABELS[int(text)])
+    return labels
+
+
+def _check_datasets(raw: pd.DataFrame, column: str, path: Path) -> pd.Series:
+    """A list's source-dataset column, lower case, each one of casme2/samm/smic."""
+    dataset = raw[column].astype(str).str.strip().str.lower()
+    bad = ~dataset.isin(["casme2", "samm", "smic"])
+    if bad.any():
+        i = bad.idxmax()
+        raise SheetError(f"{path}: row {raw.loc[i, 'sheet_row']}, column {column!r}: {raw.loc[i, column]!r} "
+                         "is not casme2, samm or smic")
+    return dataset
 
 
 def _with_rows(raw: pd.DataFrame, header_row: int) -> pd.DataFrame:
@@ -210,24 +233,18 @@ def read_samm_sheet(path: str | Path) -> pd.DataFrame:
     13 preamble rows, another release has one. Subject ``6`` / ``006`` becomes ``006``.
     """
     path = Path(path)
-    _require_file(path, "SAMM FACS-codes sheet")
-    try:
-        names = pd.ExcelFile(path, engine="calamine").sheet_names
-    except Exception as exc:
-        raise SheetError(f"{path}: cannot read as a spreadsheet ({exc}); give the official SAMM sheet") from exc
-    sheet = "MICRO_ONLY" if "MICRO_ONLY" in names else names[0]
-    grid = _read_table(path, "SAMM FACS-codes sheet", sheet_name=sheet, header=None, dtype=str)
+    grids = _read_table(path, "SAMM FACS-codes sheet", sheet_name=None, header=None, dtype=str)
+    sheet = "MICRO_ONLY" if "MICRO_ONLY" in grids else next(iter(grids))
+    grid = grids[sheet]
     header = next((i for i, row in grid.iterrows()
                    if {"Subject", "Filename"} <= {str(v).strip() for v in row.values}), None)
     if header is None:
         raise SheetError(f"{path}: sheet {sheet!r} has no header row with 'Subject' and 'Filename'; "
                          "give the official SAMM_Micro_FACS_Codes sheet")
-    raw = grid.iloc[header + 1:].copy()
+    raw = grid.iloc[header + 1:].reset_index(drop=True)
     raw.columns = [str(v).strip() for v in grid.iloc[header].values]
     _require_columns(raw, _SAMM_COLUMNS.values(), path, header_row=header + 1)
-    raw = raw.dropna(how="all").copy()
-    raw["sheet_row"] = raw.index + 1  # grid index 0 is spreadsheet row 1
-    return _normalise(raw, path, "samm", columns=_SAMM_COLUMNS)
+    return _normalise(_with_rows(raw, header + 1), path, "samm", columns=_SAMM_COLUMNS)
 
 
 def read_mmew_sheet(path: str | Path) -> pd.DataFrame:
@@ -247,12 +264,15 @@ def read_casme3_sheet(path: str | Path) -> pd.DataFrame:
     """Read CAS(ME)^3 Part A's micro-expression label sheet (JpgIndex v2, worksheet ``label``).
 
     Several MEs share a video, so samples are keyed by (subject, video, onset) downstream. Frame
-    numbers are the jpg numbers. ``Others`` and ``others`` are one class (lower case).
+    numbers are the jpg numbers. ``Others`` and ``others`` are one class, ``J`` and ``j`` one video
+    (lower case; the frame folder is matched case-insensitively).
     """
     path = Path(path)
     raw = _read_table(path, "CAS(ME)^3 ME label sheet", sheet_name=0, dtype={"Subject": str, "Filename": str})
     _require_columns(raw, _CASME3_COLUMNS.values(), path, header_row=1)
-    return _normalise(_with_rows(raw, 1), path, "casme3", columns=_CASME3_COLUMNS)
+    table = _normalise(_with_rows(raw, 1), path, "casme3", columns=_CASME3_COLUMNS)
+    table["video"] = table["video"].str.lower()  # one video is "J" in the sheet; folders are found case-blind
+    return table
 
 
 def scan_smic(root: str | Path) -> pd.DataFrame:
@@ -267,7 +287,7 @@ def scan_smic(root: str | Path) -> pd.DataFrame:
     if not base.is_dir():
         raise SheetError(f"{base}: SMIC-HS frame tree not found; DATA_ROOT must hold HS/s1/micro/<class>/<clip>/")
     rows = []
-    for clip in sorted(base.glob("s*/micro/*/*")):
+    for clip in sorted(p for p in base.glob("s*/micro/*/*") if p.is_dir()):
         numbers = sorted(int(m.group(1)) for name in (p.name for p in clip.iterdir())
                          if (m := re.fullmatch(r"image(\d+)\.bmp", name, flags=re.IGNORECASE)))
         if not numbers:
@@ -299,21 +319,21 @@ def read_megc_list(path: str | Path) -> pd.DataFrame:
     raw = raw.iloc[:, :4]
     raw.columns = ["dataset", "subject", "video", "label"]
     raw["sheet_row"] = raw.index + (2 if has_header else 1)
-    out = []
-    for r in raw.itertuples(index=False):
-        where = f"{path}: row {r.sheet_row}"
-        dataset = str(r.dataset).strip().lower()
-        if dataset not in ("casme2", "samm", "smic"):
-            raise SheetError(f"{where}, column 'dataset': {r.dataset!r} is not casme2, samm or smic")
-        if str(r.label).strip() not in ("0", "1", "2"):
-            raise SheetError(f"{where}, column 'label': {r.label!r} is not 0, 1 or 2")
-        video = _smic_video(r.video) if dataset == "smic" else str(r.video).strip()
-        subject = normalise_subject(dataset, r.subject, f"{where}, column 'subject'")
-        out.append({"dataset": dataset, "subject": subject, "video": video, "onset": np.nan,
-                    "emotion": MEGC_LABELS[int(r.label)], "sheet_row": r.sheet_row,
-                    # SMIC's folders say s1 where the list says s01 (the layout needs the former).
-                    "disk_subject": f"s{int(subject[1:])}" if dataset == "smic" else subject})
-    return pd.DataFrame(out)
+    _require_filled(raw, ["dataset", "subject", "video", "label"], path)
+    out = pd.DataFrame({"dataset": _check_datasets(raw, "dataset", path), "video": raw["video"].str.strip(),
+                        "onset": np.nan, "emotion": _megc_labels(raw, "label", path),
+                        "sheet_row": raw["sheet_row"]})
+    out["subject"] = [normalise_subject(d, s, f"{path}: row {row}, column 'subject'")
+                      for d, s, row in zip(out["dataset"], raw["subject"], raw["sheet_row"])]
+    smic = out["dataset"] == "smic"
+    out.loc[smic, "video"] = out.loc[smic, "video"].map(_smic_video)
+    # SMIC's folders say s1 where the list says s01 (the layout needs the former).
+    out["disk_subject"] = [f"s{int(s[1:])}" if d == "smic" else s for d, s in zip(out["dataset"], out["subject"])]
+    duplicated = out.duplicated(["dataset", "subject", "video"])
+    if duplicated.any():
+        raise SheetError(f"{path}: row {out.loc[duplicated.idxmax(), 'sheet_row']}: sample listed twice; "
+                         "remove the duplicate row")
+    return out
 
 
 def read_casme3_edited_list(path: str | Path) -> pd.DataFrame:
@@ -321,10 +341,17 @@ def read_casme3_edited_list(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     raw = _read_table(path, "CAS(ME)^3 edited list", dtype={"Subject": str, "Filename": str})
     _require_columns(raw, ["Subject", "Filename", "Onset", "label_for_3"], path, header_row=1)
-    return pd.DataFrame({"dataset": "casme3", "subject": raw["Subject"].str.strip(),
-                         "video": raw["Filename"].str.strip(), "onset": raw["Onset"].astype(float),
-                         "emotion": [MEGC_LABELS[int(v)] for v in raw["label_for_3"]],
-                         "sheet_row": raw.index + 2})
+    raw = _with_rows(raw, 1)
+    _require_filled(raw, ["Subject", "Filename"], path)
+    out = pd.DataFrame({"dataset": "casme3", "subject": raw["Subject"].str.strip(),
+                        "video": raw["Filename"].str.strip().str.lower(),
+                        "onset": _frame_column(raw, "Onset", path),
+                        "emotion": _megc_labels(raw, "label_for_3", path), "sheet_row": raw["sheet_row"]})
+    duplicated = out.duplicated(["subject", "video", "onset"])
+    if duplicated.any():
+        raise SheetError(f"{path}: row {out.loc[duplicated.idxmax(), 'sheet_row']}: ME listed twice; "
+                         "remove the duplicate row")
+    return out
 
 
 def read_megc_flow_csv(path: str | Path) -> pd.DataFrame:
@@ -340,19 +367,17 @@ def read_megc_flow_csv(path: str | Path) -> pd.DataFrame:
     _require_columns(raw, ["dataset", "sub", "filename_o", "label", "imagename"], path, header_row=1)
     raw = _with_rows(raw, 1)
     _require_filled(raw, ["dataset", "sub", "filename_o", "label", "imagename"], path)
-    bad = ~raw["label"].str.strip().isin(["0", "1", "2"])
-    if bad.any():
-        r = raw[bad].iloc[0]
-        raise SheetError(f"{path}: row {r.sheet_row}, column 'label': {r.label!r} is not 0, 1 or 2")
-    dataset = raw["dataset"].str.strip().str.lower()
+    dataset = _check_datasets(raw, "dataset", path)
+    video = raw["filename_o"].str.strip()
     return pd.DataFrame({
         "subject": [normalise_subject(d, s, f"{path}: row {row}, column 'sub'")
                     for d, s, row in zip(dataset, raw["sub"], raw["sheet_row"])],
-        "video": raw["filename_o"].str.strip(),
+        # SMIC clips named as on disk (s1_ne_01), so sample ids match the frame-based MEGC protocol.
+        "video": [_smic_video(v) if d == "smic" else v for d, v in zip(dataset, video)],
         "onset": np.nan, "apex": np.nan, "offset": np.nan, "au_raw": "",
-        "emotion": [MEGC_LABELS[int(v)] for v in raw["label"]],
+        "emotion": _megc_labels(raw, "label", path),
         "sheet_row": raw["sheet_row"].astype(int),
         "dataset": dataset,
-        "flow_name": raw["sub"].str.strip() + "_" + raw["filename_o"].str.strip() + " .png",
+        "flow_name": raw["sub"].str.strip() + "_" + video + " .png",
         "imagename": raw["imagename"].str.strip(),
     }).reset_index(drop=True)

@@ -11,8 +11,11 @@ Data flow::
 
 Frame paths come from the manifest (``frame_dir`` + ``frame_pattern``, relative to the data root).
 Precomputed-flow layouts (``flow_image``/``apex_image`` set, MEGC2019's STSTNet images) have no
-frames: ``apex`` is the apex crop, ``flow`` the stored image scaled to [0, 1] (its R, G, B planes are
-u, v and strain; OpenCV reads BGR, ``read_frame`` returns RGB, so channel 0 is u), and no clip.
+frames: ``apex`` is the apex crop, ``flow`` the stored image and no clip. The flow images were
+written by ``cv2.imwrite`` from a (u, v, strain) array (STSTNet/HTNet code), so OpenCV's own channel
+order gives channel 0 = u, 1 = v, 2 = strain (the file's B, G, R planes). Each channel was min-max
+normalised to 0..255 per image; it is stored centred, ``value / 255 - 0.5``, so that negating u (the
+horizontal flip augmentation) gives exactly the min-max normalisation of the mirrored flow.
 
 The key hashes everything that changes the arrays: manifest content, dataset root, the frame
 folders' modification times, sizes, clip length, flow algorithm and :data:`CACHE_VERSION` (bump it
@@ -84,7 +87,8 @@ def _build(manifest: pd.DataFrame, root: Path, views: ViewConfig, out: Path) -> 
         if r.flow_image:  # precomputed flow image + apex crop: nothing to compute
             apex[i] = resize(read_frame(root / r.apex_image), s)
             if flow is not None:
-                flow[i] = resize(read_frame(root / r.flow_image), s).astype(np.float32) / 255.0
+                bgr_order = read_frame(root / r.flow_image)[..., ::-1]  # OpenCV order: u, v, strain
+                flow[i] = resize(np.ascontiguousarray(bgr_order), s).astype(np.float32) / 255.0 - 0.5
             continue
         frame_dir = root / r.frame_dir
         onset = read_frame(frame_dir / r.frame_pattern.format(k=r.onset))

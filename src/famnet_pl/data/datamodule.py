@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+from pathlib import Path
 from typing import Literal
 
 import lightning as L
@@ -220,7 +221,7 @@ class MERDataModule(L.LightningDataModule):
     def run_name(self) -> str:
         """Folder of this protocol's runs: the dataset, or the protocol for composites (``_lodo``
         appended for leave-one-dataset-out)."""
-        name = self.protocol.dataset if len(self.protocol.parts) == 1 else self.protocol.name
+        name = self.protocol.name if self.protocol.composite else self.protocol.dataset
         return f"{name}_lodo" if self.hparams.split == "dataset" else name
 
     def load_manifest(self) -> pd.DataFrame:
@@ -261,9 +262,8 @@ class MERDataModule(L.LightningDataModule):
                            need_flow=hp.input_2d != "apex", register=hp.register,
                            need_clip=self.protocol.has_clips)
         arrays = load_or_build(manifest, hp.data_root, views, hp.cache_dir)
-        # Composites: an AU outside a sample's own dataset vocabulary is "not coded", not "absent".
-        coded = ([get_dataset(d).au_vocab for d in manifest["dataset"]] if len(self.protocol.parts) > 1
-                 else None)
+        # Composites: an AU a sample's dataset never codes is masked, not read as "absent".
+        coded = [get_dataset(d).au_coded for d in manifest["dataset"]] if self.protocol.composite else None
         au, au_mask = au_targets([parse_au_set(a) for a in manifest["au_set"]],
                                  manifest["au_unknown"].to_numpy(dtype=bool), self.au_vocab, coded)
         labels = manifest["label"].to_numpy()
@@ -331,14 +331,21 @@ def _manifest(protocol: str, root: str, options_json: str) -> pd.DataFrame:
 
 
 def _sheet_stamps(protocol, root, annotation, annotations, roots) -> list:
-    stamps = []
+    """Modification times of every annotation file the manifest may read: each part's sheet folder
+    (sheet, official exclusion lists), the data root (official sample list) and given files."""
+    folders, files = {Path(root)}, [Path(p) for p in (annotations or {}).values()]
     for part in protocol.parts:
+        base = part_root(protocol, part.dataset, root, roots)
         try:
-            sheet = part_sheet(protocol, part, part_root(protocol, part.dataset, root, roots), annotation, annotations)
+            sheet = part_sheet(protocol, part, base, annotation, annotations)
         except ManifestError:
             sheet = None
-        stamps.append(sheet.stat().st_mtime_ns if sheet is not None and sheet.is_file() else None)
-    return stamps
+        if sheet is not None:
+            folders.add(sheet.parent)
+        elif base is not None:
+            files.append(base / "HS")  # SMIC: the frame tree is the annotation
+    files += [p for folder in folders if folder.is_dir() for p in folder.iterdir() if p.is_file()]
+    return sorted((str(p), p.stat().st_mtime_ns) for p in set(files) if p.exists())
 
 
 def _channel_stats(dataset: MERDataset, idx: np.ndarray) -> dict[str, np.ndarray]:

@@ -35,8 +35,8 @@ Format choices where the real data leaves room (see also ``shared/notes/datasets
 * ``MMEW_Micro_Exp.xlsx`` (not public) is a guess: worksheet ``Sheet1``, the CSV's first 8 columns,
   bare-number AUs stored as numbers; ``others`` has emotion code 04 in ``S01-04-001`` (the gap
   between the real codes 01-03 and 05-07).
-* Flow PNG channels: R = u, G = v, B = optical strain, each min-max normalised to 0-255; OpenCV
-  reads them back as (strain, v, u).
+* Flow PNGs are written as STSTNet/HTNet write them: ``cv2.imwrite`` of a (u, v, strain) array, each
+  channel min-max normalised to 0-255, so ``cv2.imread`` returns (u, v, strain) (the file's B, G, R).
 """
 
 from __future__ import annotations
@@ -466,8 +466,8 @@ def _megc2019_flow(root: Path, spec: _Spec) -> list[_Sample]:
         for x in _plan(spec, MEGC_CLASSES, video[name]):
             _, sub, filename = _megc_ids(name, x)
             imagename = f"{sub}_{x.video}.jpg"  # disk video name: s01_s1_ne_01.jpg, 006_006_1_2.jpg
-            # PNG stores BGR: reverse so that R = u, G = v, B = strain for an RGB reader.
-            _imwrite(root / FLOW_DIR / f"{sub}_{filename} .png", _flow_image(spec, x, key)[..., ::-1])
+            # As the STSTNet/HTNet code does: imwrite of (u, v, strain), so imread returns that order.
+            _imwrite(root / FLOW_DIR / f"{sub}_{filename} .png", _flow_image(spec, x, key))
             _imwrite(root / APEX_DIR / imagename, _clip(spec, name, x)[x.apex - x.onset])
             rows.append([name, sub, filename, MEGC_CLASSES.index(x.emotion), None, imagename, None])
             samples.append(x)

@@ -19,6 +19,10 @@ apex_outside_clip   apex not in [onset, offset] (SAMM 028_4_1)   (apex re-estima
 apex_not_annotated  the dataset has no apex (SMIC)               midpoint | flow_peak, flagged
 onset_eq_apex       no onset->apex motion (CAS(ME)^3: 55 MEs)    ``onset_eq_apex``: keep (flagged) |
                                                                  fix (as apex_fix) | drop
+apex_eq_offset      apex on the last frame                       flagged
+apex_next_to_onset  apex one frame after onset                   flagged (suspicious)
+long_clip           longer than 2 s at the dataset's fps         flagged (clips are sampled, not read
+                                                                 whole)
 unknown emotion     a word the dataset never uses (a typo)       error naming the cell (reader)
 protocol emotion    an emotion outside the protocol's classes    dropped, counted per emotion
 known errata        wrong cells (errata.KNOWN_FIXES)             fixed by key, listed
@@ -26,6 +30,7 @@ official lists      damaged frames / occluded apex (CAS(ME)^3)   dropped, listed
                                                                  flagged
 missing frames      files of onset..offset absent on disk        ``missing_frames``: error | drop
 duplicate sample    one key twice                                error naming the row
+sheet release       SHA-256 differs from the official sheet      warning, and said in the report
 ==================  ===========================================  ===================================
 """
 
@@ -91,7 +96,14 @@ class ManifestReport:
     def _sheet(self, dataset: str, path: Path) -> None:
         digest = sha256_file(path)
         self.sheet_hashes[dataset] = digest
-        self.sheets[dataset] = f"{path} (sha256 {digest[:12]})"
+        official = errata.OFFICIAL_SHA256.get(path.name)
+        status = ("official release" if digest == official else
+                  "DIFFERS from the official release the protocol was checked against" if official else
+                  "not a known release")
+        self.sheets[dataset] = f"{path} (sha256 {digest[:12]}, {status})"
+        if official and digest != official:
+            log.warning("%s: sha256 %s differs from the official %s; counts may differ from the published ones",
+                        path, digest[:12], path.name)
 
     def format(self) -> str:
         """Human-readable multi-line report."""
@@ -138,7 +150,7 @@ def part_root(proto: Protocol, dataset: str, root: str | Path | None,
         return Path(roots[dataset])
     if root is None:
         return None
-    return Path(root) if len(proto.parts) == 1 else Path(root) / dataset
+    return Path(root) / dataset if proto.composite else Path(root)
 
 
 def part_sheet(proto: Protocol, part: Part, root: Path | None, annotation: str | Path | None,
@@ -147,7 +159,7 @@ def part_sheet(proto: Protocol, part: Part, root: Path | None, annotation: str |
     in the part's root. ``None`` for a dataset without a sheet (SMIC: the frame tree is read)."""
     if annotations and part.dataset in annotations:
         return Path(annotations[part.dataset])
-    if annotation and len(proto.parts) == 1:
+    if annotation and not proto.composite:
         return Path(annotation)
     if part.sheet is None:
         return None
@@ -155,13 +167,6 @@ def part_sheet(proto: Protocol, part: Part, root: Path | None, annotation: str |
         raise ManifestError(f"protocol {proto.name}: no sheet for {part.dataset}; give --data.annotation "
                             f"(or --data.annotations '{{{part.dataset}: FILE}}') or --data.data_root")
     return root / part.sheet
-
-
-def resolve_sheet(protocol: str, root: str | Path | None, annotation: str | Path | None) -> Path:
-    """The sheet of a single-dataset protocol (kept for callers that need one path)."""
-    proto = get_protocol(protocol)
-    sheet = part_sheet(proto, proto.parts[0], part_root(proto, proto.parts[0].dataset, root), annotation)
-    return sheet if sheet is not None else Path(root or ".")
 
 
 def _resolve_case(root: Path, relative: str) -> str:
@@ -202,7 +207,8 @@ def _frame_pattern(template: str, fields: dict) -> str:
 
 
 def _choose_layout(spec: DatasetSpec, layout: str, rows: list[dict], root: Path | None) -> Layout:
-    if layout != "auto":
+    # A named layout applies to the datasets that have it (in a composite, the others detect theirs).
+    if layout != "auto" and any(candidate.name == layout for candidate in spec.layouts):
         return spec.layout(layout)
     if root is None or not rows:
         return spec.layouts[0]
@@ -308,6 +314,8 @@ def build_manifest(
     proto = get_protocol(protocol) if isinstance(protocol, str) else protocol
     if apex_fix == "flow_peak" and root is None and not roots:
         raise ManifestError("apex_fix='flow_peak' reads frames: give the data root")
+    if layout != "auto" and not any(layout in [x.name for x in get_dataset(d).layouts] for d in proto.datasets):
+        raise ManifestError(f"layout {layout!r} is not a layout of {list(proto.datasets)}; see protocols.py")
     report = ManifestReport(protocol=proto.name, frames_checked=root is not None or bool(roots))
     listed = None
     if proto.sample_list is not None:
@@ -318,13 +326,14 @@ def build_manifest(
             raise ManifestError(f"protocol {proto.name}: give its official list ({proto.sample_list.file}) "
                                 "with --data.annotations '{list: FILE}' or put it in the data root")
         listed = proto.sample_list.read(path)
+        listed.attrs["path"] = str(path)
         report._sheet("list", path)
     dropped_ids = {**proto.drop, **{s: "dropped by config (drop)" for s in (drop or [])}}
+    rules = _Rules(apex_fix, onset_eq_apex, missing_frames)
     frames = []
     for part in proto.parts:
         frames.append(_build_part(proto, part, root=root, roots=roots, annotation=annotation,
-                                  annotations=annotations, listed=listed, layout=layout, apex_fix=apex_fix,
-                                  onset_eq_apex=onset_eq_apex, missing_frames=missing_frames,
+                                  annotations=annotations, listed=listed, layout=layout, rules=rules,
                                   dropped_ids=dropped_ids, official_lists=official_lists, report=report))
     manifest = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=MANIFEST_COLUMNS)
     duplicated = manifest[manifest["sample_id"].duplicated(keep=False)]
@@ -334,8 +343,12 @@ def build_manifest(
                             "more than once; remove the duplicate row")
     if listed is not None:
         _check_list_covered(listed, manifest, proto, report)
+    unused = sorted(set(drop or []) - report.dropped_ids)
+    if unused:
+        report._add("notes", f"drop ids not found in the protocol (typo?): {unused}")
+        log.warning("protocol %s: drop ids not found: %s", proto.name, unused)
     if report.dropped_by_rule or report.fixed:
-        log.warning("protocol %s: %d samples fixed, %d dropped by rule, %d flagged (the manifest report lists "
+        log.warning("protocol %s: %d fixes, %d samples dropped by rule, %d flags (the manifest report lists "
                     "each)", proto.name, len(report.fixed), len(report.dropped_by_rule), len(report.flagged))
     empty = [c for i, c in enumerate(proto.classes) if not (manifest["label"] == i).any()]
     if empty and len(manifest):
@@ -354,12 +367,57 @@ def _check_list_covered(listed: pd.DataFrame, manifest: pd.DataFrame, proto: Pro
     missing = [(k, row) for k, row in keys.items() if k not in found and k not in report.dropped_ids]
     if missing:
         key, row = missing[0]
-        raise ManifestError(f"{proto.sample_list.file}: row {row}: listed sample {key} is not in the sheets or "
+        raise ManifestError(f"{listed.attrs.get('path', proto.sample_list.file)}: row {row}: listed sample {key} "
+                            "is not in the sheets or "
                             f"on disk ({len(missing)} such); check the sheet versions and the frame tree")
 
 
+@dataclass
+class _Rules:
+    """The content-rule options of one build (see the module docstring)."""
+
+    apex_fix: str
+    onset_eq_apex: str
+    missing_frames: str
+
+
+def _apex(spec: DatasetSpec, r: pd.Series, rules: _Rules, peak) -> tuple[float, str, list[str], str | None, str]:
+    """Apply the apex rules to one row with known frames.
+
+    Returns:
+        ``(apex, apex_source, flags, drop_reason, message)``; ``drop_reason`` is set when the row
+        must be dropped, ``message`` describes a fix or flag for the report (empty: none).
+    """
+    apex, flags = r.apex, []
+    broken = ("apex_not_annotated" if spec.name == "smic" and pd.isna(apex) else
+              "apex_not_numeric" if pd.isna(apex) else
+              "apex_outside_clip" if not r.onset <= apex <= r.offset else None)
+    if broken is None:
+        if apex == r.offset and r.offset > r.onset:
+            flags.append("apex_eq_offset")
+        if apex == r.onset + 1:
+            flags.append("apex_next_to_onset")  # one frame of rise: suspicious (SAMM 032_3_2)
+        if apex != r.onset:
+            return apex, "sheet", flags, None, ""
+        flags.append("onset_eq_apex")
+        if rules.onset_eq_apex == "drop":
+            return apex, "sheet", flags, f"onset == apex ({int(apex)}) -> dropped", ""
+        if rules.onset_eq_apex == "keep":
+            return apex, "sheet", flags, None, f"onset == apex ({int(apex)})"
+        broken = "onset_eq_apex"
+    elif broken != "onset_eq_apex":
+        flags.append(broken)
+    if rules.apex_fix == "drop" and broken != "apex_not_annotated":
+        return apex, "sheet", flags, f"{broken} -> dropped", ""
+    if rules.apex_fix == "flow_peak":
+        apex, source = peak(), "flow_peak"
+    else:
+        apex, source = (r.onset + r.offset) // 2, "midpoint"
+    return apex, source, flags, None, f"{broken} (apex {r.apex}) -> apex := {source} {int(apex)}"
+
+
 def _build_part(proto: Protocol, part: Part, *, root, roots, annotation, annotations, listed, layout,
-                apex_fix, onset_eq_apex, missing_frames, dropped_ids, official_lists, report) -> pd.DataFrame:
+                rules: _Rules, dropped_ids, official_lists, report) -> pd.DataFrame:
     spec = get_dataset(part.dataset)
     base = part_root(proto, part.dataset, root, roots)
     sheet = part_sheet(proto, part, base, annotation, annotations)
@@ -377,12 +435,14 @@ def _build_part(proto: Protocol, part: Part, *, root, roots, annotation, annotat
         mine = listed[listed["dataset"] == spec.name]
         list_label = {_key(spec, r.subject, r.video, r.onset): r.emotion for r in mine.itertuples(index=False)}
 
+    check = base if report.frames_checked and base is not None else None  # where files are checked
     has_frames = "flow_name" not in table.columns  # flow-image layouts have no frame numbers
     rows, dropped = [], report.dropped_by_protocol.setdefault(spec.name, {})
     fields_of = [dict(r._asdict()) for r in table.itertuples(index=False)]
-    chosen = _choose_layout(spec, layout, [f for f in fields_of if f["emotion"] in part.label_map]
-                            or fields_of, base if report.frames_checked else None)
+    chosen = _choose_layout(spec, layout, [f for f in fields_of if f["emotion"] in part.label_map] or fields_of,
+                            check)
     report.layouts[spec.name] = chosen.name
+    long_clip = 2 * spec.fps  # frames in 2 s: longer is not a micro-expression by the usual definition
     for fields in fields_of:
         r = pd.Series(fields)
         dataset = fields.get("dataset", spec.name)
@@ -393,24 +453,21 @@ def _build_part(proto: Protocol, part: Part, *, root, roots, annotation, annotat
             if key not in list_label:
                 dropped["not in official list"] = dropped.get("not in official list", 0) + 1
                 continue
-            cls = list_label[key]
-            mapped = part.label_map.get(r.emotion)
-            if mapped is not None and mapped != cls and r.emotion not in proto.classes:
-                report._add("flagged", f"{where}: sheet emotion {r.emotion!r} maps to {mapped!r}, "
-                                       f"the official list says {cls!r} (list wins)")
+            cls, mapped = list_label[key], part.label_map.get(r.emotion)
+            if mapped != cls:
+                report._add("flagged", f"{where}: sheet emotion {r.emotion!r} maps to {mapped!r}, the official "
+                                       f"list says {cls!r} (the list wins)")
         elif r.emotion in part.label_map:
             cls = part.label_map[r.emotion]
         else:
             dropped[r.emotion] = dropped.get(r.emotion, 0) + 1
             continue
-        if sample_id in dropped_ids:
-            report._add("dropped_by_rule", f"{where}: {dropped_ids[sample_id]}", sample_id)
+        ex_key = (r.subject, r.video.lower(), None if pd.isna(r.onset) else int(r.onset))
+        reason = dropped_ids.get(sample_id) or (exclusions.drop.get(ex_key) if exclusions else None)
+        if reason:
+            report._add("dropped_by_rule", f"{where}: {reason}", sample_id)
             continue
-        ex_key = (r.subject, r.video, None if pd.isna(r.onset) else int(r.onset))
-        if exclusions and ex_key in exclusions.drop:
-            report._add("dropped_by_rule", f"{where}: {exclusions.drop[ex_key]}", sample_id)
-            continue
-        paths = _paths(chosen, fields, base if report.frames_checked else None)
+        paths = _paths(chosen, fields, check)
         flags, apex, apex_source = [], r.apex, "sheet"
         frames_known = has_frames and not pd.isna(r.onset)
         if frames_known:
@@ -424,34 +481,28 @@ def _build_part(proto: Protocol, part: Part, *, root, roots, annotation, annotat
                     report._add("dropped_by_rule", f"{where}: damaged frames {damaged[:5]} (official list)",
                                 sample_id)
                     continue
-                poor = [k for k in exclusions.bad_quality.get(vid, ()) if r.onset <= k <= r.offset]
-                if poor:
+                if any(r.onset <= k <= r.offset for k in exclusions.bad_quality.get(vid, ())):
                     flags.append("bad_quality_frames")
-                    report._add("flagged", f"{where}: {len(poor)} bad-quality frames (official list)")
-            broken = ("apex_not_annotated" if spec.name == "smic" and pd.isna(apex) else
-                      "apex_not_numeric" if pd.isna(apex) else
-                      "apex_outside_clip" if not r.onset <= apex <= r.offset else None)
-            if broken is None and apex == r.onset:
-                flags.append("onset_eq_apex")
-                if onset_eq_apex == "drop":
-                    report._add("dropped_by_rule", f"{where}: onset == apex ({int(apex)}) -> dropped", sample_id)
+            if r.offset - r.onset + 1 > long_clip > 0:
+                flags.append("long_clip")
+            if check is not None and rules.apex_fix == "flow_peak":
+                # The peak search reads frames: a sample with missing files goes by `missing_frames` first.
+                problem = _file_problem(r.onset, r.offset, paths, check)
+                if problem:
+                    if rules.missing_frames == "error":
+                        raise ManifestError(_missing_message(where, problem))
+                    report._add("dropped_by_rule", f"{where}: {problem}", sample_id)
                     continue
-                if onset_eq_apex == "keep":
-                    report._add("flagged", f"{where}: onset == apex ({int(apex)})")
-                else:
-                    broken = "onset_eq_apex"
-            if broken:
-                if broken != "onset_eq_apex":
-                    flags.append(broken)
-                if apex_fix == "drop" and broken != "apex_not_annotated":
-                    report._add("dropped_by_rule", f"{where}: {broken} -> dropped", sample_id)
-                    continue
-                if apex_fix == "flow_peak":
-                    apex, apex_source = _peak_apex(base, paths, int(r.onset), int(r.offset)), "flow_peak"
-                else:
-                    apex, apex_source = (r.onset + r.offset) // 2, "midpoint"
-                kind = "notes" if broken == "apex_not_annotated" else "fixed"
-                report._add(kind, f"{where}: {broken} (apex {r.apex}) -> apex := {apex_source} {int(apex)}")
+            apex, apex_source, apex_flags, drop_reason, message = _apex(
+                spec, r, rules, lambda: _peak_apex(check, paths, int(r.onset), int(r.offset)))
+            flags += apex_flags
+            if drop_reason:
+                report._add("dropped_by_rule", f"{where}: {drop_reason}", sample_id)
+                continue
+            if apex_source != "sheet":
+                report._add("notes" if "apex_not_annotated" in flags else "fixed", f"{where}: {message}")
+            elif flags:
+                report._add("flagged", f"{where}: {message or ', '.join(flags)}")
         try:
             parsed = parse_au(r.au_raw)
         except AUParseError as exc:
@@ -462,7 +513,7 @@ def _build_part(proto: Protocol, part: Part, *, root, roots, annotation, annotat
             "sample_id": sample_id, "dataset": dataset, "subject": f"{dataset}/{r.subject}", "video": r.video,
             "onset": r.onset, "apex": apex, "offset": r.offset, "apex_source": apex_source if frames_known else "",
             "emotion": r.emotion, "label": proto.classes.index(cls), "au_raw": parsed.raw,
-            "au_set": format_aus(parsed.aus), "au_unknown": parsed.unknown or (not parsed.raw and not spec.au_vocab),
+            "au_set": format_aus(parsed.aus), "au_unknown": parsed.unknown or spec.au_coded == (),
             "au_ambiguous": parsed.ambiguous, **paths,
             "n_frames": r.offset - r.onset + 1 if frames_known else np.nan,
             "flags": ";".join(flags), "sheet_row": int(r.sheet_row),
@@ -470,17 +521,39 @@ def _build_part(proto: Protocol, part: Part, *, root, roots, annotation, annotat
     out = pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS))
     for column in FRAME_COLUMNS:
         out[column] = pd.array(out[column].astype(float), dtype="Int64")
-    if report.frames_checked and len(out):
-        out = check_files(out, base, where=source, missing=missing_frames, report=report)
+    if check is not None and len(out):
+        out = check_files(out, check, where=source, missing=rules.missing_frames, report=report)
     # Paths are relative to the data root: a composite's parts sit in <root>/<dataset>/ (or where
     # `roots` puts them, then absolute), so downstream code only ever joins data_root / path.
     prefix = (Path(roots[spec.name]).resolve().as_posix() if roots and spec.name in roots
-              else spec.name if len(proto.parts) > 1 else "")
+              else spec.name if proto.composite else "")
     if prefix:
         for column in ("frame_dir", "depth_dir", "flow_image", "apex_image"):
             out[column] = [f"{prefix}/{v}" if v else v for v in out[column]]
     report.kept[spec.name] = len(out)
     return out
+
+
+def _file_problem(onset, offset, paths: dict, root: Path) -> str | None:
+    """What is missing on disk for one sample (None: nothing)."""
+    if paths["flow_image"]:
+        absent = [str(root / p) for p in (paths["flow_image"], paths["apex_image"]) if p and not (root / p).is_file()]
+        return f"file(s) {absent} do not exist" if absent else None
+    frame_dir = root / paths["frame_dir"]
+    if not frame_dir.is_dir():
+        return f"frame folder {frame_dir} does not exist"
+    if pd.isna(onset):
+        return None
+    lost = sorted(set(range(int(onset), int(offset) + 1)) - frame_numbers(frame_dir, paths["frame_pattern"]))
+    if not lost:
+        return None
+    shown = ", ".join(paths["frame_pattern"].format(k=k) for k in lost[:5])
+    return f"{len(lost)} of frames {onset}..{offset} missing in {frame_dir} (e.g. {shown})"
+
+
+def _missing_message(at: str, problem: str) -> str:
+    return (f"{at}: {problem}; the frame tree does not match the sheet: restore the files, fix the row, "
+            "or set --data.missing_frames=drop to drop such samples")
 
 
 def check_files(manifest: pd.DataFrame, root: Path, *, where: str = "sheet",
@@ -493,29 +566,15 @@ def check_files(manifest: pd.DataFrame, root: Path, *, where: str = "sheet",
     """
     keep = []
     for r in manifest.itertuples(index=False):
-        at = f"{where}: row {r.sheet_row} ({r.sample_id})"
-        problem = None
-        if r.flow_image:
-            absent = [p for p in (r.flow_image, r.apex_image) if p and not (root / p).is_file()]
-            if absent:
-                problem = f"file(s) {[str(root / p) for p in absent]} do not exist"
-        elif not (root / r.frame_dir).is_dir():
-            problem = f"frame folder {root / r.frame_dir} does not exist"
-        elif not pd.isna(r.onset):
-            lost = sorted(set(range(int(r.onset), int(r.offset) + 1)) - frame_numbers(root / r.frame_dir, r.frame_pattern))
-            if lost:
-                shown = ", ".join(r.frame_pattern.format(k=k) for k in lost[:5])
-                problem = (f"{len(lost)} of frames {r.onset}..{r.offset} missing in {root / r.frame_dir} "
-                           f"(e.g. {shown})")
+        problem = _file_problem(r.onset, r.offset, r._asdict(), root)
+        keep.append(problem is None)
         if problem is None:
-            keep.append(True)
             continue
+        at = f"{where}: row {r.sheet_row} ({r.sample_id})"
         if missing == "error":
-            raise ManifestError(f"{at}: {problem}; the frame tree does not match the sheet: restore the files, "
-                                "fix the row, or set --data.missing_frames=drop to drop such samples")
+            raise ManifestError(_missing_message(at, problem))
         if report is not None:
             report._add("dropped_by_rule", f"{at}: {problem}", r.sample_id)
-        keep.append(False)
     return manifest[np.array(keep, dtype=bool)].reset_index(drop=True)
 
 

@@ -27,6 +27,10 @@ from famnet_pl.data import synthetic
 from famnet_pl.data.au import AU_VOCABULARIES, parse_au
 
 
+class ProtocolError(ValueError):
+    """An unknown dataset, protocol or layout name, or an impossible protocol override."""
+
+
 @dataclass(frozen=True)
 class Layout:
     """Where one dataset release keeps a sample's frames, relative to the dataset root.
@@ -65,8 +69,10 @@ class DatasetSpec:
         layouts: on-disk layouts, the default first; ``layout="auto"`` picks the one found on disk.
         emotions: every emotion word the sheet may hold (lower case); any other is a sheet error.
         fps: capture frame rate.
-        au_vocab: AUs the dataset is scored on; in a composite, AUs outside it are masked for its
-            samples (the dataset never codes them reliably, "absent" would be a false label).
+        au_vocab: AUs the dataset is scored on (MEB benchmark vocabularies).
+        au_coded: AUs the dataset's sheets code at all (``None``: every AU, full FACS coding). In a
+            composite, an AU a sample's dataset never codes is masked in its AU loss instead of read
+            as "absent" (SMIC codes none).
         sample_key: template of the sample id under the namespace (CAS(ME)^3 has many MEs per
             video, so its key includes the onset).
         kind: ``frames`` (frame folders: both views) or ``flow_images`` (precomputed flow images
@@ -79,6 +85,7 @@ class DatasetSpec:
     emotions: tuple[str, ...]
     fps: int
     au_vocab: tuple[int, ...]
+    au_coded: tuple[int, ...] | None = None
     sample_key: str = "{subject}/{video}"
     kind: str = "frames"
 
@@ -92,7 +99,7 @@ class DatasetSpec:
         for layout in self.layouts:
             if layout.name == name:
                 return layout
-        raise ValueError(f"dataset {self.name}: unknown layout {name!r}; known: "
+        raise ProtocolError(f"dataset {self.name}: unknown layout {name!r}; known: "
                          f"{[lay.name for lay in self.layouts]} (or 'auto')")
 
 
@@ -138,6 +145,8 @@ class Protocol:
         drop: sample ids dropped by the protocol definition, with the reason logged.
         au_vocab: AU vocabulary of the AU head; default: the single dataset's.
         description: one line for the README table and the report.
+        composite: several datasets, each in its own folder ``<data_root>/<dataset>/`` (stays true
+            when ``datasets`` narrows a composite to one of them).
     """
 
     name: str
@@ -147,6 +156,7 @@ class Protocol:
     drop: Mapping[str, str] = field(default_factory=dict)
     au_vocab: tuple[int, ...] | None = None
     description: str = ""
+    composite: bool = False
 
     @property
     def num_classes(self) -> int:
@@ -159,7 +169,7 @@ class Protocol:
     @property
     def dataset(self) -> str:
         """The dataset of a single-dataset protocol (``composite`` otherwise)."""
-        return self.parts[0].dataset if len(self.parts) == 1 else "composite"
+        return "composite" if self.composite else self.parts[0].dataset
 
     @property
     def vocab(self) -> tuple[int, ...]:
@@ -208,13 +218,13 @@ DATASETS: dict[str, DatasetSpec] = {
         layouts=(Layout("raw", "{subject}/{video}/color", "{k}.jpg", depth_dir="{subject}/{video}/depth"),),
     ),
     "smic": DatasetSpec(
-        name="smic", read_sheet=sheets.scan_smic, emotions=SMIC_EMOTIONS, fps=100, au_vocab=(),
+        name="smic", read_sheet=sheets.scan_smic, emotions=SMIC_EMOTIONS, fps=100, au_vocab=(), au_coded=(),
         # No sheet: the frame tree is the annotation (HS/s1/micro/negative/s1_ne_01/image106550.bmp).
         layouts=(Layout("raw", "HS/{disk_subject}/micro/{emotion}/{video}", "image{k:06d}.bmp"),),
     ),
     "megc2019_flow": DatasetSpec(
         name="megc2019_flow", read_sheet=sheets.read_megc_flow_csv, emotions=MEGC_CLASSES, fps=0,
-        au_vocab=(), kind="flow_images",
+        au_vocab=(), au_coded=(), kind="flow_images",
         # {flow_name} is "<sub>_<filename_o> .png" (with the space), {imagename} the apex crop.
         layouts=(Layout("raw", flow_image="STSNet_whole_norm_u_v_os/{flow_name}",
                         apex_image="combined_datasets_whole/{imagename}", cropped=True),),
@@ -314,15 +324,17 @@ PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (
        description="built-in synthetic set (CASME II format), generated on first use"),
 )}
 
-# "All samples" protocols, one per sheet-backed dataset, named as the dataset (counts, manifests).
-_ALL_SHEETS = {"casme2": CASME2_2014, "samm": SAMM_SHEET, "mmew": MMEW_SHEET, "casme3": CASME3_SHEET,
-               "smic": None}
-# MMEW's pinned (derived) sheet has no "others": its all-samples protocol has the six emotions.
-_ALL_CLASSES = {"mmew": MMEW_EMOTIONS[:6]}
-for _name, _sheet in _ALL_SHEETS.items():
-    _classes = _ALL_CLASSES.get(_name, DATASETS[_name].emotions)
-    PROTOCOLS[_name] = Protocol(_name, _classes, (Part(_name, _identity(_classes), _sheet),),
+# Composites keep each dataset in its own folder (and stay composites when narrowed).
+PROTOCOLS = {name: replace(p, composite=len(p.parts) > 1) for name, p in PROTOCOLS.items()}
+
+# "All samples" protocols for CASME II and SAMM (their 5-class protocols drop emotions). For the
+# other datasets the dataset name is an alias of the protocol that already keeps every sample
+# (MMEW's pinned derived sheet has no "others").
+for _name, _sheet in {"casme2": CASME2_2014, "samm": SAMM_SHEET}.items():
+    _emotions = DATASETS[_name].emotions
+    PROTOCOLS[_name] = Protocol(_name, _emotions, (Part(_name, _identity(_emotions), _sheet),),
                                 description=f"{_name}: every sample of the pinned sheet, native emotion words")
+ALIASES = {"mmew": "mmew_6cls", "casme3": "casme3_7cls", "smic": "smic_3cls"}
 
 
 def get_dataset(name: str) -> DatasetSpec:
@@ -330,7 +342,7 @@ def get_dataset(name: str) -> DatasetSpec:
     try:
         return DATASETS[name]
     except KeyError:
-        raise KeyError(f"unknown dataset {name!r}; known: {sorted(DATASETS)}") from None
+        raise ProtocolError(f"unknown dataset {name!r}; known: {sorted(DATASETS)}") from None
 
 
 def get_protocol(name: str, *, datasets: list[str] | None = None,
@@ -339,19 +351,19 @@ def get_protocol(name: str, *, datasets: list[str] | None = None,
     """Look up a protocol by name, optionally narrowed or re-mapped (composites are configurable).
 
     Args:
-        name: protocol name (KeyError lists the known ones).
+        name: protocol name, or a dataset name for all its samples (ProtocolError lists the known ones).
         datasets: keep only these parts (e.g. two datasets of a composite).
         label_maps: per dataset, a replacement emotion -> class map.
         classes: replacement class list (label order), for use with ``label_maps``.
     """
     try:
-        proto = PROTOCOLS[name]
+        proto = PROTOCOLS[ALIASES.get(name, name)]
     except KeyError:
-        raise KeyError(f"unknown protocol {name!r}; known: {sorted(PROTOCOLS)}") from None
+        raise ProtocolError(f"unknown protocol {name!r}; known: {sorted([*PROTOCOLS, *ALIASES])}") from None
     if datasets:
         unknown = sorted(set(datasets) - set(proto.datasets))
         if unknown:
-            raise ValueError(f"protocol {name}: datasets {unknown} are not among its parts {list(proto.datasets)}")
+            raise ProtocolError(f"protocol {name}: datasets {unknown} are not among its parts {list(proto.datasets)}")
         proto = replace(proto, parts=tuple(p for p in proto.parts if p.dataset in datasets))
     if label_maps:
         proto = replace(proto, parts=tuple(replace(p, label_map=dict(label_maps.get(p.dataset, p.label_map)))
@@ -361,6 +373,6 @@ def get_protocol(name: str, *, datasets: list[str] | None = None,
     for part in proto.parts:
         stray = sorted(set(part.label_map.values()) - set(proto.classes))
         if stray:
-            raise ValueError(f"protocol {name}: label map of {part.dataset} names classes {stray} "
+            raise ProtocolError(f"protocol {name}: label map of {part.dataset} names classes {stray} "
                              f"that are not in {list(proto.classes)}")
     return proto
