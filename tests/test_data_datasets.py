@@ -253,6 +253,17 @@ def test_leave_one_dataset_out(trees, tmp_path):
     assert (test_rows["dataset"] == "mmew").all() and len(test_rows) == (dm.manifest["dataset"] == "mmew").sum()
 
 
+def test_leave_one_dataset_out_summary_has_one_fold_per_dataset(trees, tmp_path):
+    from famnet_pl.loso import run_loso
+
+    args = tiny_args(trees["famnet"], tmp_path / "cache", **{"data.protocol": "famnet_3cls", "data.split": "dataset",
+                                                              "trainer.max_epochs": 1})
+    summary = run_loso(args, exp="lodo", runs_dir=str(tmp_path / "runs"), wandb="off")
+    assert summary["n_folds"] == 3 and [f["subject"] for f in summary["per_fold"]] == ["casme2", "mmew", "samm"]
+    assert sorted(p.name for p in (tmp_path / "runs" / "lodo" / "famnet_3cls_lodo").glob("fold_*")) == [
+        "fold_00_casme2", "fold_01_mmew", "fold_02_samm"]
+
+
 def test_flow_images_have_no_3d_view_and_famnet_runs_2d(trees, tmp_path, caplog):
     from famnet_pl.cli import build_cli
 

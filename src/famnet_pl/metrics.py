@@ -100,9 +100,11 @@ def fold_scores(y_true, y_pred) -> dict:
 
 
 def _per_fold(frame: pd.DataFrame) -> list[dict]:
-    return [{"fold": int(fold), "subject": subject, "n": len(part),
+    # One entry per fold, named by its held-out group (a subject; a dataset for leave-one-dataset-out).
+    group = "group" if "group" in frame.columns else "subject"
+    return [{"fold": int(fold), "subject": name, "n": len(part),
              **fold_scores(part["y_true"], part["y_pred"])}
-            for (fold, subject), part in frame.groupby(["fold", "subject"], sort=True)]
+            for (fold, name), part in frame.groupby(["fold", group], sort=True)]
 
 
 def oracle_predictions(epochs: pd.DataFrame, *, by: str = "acc") -> pd.DataFrame:

@@ -98,6 +98,7 @@ class LOSOCallback(Callback):
         table = pd.DataFrame({
             "sample_id": rows["sample_id"].to_numpy(), "dataset": rows["dataset"].to_numpy(),
             "subject": rows["subject"].to_numpy(), "fold": dm.hparams.fold, "epoch": epoch,
+            "group": dm.test_subject,  # the held-out subject (or dataset, leave-one-dataset-out)
             "y_true": rows["label"].to_numpy(), "y_pred": probs.argmax(1),
         })
         for c, name in enumerate(dm.class_names):

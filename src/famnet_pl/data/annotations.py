@@ -329,11 +329,16 @@ def read_megc_list(path: str | Path) -> pd.DataFrame:
     out.loc[smic, "video"] = out.loc[smic, "video"].map(_smic_video)
     # SMIC's folders say s1 where the list says s01 (the layout needs the former).
     out["disk_subject"] = [f"s{int(s[1:])}" if d == "smic" else s for d, s in zip(out["dataset"], out["subject"])]
-    duplicated = out.duplicated(["dataset", "subject", "video"])
+    return _unique(out, ["dataset", "subject", "video"], path)
+
+
+def _unique(rows: pd.DataFrame, key: list[str], path: Path) -> pd.DataFrame:
+    """A sample list whose keys are unique (a duplicate row is an error naming it)."""
+    duplicated = rows.duplicated(key)
     if duplicated.any():
-        raise SheetError(f"{path}: row {out.loc[duplicated.idxmax(), 'sheet_row']}: sample listed twice; "
+        raise SheetError(f"{path}: row {rows.loc[duplicated.idxmax(), 'sheet_row']}: sample listed twice; "
                          "remove the duplicate row")
-    return out
+    return rows
 
 
 def read_casme3_edited_list(path: str | Path) -> pd.DataFrame:
@@ -347,11 +352,7 @@ def read_casme3_edited_list(path: str | Path) -> pd.DataFrame:
                         "video": raw["Filename"].str.strip().str.lower(),
                         "onset": _frame_column(raw, "Onset", path),
                         "emotion": _megc_labels(raw, "label_for_3", path), "sheet_row": raw["sheet_row"]})
-    duplicated = out.duplicated(["subject", "video", "onset"])
-    if duplicated.any():
-        raise SheetError(f"{path}: row {out.loc[duplicated.idxmax(), 'sheet_row']}: ME listed twice; "
-                         "remove the duplicate row")
-    return out
+    return _unique(out, ["subject", "video", "onset"], path)
 
 
 def read_megc_flow_csv(path: str | Path) -> pd.DataFrame:

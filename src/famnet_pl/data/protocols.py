@@ -47,7 +47,6 @@ class Layout:
         depth_dir: template of the depth frames' folder (CAS(ME)^3), recorded for later use.
         flow_image: template of a precomputed flow image (``flow_images`` datasets).
         apex_image: template of a precomputed apex crop (``flow_images`` datasets).
-        cropped: frames are already face crops.
     """
 
     name: str
@@ -56,7 +55,6 @@ class Layout:
     depth_dir: str = ""
     flow_image: str = ""
     apex_image: str = ""
-    cropped: bool = False
 
 
 @dataclass(frozen=True)
@@ -199,7 +197,7 @@ DATASETS: dict[str, DatasetSpec] = {
         name="casme2", read_sheet=sheets.read_casme2_sheet, emotions=CASME2_EMOTIONS, fps=200,
         au_vocab=AU_VOCABULARIES["casme2"],
         layouts=(Layout("raw", "CASME2_RAW_selected/{subject}/{video}", "img{k}.jpg"),
-                 Layout("cropped", "Cropped/{subject}/{video}", "reg_img{k}.jpg", cropped=True)),
+                 Layout("cropped", "Cropped/{subject}/{video}", "reg_img{k}.jpg")),
     ),
     "samm": DatasetSpec(
         name="samm", read_sheet=sheets.read_samm_sheet, emotions=SAMM_EMOTIONS, fps=200,
@@ -227,7 +225,7 @@ DATASETS: dict[str, DatasetSpec] = {
         au_vocab=(), au_coded=(), kind="flow_images",
         # {flow_name} is "<sub>_<filename_o> .png" (with the space), {imagename} the apex crop.
         layouts=(Layout("raw", flow_image="STSNet_whole_norm_u_v_os/{flow_name}",
-                        apex_image="combined_datasets_whole/{imagename}", cropped=True),),
+                        apex_image="combined_datasets_whole/{imagename}"),),
     ),
     # The built-in synthetic set is written in CASME II's format and read by CASME II's reader.
     "synth": DatasetSpec(
