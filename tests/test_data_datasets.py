@@ -329,11 +329,11 @@ def test_flow_images_are_read_in_opencv_channel_order(trees, tmp_path):
     """cv2.imwrite of (u, v, strain) -> channel 0 is u, centred (value / 255 - 0.5)."""
     import cv2
 
-    from famnet_pl.data.cache import ViewConfig, load_or_build
+    from famnet_pl.data.cache import ViewConfig, preprocess
 
     root = trees["megc2019_flow"]
     manifest, _ = build_manifest(protocol="megc2019_flow_3cls", root=root)
-    arrays = load_or_build(manifest, root, ViewConfig(image_size=28, need_clip=False), tmp_path)
+    arrays = preprocess(manifest, root, ViewConfig(image_size=28, need_clip=False), tmp_path).arrays
     stored = cv2.imread(str(root / manifest.iloc[0]["flow_image"]), cv2.IMREAD_COLOR)
     np.testing.assert_allclose(arrays["flow"][0], stored / 255.0 - 0.5, atol=1e-6)
     assert "clip" not in arrays

@@ -1,15 +1,23 @@
-"""Decode once: the model-ready arrays of a whole manifest, cached on disk and memory-mapped.
+"""Preprocess once: per-sample arrays cached by content hash, packed into one mmap per config.
 
 Data flow::
 
-    manifest + ViewConfig --key--> <cache_dir>/<key>/{apex,flow,clip}.npy + meta.json
-                                    (built once for all folds; later runs and folds mmap it)
+    manifest row + ViewConfig --sample_key--> <cache>/samples/<key>.npz    (one per sample: the
+        resumable, parallel unit; built by preprocess_sample in worker processes)
+    all rows' keys --pack key--> <cache>/packs/<key>/{apex,flow,clip}.npy + meta.json
+        (one contiguous memory-mapped array per view for the whole manifest and config: an epoch
+        reads contiguous memory; later runs and every fold mmap it)
 
-* ``apex.npy``  uint8   (N, S, S, 3)     apex frame, RGB
-* ``flow.npy``  float32 (N, S, S, 3)     onset->apex (u, v, strain), pixels at size S
-* ``clip.npy``  uint8   (N, T, s, s, 3)  T frames sampled from onset to offset
+Per sample (:func:`preprocess_sample`): frames come from a folder or a video file
+(frames.open_frames); the face is detected on the onset frame and the same crop (optionally
+eye-aligned) is applied to every frame (face.py; ``face_detector="none"`` for frames that are
+already cropped); frames are registered to the onset frame; then
 
-Frame paths come from the manifest (``frame_dir`` + ``frame_pattern``, relative to the data root).
+* ``apex``  uint8   (S, S, 3)     apex frame, RGB
+* ``flow``  float32 (S, S, 3)     onset->apex (or apex->offset) flow u, v and optical strain, pixels
+                                  at size S (frames.onset_apex_flow documents the strain)
+* ``clip``  uint8   (T, s, s, 3)  T frames from onset to offset (frames.clip_times/sample_clip)
+
 Precomputed-flow layouts (``flow_image``/``apex_image`` set, MEGC2019's STSTNet images) have no
 frames: ``apex`` is the apex crop, ``flow`` the stored image and no clip. The flow images were
 written by ``cv2.imwrite`` from a (u, v, strain) array (STSTNet/HTNet code), so OpenCV's own channel
@@ -17,11 +25,14 @@ order gives channel 0 = u, 1 = v, 2 = strain (the file's B, G, R planes). Each c
 normalised to 0..255 per image; it is stored centred, ``value / 255 - 0.5``, so that negating u (the
 horizontal flip augmentation) gives exactly the min-max normalisation of the mirrored flow.
 
-The key hashes everything that changes the arrays: manifest content, dataset root, the frame
-folders' modification times, sizes, clip length, flow algorithm and :data:`CACHE_VERSION` (bump it
-when the preprocessing code changes).
-A cache directory is written under a temporary name and renamed into place, so a killed build
-never leaves a cache that looks complete.
+A sample key hashes everything that changes its arrays: the sample (id, frame source, frame
+range), the modification time of its frame folder or files, every ViewConfig field (detector,
+margin, alignment, flow algorithm and pair, sizes, clip sampling) and :data:`CACHE_VERSION` (bump
+it when preprocessing code changes). Files are written under temporary names and renamed into
+place, so a killed run never leaves an entry that looks complete and the next run resumes.
+
+A sample whose frames are missing or unreadable is not fatal: the error (naming the file) goes
+into the result's ``failures`` and the pack leaves the sample out, unless ``strict``.
 """
 
 from __future__ import annotations
@@ -31,26 +42,45 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import asdict, dataclass
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from famnet_pl.data.frames import (FlowAlgorithm, clip_indices, onset_apex_flow, read_frame,
-                                   register_to, resize)
-from famnet_pl.data.manifest import manifest_hash
+from famnet_pl.data.frames import (FlowAlgorithm, FrameError, clip_times, onset_apex_flow, open_frames,
+                                   read_frame, register_to, resize, sample_clip)
+from famnet_pl.data.protocols import get_dataset
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+VIEWS = ("apex", "flow", "clip")
 
 
 @dataclass(frozen=True)
 class ViewConfig:
-    """What to precompute. Sizes are square; ``flow`` is skipped when ``need_flow`` is false;
-    ``register`` aligns every frame to the onset frame first (frames.register_to)."""
+    """What to precompute, and how.
+
+    Attributes:
+        image_size: side of the 2D views (apex, flow).
+        clip_len: frames in the 3D view.
+        clip_size: side of the 3D view.
+        flow_algorithm: ``tvl1``, ``farneback`` or ``dis``.
+        flow_size: side at which flow is computed.
+        need_flow: compute the flow view.
+        register: align every frame to the onset frame (global translation) first.
+        need_clip: compute the 3D view (false for datasets without frames).
+        face_detector: ``none`` (frames already cropped), ``mtcnn``, ``center`` or a registered one.
+        face_margin: margin added around the detected face, as a fraction of its side.
+        face_align: rotate so the eyes are level (same transform for every frame).
+        face_size: side of the face crop before the views are resized from it.
+        flow_pair: ``onset_apex`` (the MER standard) or ``apex_offset``.
+        clip_fps: None: time-normalised clips; else frames 1/clip_fps s apart at the dataset's fps.
+    """
 
     image_size: int = 64
     clip_len: int = 8
@@ -60,83 +90,208 @@ class ViewConfig:
     need_flow: bool = True
     register: bool = True
     need_clip: bool = True
+    face_detector: str = "none"
+    face_margin: float = 0.15
+    face_align: bool = False
+    face_size: int = 256
+    flow_pair: str = "onset_apex"
+    clip_fps: float | None = None
 
 
-def cache_key(manifest: pd.DataFrame, root: str | Path, views: ViewConfig) -> str:
-    """Hash of everything that affects the cached arrays."""
-    # Folder mtimes change when frames are added, removed or the folder is replaced (a regenerated
-    # synthetic set, a re-extracted dataset); they are cheap to read, unlike hashing every frame.
-    sources = [d or f for d, f in zip(manifest["frame_dir"], manifest["flow_image"])]
-    frames = [os.stat(Path(root) / d).st_mtime_ns if (Path(root) / d).exists() else None for d in sources]
-    payload = json.dumps({"manifest": manifest_hash(manifest), "root": str(Path(root).resolve()),
-                          "frames": frames, "views": asdict(views), "version": CACHE_VERSION},
-                         sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+@dataclass
+class Prepared:
+    """Result of :func:`preprocess`.
+
+    Attributes:
+        arrays: ``{"apex", "flow", "clip"}`` memory-mapped, rows = the manifest rows that succeeded.
+        ok: bool per manifest row: preprocessed (False rows are in ``failures``).
+        failures: sample id -> error message naming the file.
+        built, cached: sample entries computed now / found in the cache.
+        seconds: wall time.
+    """
+
+    arrays: dict[str, np.ndarray]
+    ok: np.ndarray
+    failures: dict[str, str] = field(default_factory=dict)
+    built: int = 0
+    cached: int = 0
+    seconds: float = 0.0
 
 
-def _build(manifest: pd.DataFrame, root: Path, views: ViewConfig, out: Path) -> None:
-    n = len(manifest)
-    s, t, c = views.image_size, views.clip_len, views.clip_size
-    apex = np.lib.format.open_memmap(out / "apex.npy", mode="w+", dtype=np.uint8, shape=(n, s, s, 3))
-    flow = (np.lib.format.open_memmap(out / "flow.npy", mode="w+", dtype=np.float32, shape=(n, s, s, 3))
-            if views.need_flow else None)
-    clip = (np.lib.format.open_memmap(out / "clip.npy", mode="w+", dtype=np.uint8, shape=(n, t, c, c, 3))
-            if views.need_clip else None)
-    rows = manifest.itertuples(index=False)
-    for i, r in enumerate(tqdm(rows, total=n, desc="decode + flow (once)", leave=False)):
-        if r.flow_image:  # precomputed flow image + apex crop: nothing to compute
-            apex[i] = resize(read_frame(root / r.apex_image), s)
-            if flow is not None:
-                bgr_order = read_frame(root / r.flow_image)[..., ::-1]  # OpenCV order: u, v, strain
-                flow[i] = resize(np.ascontiguousarray(bgr_order), s).astype(np.float32) / 255.0 - 0.5
-            continue
-        frame_dir = root / r.frame_dir
-        onset = read_frame(frame_dir / r.frame_pattern.format(k=r.onset))
-
-        def frame(k: int) -> np.ndarray:
-            image = read_frame(frame_dir / r.frame_pattern.format(k=k))
-            return register_to(onset, image) if views.register and k != r.onset else image
-
-        apex_full = frame(r.apex)
-        apex[i] = resize(apex_full, s)
-        if flow is not None:
-            flow[i] = onset_apex_flow(onset, apex_full, algorithm=views.flow_algorithm,
-                                      flow_size=views.flow_size, out_size=s)
-        if clip is not None:
-            clip[i] = np.stack([resize(frame(k), c) for k in clip_indices(r.onset, r.offset, t)])
-    for array in (apex, flow, clip):
-        if array is not None:
-            array.flush()
+def _source_stamp(root: Path, row: dict) -> int | None:
+    """Modification time of what a sample is read from (a re-extracted folder gets a new key)."""
+    target = root / (row["frame_dir"] or row["flow_image"])
+    return os.stat(target).st_mtime_ns if target.exists() else None
 
 
-def load_or_build(manifest: pd.DataFrame, root: str | Path, views: ViewConfig,
-                  cache_dir: str | Path) -> dict[str, np.ndarray]:
-    """Return the cached arrays of ``manifest`` (memory-mapped), building them on first use.
+_KEY_FIELDS = ("sample_id", "dataset", "frame_dir", "frame_pattern", "flow_image", "apex_image", "onset", "apex",
+               "offset")
+
+
+def sample_key(row: dict, root: Path, views: ViewConfig, *, _common: str | None = None) -> str:
+    """Hash of everything that affects one sample's arrays."""
+    common = _common or _common_key(root, views)
+    fields = [None if pd.isna(row[k]) else str(row[k]) for k in _KEY_FIELDS]
+    payload = json.dumps([common, fields, _source_stamp(root, row)])
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+def _common_key(root: Path, views: ViewConfig) -> str:
+    """The part of every sample key shared by a whole run (computed once: the warm path is hot)."""
+    return json.dumps({"root": str(root.resolve()), "views": asdict(views), "version": CACHE_VERSION},
+                      sort_keys=True)
+
+
+def preprocess_sample(row: dict, root: str | Path, views: ViewConfig) -> dict[str, np.ndarray]:
+    """The arrays of one manifest row (see the module docstring). Raises FrameError naming the file."""
+    root = Path(root)
+    s, c = views.image_size, views.clip_size
+    if row["flow_image"]:  # precomputed flow image + apex crop: nothing to compute
+        out = {"apex": resize(read_frame(root / row["apex_image"]), s)}
+        if views.need_flow:
+            opencv_order = read_frame(root / row["flow_image"])[..., ::-1]  # u, v, strain
+            out["flow"] = resize(np.ascontiguousarray(opencv_order), s).astype(np.float32) / 255.0 - 0.5
+        return out
+    onset_k, apex_k, offset_k = int(row["onset"]), int(row["apex"]), int(row["offset"])
+    source = open_frames(root, row["frame_dir"], row["frame_pattern"])
+    onset_raw = source.read(onset_k)
+    crop = _face_crop(onset_raw, views)
+    onset = crop(onset_raw)
+
+    def prepared(frame: np.ndarray, k: int) -> np.ndarray:
+        if k == onset_k:
+            return onset
+        frame = crop(frame)
+        return register_to(onset, frame) if views.register else frame
+
+    apex = prepared(source.read(apex_k), apex_k)
+    out = {"apex": resize(apex, s)}
+    if views.need_flow:
+        first, second = ((onset, apex) if views.flow_pair == "onset_apex"
+                         else (apex, prepared(source.read(offset_k), offset_k)))
+        out["flow"] = onset_apex_flow(first, second, algorithm=views.flow_algorithm, flow_size=views.flow_size,
+                                      out_size=s)
+    if views.need_clip:
+        times = clip_times(onset_k, offset_k, views.clip_len, fps=get_dataset(row["dataset"]).fps,
+                           clip_fps=views.clip_fps)
+        out["clip"] = sample_clip(source, times, transform=lambda f, k: resize(prepared(f, k), c))
+    return out
+
+
+def _face_crop(onset: np.ndarray, views: ViewConfig):
+    """The per-frame crop function of a clip: detected once on the onset frame."""
+    if views.face_detector == "none":
+        return lambda frame: frame
+    from famnet_pl.data.face import crop_frames, detect_face  # cv2.dnn models only when asked for
+
+    box = detect_face(onset, detector=views.face_detector, margin=views.face_margin)
+    return lambda frame: crop_frames([frame], box, size=views.face_size, align=views.face_align)[0]
+
+
+def _entry(cache_dir: Path, key: str) -> Path:
+    return cache_dir / "samples" / key[:2] / f"{key}.npz"
+
+
+def _build_entry(row: dict, root: str, views: ViewConfig, path: str) -> str | None:
+    """Worker: compute and atomically write one sample entry; returns an error message or None."""
+    try:
+        arrays = preprocess_sample(row, root, views)
+    except FrameError as exc:
+        return str(exc)
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f"{target.stem}.tmp-{os.getpid()}.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, target)
+    return None
+
+
+def preprocess(manifest: pd.DataFrame, root: str | Path, views: ViewConfig, cache_dir: str | Path, *,
+               workers: int = 0, strict: bool = False, progress: bool = True) -> Prepared:
+    """Fill the sample cache for ``manifest`` (in ``workers`` processes) and return the packed arrays.
 
     Args:
-        manifest: rows in the order the arrays should have.
-        root: dataset root holding the frame folders.
+        manifest: rows to preprocess (their order is the pack's row order).
+        root: data root.
         views: what to compute.
-        cache_dir: parent folder of all caches.
+        cache_dir: cache folder (``samples/`` and ``packs/`` below it).
+        workers: worker processes (0 or 1: in this process).
+        strict: raise on the first sample that fails instead of reporting it.
+        progress: show a progress bar.
 
-    Returns:
-        ``{"apex": ..., "flow": ..., "clip": ...}`` (keys for the views computed).
+    Raises:
+        FrameError: with ``strict``, the first failing sample (the message names the file).
     """
-    root = Path(root)
-    final = Path(cache_dir) / cache_key(manifest, root, views)
-    if not (final / "meta.json").is_file():
-        tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+    start, root, cache_dir = time.perf_counter(), Path(root), Path(cache_dir)
+    rows = [dict(r._asdict()) for r in manifest.itertuples(index=False)]
+    common = _common_key(root, views)
+    keys = [sample_key(r, root, views, _common=common) for r in rows]
+    pack = cache_dir / "packs" / hashlib.sha256("\n".join(keys).encode()).hexdigest()[:20]
+    if (pack / "meta.json").is_file():
+        meta = json.loads((pack / "meta.json").read_text())
+        if strict and meta["failures"]:
+            sample, error = next(iter(meta["failures"].items()))
+            raise FrameError(f"sample {sample}: {error}")
+        ok = np.array(meta["ok"], dtype=bool)
+        return Prepared(_load(pack), ok, meta["failures"], 0, len(rows), time.perf_counter() - start)
+
+    todo = [i for i, k in enumerate(keys) if not _entry(cache_dir, k).is_file()]
+    failures: dict[str, str] = {}
+    bar = tqdm(total=len(todo), desc="preprocess", leave=False, disable=not progress or not todo)
+
+    def record(i: int, error: str | None) -> None:
+        bar.update(1)
+        if error is None:
+            return
+        if strict:
+            raise FrameError(f"sample {rows[i]['sample_id']}: {error}")
+        failures[rows[i]["sample_id"]] = error
+        log.warning("sample %s left out: %s", rows[i]["sample_id"], error)
+
+    if workers > 1 and len(todo) > 1:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            futures = {pool.submit(_build_entry, rows[i], str(root), views, str(_entry(cache_dir, keys[i]))): i
+                       for i in todo}
+            for future in as_completed(futures):
+                record(futures[future], future.result())
+    else:
+        for i in todo:
+            record(i, _build_entry(rows[i], str(root), views, str(_entry(cache_dir, keys[i]))))
+    bar.close()
+    ok = np.array([row["sample_id"] not in failures for row in rows], dtype=bool)
+    _pack([_entry(cache_dir, k) for k, good in zip(keys, ok) if good], pack,
+          {"ok": ok.tolist(), "failures": failures, "views": asdict(views),
+           "sample_ids": [r["sample_id"] for r in rows]})
+    return Prepared(_load(pack), ok, failures, len(todo) - len(failures), len(rows) - len(todo),
+                    time.perf_counter() - start)
+
+
+def _pack(entries: list[Path], pack: Path, meta: dict) -> None:
+    """Concatenate sample entries into one .npy per view (written under a temporary name)."""
+    tmp = pack.with_name(f"{pack.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if entries:
+        with np.load(entries[0]) as first:
+            names = list(first.files)
+            shapes = {n: first[n].shape for n in names}
+            dtypes = {n: first[n].dtype for n in names}
+        outs = {n: np.lib.format.open_memmap(tmp / f"{n}.npy", mode="w+", dtype=dtypes[n],
+                                             shape=(len(entries), *shapes[n])) for n in names}
+        for i, entry in enumerate(entries):
+            with np.load(entry) as arrays:
+                for n in names:
+                    outs[n][i] = arrays[n]
+        for array in outs.values():
+            array.flush()
+    (tmp / "meta.json").write_text(json.dumps(meta))
+    try:
+        os.replace(tmp, pack)
+    except OSError:  # another process (a parallel fold) finished the same pack first
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        log.info("building cache %s for %d samples", final, len(manifest))
-        _build(manifest, root, views, tmp)
-        (tmp / "meta.json").write_text(json.dumps({"views": asdict(views), "n": len(manifest),
-                                                   "sample_ids": manifest["sample_id"].tolist()}))
-        try:
-            os.replace(tmp, final)
-        except OSError:  # another process (a parallel fold) finished the same cache first
-            shutil.rmtree(tmp, ignore_errors=True)
-            if not (final / "meta.json").is_file():
-                raise
-    return {name: np.load(final / f"{name}.npy", mmap_mode="r")
-            for name in ("apex", "flow", "clip") if (final / f"{name}.npy").is_file()}
+        if not (pack / "meta.json").is_file():
+            raise
+
+
+def _load(pack: Path) -> dict[str, np.ndarray]:
+    return {n: np.load(pack / f"{n}.npy", mmap_mode="r") for n in VIEWS if (pack / f"{n}.npy").is_file()}

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from famnet_pl.data import synthetic
 from famnet_pl.data.au import au_targets, parse_au_set
-from famnet_pl.data.cache import ViewConfig, load_or_build
+from famnet_pl.data.cache import Prepared, ViewConfig, preprocess
 from famnet_pl.data.frames import FlowAlgorithm
 from famnet_pl.data.manifest import ApexFix, ManifestError, build_manifest, part_root, part_sheet
 from famnet_pl.data.protocols import get_dataset, get_protocol
@@ -133,6 +133,18 @@ class MERDataModule(L.LightningDataModule):
         official_lists: apply the dataset's official exclusion lists (CAS(ME)^3) found next to its sheet.
         register: align every frame to the onset frame (global translation, phase correlation)
             before flow and clips, removing head drift that is larger than the expression.
+        face_detector: face crop detected on the onset frame and applied to every frame:
+            ``none`` (frames already cropped: CASME II ``Cropped``, the synthetic set), ``mtcnn``
+            (offline model inside a pip wheel), ``center``, or one registered in face.py.
+        face_margin: margin around the detected face (fraction of its side).
+        face_align: rotate every frame of a clip so the onset frame's eyes are level.
+        face_size: side of the face crop the views are resized from.
+        flow_pair: ``onset_apex`` (standard) or ``apex_offset``.
+        clip_fps: None: clips time-normalised over onset..offset; a number: frames 1/clip_fps s
+            apart at each dataset's own fps (a common time scale for mixed 200/90/30 fps data).
+        preprocess_workers: processes that fill the preprocessing cache (0: this process).
+        strict: stop at the first sample whose frames are missing or unreadable instead of leaving
+            it out and listing it.
         val_subjects: training subjects held out for inner validation (0 = none). Never the test
             subject: this is the honest place for model selection.
         batch_size: training batch size.
@@ -170,6 +182,14 @@ class MERDataModule(L.LightningDataModule):
         missing_frames: Literal["error", "drop"] = "error",
         official_lists: bool = True,
         register: bool = True,
+        face_detector: str = "none",
+        face_margin: float = 0.15,
+        face_align: bool = False,
+        face_size: int = 256,
+        flow_pair: Literal["onset_apex", "apex_offset"] = "onset_apex",
+        clip_fps: float | None = None,
+        preprocess_workers: int = 0,
+        strict: bool = False,
         val_subjects: int = 0,
         batch_size: int = 16,
         num_workers: int = 0,
@@ -182,7 +202,9 @@ class MERDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.protocol = get_protocol(protocol, datasets=datasets, label_maps=label_maps, classes=classes)
         self.au_vocab = tuple(au_vocab) if au_vocab is not None else self.protocol.vocab
-        self.manifest: pd.DataFrame | None = None
+        self.manifest: pd.DataFrame | None = None  # the samples in use: validated and preprocessed
+        self._validated: pd.DataFrame | None = None
+        self.prepared: Prepared | None = None
         self.test_subject: str | None = None
 
     # Static facts, known before setup, linked into the model config by the CLI.
@@ -226,7 +248,7 @@ class MERDataModule(L.LightningDataModule):
 
     def load_manifest(self) -> pd.DataFrame:
         """Build (once per process and configuration) and return the protocol's validated manifest."""
-        if self.manifest is None:
+        if self._validated is None:
             self.prepare_data()
             hp = self.hparams
             options = {k: hp[k] for k in ("annotation", "annotations", "roots", "datasets", "label_maps", "classes",
@@ -234,8 +256,33 @@ class MERDataModule(L.LightningDataModule):
                                           "official_lists")}
             # Sheet modification times are part of the memo key: an edited sheet is read again.
             options["_stamp"] = _sheet_stamps(self.protocol, hp.data_root, hp.annotation, hp.annotations, hp.roots)
-            self.manifest = _manifest(self.protocol.name, str(hp.data_root), json.dumps(options, sort_keys=True))
-        return self.manifest
+            self._validated = _manifest(self.protocol.name, str(hp.data_root), json.dumps(options, sort_keys=True))
+        return self._validated
+
+    @property
+    def views(self) -> ViewConfig:
+        """The preprocessing configuration (everything in it is part of the cache key)."""
+        hp = self.hparams
+        return ViewConfig(image_size=hp.image_size, clip_len=hp.clip_len, clip_size=hp.clip_size,
+                          flow_algorithm=hp.flow_algorithm, flow_size=hp.flow_size,
+                          need_flow=hp.input_2d != "apex", register=hp.register, need_clip=self.protocol.has_clips,
+                          face_detector=hp.face_detector, face_margin=hp.face_margin, face_align=hp.face_align,
+                          face_size=hp.face_size, flow_pair=hp.flow_pair, clip_fps=hp.clip_fps)
+
+    def prepare(self) -> Prepared:
+        """Preprocess every sample once (cached; parallel with ``preprocess_workers``) and keep the
+        samples that succeeded; those that failed are logged with the file at fault."""
+        if self.prepared is None:
+            hp = self.hparams
+            validated = self.load_manifest()
+            self.prepared = preprocess(validated, hp.data_root, self.views, hp.cache_dir,
+                                       workers=hp.preprocess_workers, strict=hp.strict)
+            if self.prepared.failures:
+                log.warning("%d of %d samples left out (frames missing or unreadable; --data.strict=true stops "
+                            "instead):\n%s", len(self.prepared.failures), len(validated),
+                            "\n".join(f"  {k}: {v}" for k, v in self.prepared.failures.items()))
+            self.manifest = validated[self.prepared.ok].reset_index(drop=True)
+        return self.prepared
 
     @property
     def group_column(self) -> str:
@@ -244,24 +291,20 @@ class MERDataModule(L.LightningDataModule):
 
     def subjects(self) -> list[str]:
         """Sorted fold groups (namespaced subject ids, or datasets): fold ``k`` tests ``subjects()[k]``."""
-        return sorted(self.load_manifest()[self.group_column].unique())
+        self.prepare()
+        return sorted(self.manifest[self.group_column].unique())
 
     def setup(self, stage: str | None = None) -> None:
         """Load arrays and split train / (val) / test for ``fold``."""
         if getattr(self, "_ready", False):
             return
         hp = self.hparams
-        manifest = self.load_manifest()
-        subjects = self.subjects()
+        arrays = self.prepare().arrays
+        manifest, subjects = self.manifest, self.subjects()
         if not 0 <= hp.fold < len(subjects):
             raise ValueError(f"fold {hp.fold} out of range: protocol {self.protocol.name} has "
                              f"{len(subjects)} subjects (folds 0..{len(subjects) - 1})")
         self.test_subject = subjects[hp.fold]
-        views = ViewConfig(image_size=hp.image_size, clip_len=hp.clip_len, clip_size=hp.clip_size,
-                           flow_algorithm=hp.flow_algorithm, flow_size=hp.flow_size,
-                           need_flow=hp.input_2d != "apex", register=hp.register,
-                           need_clip=self.protocol.has_clips)
-        arrays = load_or_build(manifest, hp.data_root, views, hp.cache_dir)
         # Composites: an AU a sample's dataset never codes is masked, not read as "absent".
         coded = [get_dataset(d).au_coded for d in manifest["dataset"]] if self.protocol.composite else None
         au, au_mask = au_targets([parse_au_set(a) for a in manifest["au_set"]],

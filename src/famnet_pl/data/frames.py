@@ -1,8 +1,16 @@
-"""Frames on disk -> arrays: reading, resizing, clip index sampling, optical flow and strain.
+"""Frames on disk -> arrays: reading, resizing, clip sampling, optical flow and strain.
 
-* :func:`read_frame` reads one frame as RGB uint8 and names the file when it cannot.
-* :func:`clip_indices` picks T frame numbers from onset to offset (uniform; a clip shorter than T
-  repeats frames, i.e. nearest-neighbour temporal interpolation).
+* :func:`read_frame` reads one frame as RGB uint8 and names the file when it cannot: missing,
+  unreadable, or a JPEG cut short (OpenCV would silently decode the top part of a truncated JPEG).
+* :func:`open_frames` gives a :class:`FrameSource` for a sample: a frame folder (``frame_pattern``
+  names frame ``k``) or a video file (``frame_pattern`` ``@N``: frame ``k`` is decoded at index
+  ``k - N``; decord2 decodes only the frames asked for). Both go through the same pipeline.
+* :func:`clip_times` picks T (fractional) frame positions from onset to offset and
+  :func:`sample_clip` reads them, blending the two neighbouring frames of a fractional position
+  (linear temporal interpolation when a clip is shorter than T). Frame rates: by default a clip is
+  time-normalised (T positions over onset..offset whatever its length, so 200 fps CASME II and
+  30 fps CAS(ME)^3 clips both span their whole expression); with ``clip_fps`` the positions are
+  spaced 1/clip_fps seconds apart at the dataset's own fps, so clips share a time scale.
 * :func:`onset_apex_flow` computes the onset->apex optical flow (u, v) and the optical strain, the
   classic MER motion input. Flow is computed on grey frames at ``flow_size`` and then resized to the
   model's input size with the vectors rescaled, so values are pixels *at the input size*.
@@ -29,10 +37,72 @@ class FrameError(OSError):
 
 def read_frame(path: str | Path) -> np.ndarray:
     """Read one frame as RGB uint8 ``(H, W, 3)`` (grey frames are replicated to 3 channels)."""
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError:
+        raise FrameError(f"{path}: frame missing; restore the file or fix the sample's frame range") from None
+    # A JPEG ends with the EOI marker; libjpeg decodes a cut-short file with only a warning.
+    if path.suffix.lower() in (".jpg", ".jpeg") and b"\xff\xd9" not in data[-64:]:
+        raise FrameError(f"{path}: truncated JPEG (no end-of-image marker); restore the file from the dataset")
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if image is None:
-        raise FrameError(f"{path}: missing or unreadable frame; check the file or the sample's frame range")
+        raise FrameError(f"{path}: unreadable frame (not a decodable image); restore the file from the dataset")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+class FrameSource:
+    """Frames of one sample by frame number: a folder of image files."""
+
+    def __init__(self, frame_dir: Path, pattern: str) -> None:
+        self.frame_dir, self.pattern = frame_dir, pattern
+
+    def read(self, k: int) -> np.ndarray:
+        """Frame ``k`` as RGB uint8."""
+        return read_frame(self.frame_dir / self.pattern.format(k=k))
+
+    def read_many(self, ks: list[int]) -> list[np.ndarray]:
+        """Frames ``ks`` (each read once, in the given order)."""
+        cache = {k: self.read(k) for k in dict.fromkeys(ks)}
+        return [cache[k] for k in ks]
+
+
+class VideoSource(FrameSource):
+    """Frames of one sample from a video file; frame ``k`` is decoded at index ``k - first``."""
+
+    def __init__(self, path: Path, first: int) -> None:
+        self.path, self.first = path, first
+        try:
+            import decord  # decord2: frame-exact random access
+
+            self.reader = decord.VideoReader(str(path), num_threads=1)
+        except Exception as exc:  # decord raises its own error types for a missing or broken file
+            raise FrameError(f"{path}: cannot open video ({type(exc).__name__}); restore the file") from None
+
+    def read_many(self, ks: list[int]) -> list[np.ndarray]:
+        index = [k - self.first for k in ks]
+        bad = [k for k, i in zip(ks, index) if not 0 <= i < len(self.reader)]
+        if bad:
+            raise FrameError(f"{self.path}: frames {bad[:5]} are outside the video's {len(self.reader)} frames "
+                             f"(first frame number {self.first}); fix the sample's frame range")
+        unique = sorted(set(index))
+        batch = self.reader.get_batch(unique).asnumpy()  # only the frames asked for are decoded
+        by_index = dict(zip(unique, batch))
+        return [np.ascontiguousarray(by_index[i]) for i in index]
+
+    def read(self, k: int) -> np.ndarray:
+        return self.read_many([k])[0]
+
+
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv")
+
+
+def open_frames(root: Path, frame_dir: str, pattern: str) -> FrameSource:
+    """The frame source of a manifest row (``frame_dir`` relative to ``root``)."""
+    path = root / frame_dir
+    if pattern.startswith("@") or path.suffix.lower() in VIDEO_SUFFIXES:
+        return VideoSource(path, int(pattern[1:] or 0) if pattern.startswith("@") else 0)
+    return FrameSource(path, pattern)
 
 
 def resize(image: np.ndarray, size: int) -> np.ndarray:
@@ -41,9 +111,38 @@ def resize(image: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(image, (size, size), interpolation=cv2.INTER_LINEAR if enlarge else cv2.INTER_AREA)
 
 
-def clip_indices(onset: int, offset: int, length: int) -> np.ndarray:
-    """``length`` frame numbers spread uniformly over ``[onset, offset]`` (repeats when short)."""
-    return np.round(np.linspace(onset, offset, length)).astype(int)
+def clip_times(onset: int, offset: int, length: int, *, fps: float = 0, clip_fps: float | None = None) -> np.ndarray:
+    """``length`` frame positions from ``onset``.
+
+    Time-normalised (default): spread uniformly over ``[onset, offset]``, rounded to whole frames
+    when the clip has at least ``length`` frames, fractional (interpolated) when it is shorter. With
+    ``clip_fps``: spaced ``fps / clip_fps`` frames apart from the onset (a common time scale across
+    datasets), held at the offset once the clip has ended.
+    """
+    if clip_fps:
+        return np.minimum(onset + np.arange(length) * (fps / clip_fps), offset)
+    times = np.linspace(onset, offset, length)
+    return np.round(times) if offset - onset + 1 >= length else times
+
+
+def sample_clip(source: FrameSource, times: np.ndarray, transform=None) -> np.ndarray:
+    """Frames at fractional positions ``times``: each is the linear blend of its two neighbouring
+    frames (exact frames where the position is whole). ``transform(frame, k)`` (e.g. crop, register,
+    resize) is applied to every frame read, before blending. Returns uint8 ``(T, H, W, 3)``."""
+    lo = np.floor(times).astype(int)
+    hi = np.minimum(lo + 1, int(np.ceil(times.max())))
+    weight = (times - lo).astype(np.float32)
+    needed = sorted(set(lo.tolist()) | {h for h, w in zip(hi.tolist(), weight) if w > 1e-6})
+    frames = dict(zip(needed, source.read_many(needed)))
+    if transform is not None:
+        frames = {k: transform(f, k) for k, f in frames.items()}
+    out = []
+    for a, b, w in zip(lo, hi, weight):
+        if w <= 1e-6:
+            out.append(frames[a])
+        else:
+            out.append(np.rint(frames[a] * (1 - w) + frames[b] * w).astype(np.uint8))
+    return np.stack(out)
 
 
 def register_to(reference: np.ndarray, frame: np.ndarray) -> np.ndarray:

@@ -307,6 +307,29 @@ def _blink(face: _Face, closure: float) -> np.ndarray:
     return img
 
 
+def _warp(base: np.ndarray, disp: np.ndarray, w: np.float32, shift=(0.0, 0.0)) -> np.ndarray:
+    """``base`` with ``w`` times the displacement field applied (plus a global shift)."""
+    size = base.shape[0]
+    ys, xs = np.mgrid[0:size, 0:size].astype(np.float32)
+    # remap pulls from map(x): x - d(x) approximates the inverse of a small forward warp.
+    mx = xs - w * disp[..., 0] - np.float32(shift[0])
+    my = ys - w * disp[..., 1] - np.float32(shift[1])
+    return cv2.remap(base, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+
+
+def displacement_pair(*, label: str = "1+2", seed: int = 0, size: int = 128,
+                      gain: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A noise-free onset/apex pair and its known displacement field, rendered exactly as the
+    generator renders clips (same face model, AU field and warp): ``(onset, apex, field)``, RGB
+    uint8 frames and a float32 ``(size, size, 2)`` field in pixels. For checking optical flow."""
+    rng = np.random.default_rng(seed)
+    face = _draw_face(rng, size)
+    disp = _au_field(face, label, rng, SynthSpec().expression_scale * gain, size)
+    onset = face.image
+    apex = _warp(onset, disp, np.float32(1.0))
+    return cv2.cvtColor(onset, cv2.COLOR_BGR2RGB), cv2.cvtColor(apex, cv2.COLOR_BGR2RGB), disp
+
+
 def _render_clip(face: _Face, label: str, n: int, apex: int, spec: SynthSpec,
                  rng: np.random.Generator) -> list[bytes]:
     """Render one clip to a list of JPEG byte strings (onset..offset)."""
@@ -320,16 +343,11 @@ def _render_clip(face: _Face, label: str, n: int, apex: int, spec: SynthSpec,
         dur = min(int(rng.integers(3, 6)), n)
         start = int(rng.integers(0, n - dur + 1))
         closure[start:start + dur] = np.sin(np.pi * np.arange(1, dur + 1) / (dur + 1))
-    ys, xs = np.mgrid[0:size, 0:size].astype(np.float32)
     frames = []
     for i in range(n):
         base = _blink(face, closure[i]) if closure[i] > 0 else face.image
         shift = drift * i / (n - 1) + rng.normal(0, 0.05 * u, 2)
-        # remap pulls from map(x): x - d(x) approximates the inverse of a small forward warp.
-        w = np.float32(profile[i])
-        mx = xs - w * disp[..., 0] - np.float32(shift[0])
-        my = ys - w * disp[..., 1] - np.float32(shift[1])
-        img = cv2.remap(base, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT).astype(np.float32)
+        img = _warp(base, disp, np.float32(profile[i]), shift).astype(np.float32)
         img = img * np.float32(gains[i]) + rng.standard_normal(img.shape, dtype=np.float32) * spec.noise_std
         ok, buf = cv2.imencode(".jpg", np.clip(np.rint(img), 0, 255).astype(np.uint8),
                                [cv2.IMWRITE_JPEG_QUALITY, 95])

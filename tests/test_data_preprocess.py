@@ -1,0 +1,187 @@
+"""Preprocessing: flow accuracy against a known field, the cache and its keys, bad frames, video
+files, clip sampling."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+
+from famnet_pl.data.cache import ViewConfig, preprocess, preprocess_sample, sample_key
+from famnet_pl.data.frames import FrameError, FrameSource, clip_times, onset_apex_flow, read_frame, sample_clip
+from famnet_pl.data.manifest import build_manifest
+from famnet_pl.data.synthetic import displacement_pair
+
+SMALL = ViewConfig(image_size=32, clip_len=4, clip_size=24, flow_algorithm="farneback", flow_size=64)
+
+
+# --- optical flow against the generator's displacement field ----------------------------------------
+
+# Documented bound (README, "Preprocessing"): inside the AU regions (|d| > half its maximum), TV-L1's
+# mean endpoint error at 128 px is below 0.8 px and below 0.6 of the zero-flow error |d|
+# (measured 0.24-0.75 px for displacements of 0.7-2.3 px).
+@pytest.mark.parametrize("label", ["1+2", "6+12", "4+9", "14", "15+17"])
+def test_tvl1_recovers_the_known_displacement_inside_au_regions(label):
+    onset, apex, field = displacement_pair(label=label, seed=0)
+    flow = onset_apex_flow(onset, apex, algorithm="tvl1", flow_size=128, out_size=128)[..., :2]
+    magnitude = np.linalg.norm(field, axis=-1)
+    region = magnitude > 0.5 * magnitude.max()
+    epe = np.linalg.norm(flow - field, axis=-1)[region].mean()
+    assert epe < 0.8 and epe < 0.6 * magnitude[region].mean()
+
+
+# --- the cache -------------------------------------------------------------------------------------
+
+@pytest.fixture()
+def synth_manifest(tiny_synth):
+    return build_manifest(protocol="synth_4cls", root=tiny_synth)[0]
+
+
+def _variants() -> list[tuple[str, object]]:
+    """One changed value for every preprocessing field."""
+    changed = {"image_size": 48, "clip_len": 6, "clip_size": 32, "flow_algorithm": "dis", "flow_size": 96,
+               "need_flow": False, "register": False, "need_clip": False, "face_detector": "center",
+               "face_margin": 0.3, "face_align": True, "face_size": 128, "flow_pair": "apex_offset",
+               "clip_fps": 100.0}
+    assert set(changed) == {f.name for f in dataclasses.fields(ViewConfig)}  # a new field needs a variant
+    return list(changed.items())
+
+
+@pytest.mark.parametrize("name, value", _variants())
+def test_configs_that_differ_in_any_parameter_never_share_an_entry(name, value, synth_manifest, tiny_synth):
+    row = dict(next(synth_manifest.itertuples(index=False))._asdict())
+    other = dataclasses.replace(SMALL, **{name: value})
+    assert sample_key(row, tiny_synth, SMALL) != sample_key(row, tiny_synth, other)
+
+
+def test_sample_key_changes_with_the_sample_and_its_frames(synth_manifest, tiny_synth, tmp_path):
+    rows = [dict(r._asdict()) for r in synth_manifest.itertuples(index=False)]
+    assert len({sample_key(r, tiny_synth, SMALL) for r in rows}) == len(rows)
+    root = tmp_path / "copy"
+    shutil.copytree(tiny_synth, root)
+    before = sample_key(rows[0], root, SMALL)
+    folder = root / rows[0]["frame_dir"]
+    (folder / "extra.txt").write_text("a re-extracted folder changes its modification time")
+    assert sample_key(rows[0], root, SMALL) != before
+    moved = dict(rows[0], apex=rows[0]["apex"] + 1)
+    assert sample_key(moved, root, SMALL) != sample_key(rows[0], root, SMALL)
+
+
+def test_second_run_is_served_from_the_cache_and_resumes(synth_manifest, tiny_synth, tmp_path):
+    first = preprocess(synth_manifest, tiny_synth, SMALL, tmp_path, progress=False)
+    assert first.built == len(synth_manifest) and first.ok.all()
+    second = preprocess(synth_manifest, tiny_synth, SMALL, tmp_path, progress=False)
+    assert second.built == 0 and second.cached == len(synth_manifest)
+    for name in ("apex", "flow", "clip"):
+        np.testing.assert_array_equal(first.arrays[name], second.arrays[name])
+    # A run killed midway left some entries and no pack: the next run builds only what is missing.
+    shutil.rmtree(tmp_path / "packs")
+    for entry in sorted((tmp_path / "samples").rglob("*.npz"))[:3]:
+        entry.unlink()
+    third = preprocess(synth_manifest, tiny_synth, SMALL, tmp_path, progress=False)
+    assert third.built == 3 and third.cached == len(synth_manifest) - 3
+    np.testing.assert_array_equal(first.arrays["clip"], third.arrays["clip"])
+
+
+def test_parallel_workers_give_the_same_arrays(synth_manifest, tiny_synth, tmp_path):
+    one = preprocess(synth_manifest, tiny_synth, SMALL, tmp_path / "one", progress=False)
+    two = preprocess(synth_manifest, tiny_synth, SMALL, tmp_path / "two", workers=2, progress=False)
+    for name in ("apex", "flow", "clip"):
+        np.testing.assert_array_equal(one.arrays[name], two.arrays[name])
+
+
+# --- bad frames --------------------------------------------------------------------------------------
+
+def test_truncated_jpeg_and_missing_frame_name_the_file_and_lose_nothing_else(synth_manifest, tiny_synth, tmp_path):
+    root = tmp_path / "broken"
+    shutil.copytree(tiny_synth, root)
+    rows = [dict(r._asdict()) for r in synth_manifest.itertuples(index=False)]
+    truncated = root / rows[0]["frame_dir"] / rows[0]["frame_pattern"].format(k=rows[0]["apex"])
+    truncated.write_bytes(truncated.read_bytes()[:-300])
+    missing = root / rows[1]["frame_dir"] / rows[1]["frame_pattern"].format(k=rows[1]["offset"])
+    missing.unlink()
+
+    with pytest.raises(FrameError, match="truncated JPEG"):
+        read_frame(truncated)
+    result = preprocess(synth_manifest, root, SMALL, tmp_path / "cache", progress=False)
+    assert result.failures.keys() == {rows[0]["sample_id"], rows[1]["sample_id"]}
+    assert str(truncated) in result.failures[rows[0]["sample_id"]]
+    assert str(missing) in result.failures[rows[1]["sample_id"]] and "missing" in result.failures[rows[1]["sample_id"]]
+    assert result.ok.sum() == len(rows) - 2 and len(result.arrays["clip"]) == len(rows) - 2
+    good = preprocess(synth_manifest.iloc[2:], tiny_synth, SMALL, tmp_path / "clean", progress=False)
+    np.testing.assert_array_equal(result.arrays["clip"], good.arrays["clip"])   # the others are untouched
+    with pytest.raises(FrameError, match=str(truncated)):
+        preprocess(synth_manifest, root, SMALL, tmp_path / "strict", strict=True, progress=False)
+
+
+def test_preprocess_cli_reports_and_strict_stops_with_one_line(tiny_synth, tmp_path, capsys):
+    from famnet_pl.cli import main
+
+    root = tmp_path / "broken"
+    shutil.copytree(tiny_synth, root)
+    victim = sorted((root / "CASME2_RAW_selected").rglob("*.jpg"))[3]
+    victim.write_bytes(victim.read_bytes()[:200])   # (a missing file is caught by the manifest check)
+    args = ["preprocess", "synth", "--data-root", str(root), "--workers", "1", f"--data.cache_dir={tmp_path}",
+            "--data.image_size=24", "--data.clip_len=2", "--data.clip_size=16", "--data.flow_size=32"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "11 built" in out and "1 left out" in out and victim.name in out
+    assert main([*args, "--strict"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("famnet-pl preprocess: error") and victim.name in errors[0]
+
+
+# --- video files --------------------------------------------------------------------------------------
+
+# Documented tolerance (README): an MPEG-4 Part 2 (mp4v) file written by OpenCV at its default
+# quality gives the same frame numbers and arrays within a mean absolute error of 4 grey levels
+# per pixel (apex and clip) and 0.35 px of mean flow difference.
+def test_mp4_clip_gives_the_same_arrays_as_its_frame_folder(synth_manifest, tiny_synth, tmp_path):
+    row = dict(next(synth_manifest.itertuples(index=False))._asdict())
+    source = FrameSource(tiny_synth / row["frame_dir"], row["frame_pattern"])
+    frames = source.read_many(list(range(row["onset"], row["offset"] + 1)))
+    video = tmp_path / "clip.mp4"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"mp4v"), 30, frames[0].shape[1::-1])
+    for frame in frames:
+        writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+    writer.release()
+    as_video = dict(row, frame_dir=str(video), frame_pattern=f"@{row['onset']}")
+    views = dataclasses.replace(SMALL, flow_algorithm="tvl1")
+    a, b = preprocess_sample(row, tiny_synth, views), preprocess_sample(as_video, tmp_path, views)
+    for name in ("apex", "clip"):
+        assert a[name].shape == b[name].shape
+        assert np.abs(a[name].astype(float) - b[name].astype(float)).mean() < 4
+    assert np.abs(a["flow"][..., :2] - b["flow"][..., :2]).mean() < 0.35
+    with pytest.raises(FrameError, match="outside the video"):
+        preprocess_sample(dict(as_video, offset=row["offset"] + 50), tmp_path, views)
+
+
+# --- clip sampling --------------------------------------------------------------------------------------
+
+class _Counter(FrameSource):
+    """Frame k is a constant image of value 10 * k (to see interpolation)."""
+
+    def __init__(self):
+        self.reads = []
+
+    def read(self, k):
+        self.reads.append(k)
+        return np.full((2, 2, 3), 10 * k, np.uint8)
+
+
+def test_short_clip_is_interpolated_long_clip_is_sampled():
+    short = sample_clip(_Counter(), clip_times(1, 3, 5))           # 3 frames -> 5: blends in between
+    np.testing.assert_array_equal(short[:, 0, 0, 0], [10, 15, 20, 25, 30])
+    source = _Counter()
+    long = sample_clip(source, clip_times(1, 20, 4))               # whole frames only, each read once
+    np.testing.assert_array_equal(long[:, 0, 0, 0], [10, 70, 140, 200])
+    assert sorted(source.reads) == [1, 7, 14, 20]
+
+
+def test_clip_fps_puts_datasets_on_one_time_scale():
+    np.testing.assert_allclose(clip_times(100, 200, 4, fps=200, clip_fps=50), [100, 104, 108, 112])
+    np.testing.assert_allclose(clip_times(10, 12, 4, fps=30, clip_fps=50), [10, 10.6, 11.2, 11.8])
+    np.testing.assert_allclose(clip_times(10, 11, 4, fps=30, clip_fps=50), [10, 10.6, 11, 11])
