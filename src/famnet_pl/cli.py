@@ -1,4 +1,4 @@
-"""Command line: ``famnet-pl {loso,fit,aggregate,manifest,synth,fabricate,preprocess}`` and the LightningCLI behind them.
+"""Command line: ``famnet-pl {loso,fit,aggregate,manifest,synth,fabricate,preprocess,show}`` and the LightningCLI behind them.
 
 ``FamNetCLI`` is a LightningCLI over (:class:`FAMNetLitModule`, :class:`MERDataModule`) whose
 model sizes that follow from the data (classes, AUs, 2D channels) are linked from the DataModule,
@@ -181,6 +181,43 @@ def _pinned_sheets(protocol: str, folder: Path) -> dict[str, str]:
     return found
 
 
+def _data_module(dataset: str, experiments: str, data_root: str | None, extra: list[str]):
+    """The DataModule of ``experiments/data/<dataset>.yaml`` (or a config path) with overrides."""
+    exp = Path(experiments)
+    config = Path(dataset) if dataset.endswith(".yaml") else exp / "data" / f"{dataset}.yaml"
+    args = ["--config", str(exp / "base.yaml"), "--config", str(config),
+            *([f"--data.data_root={data_root}"] if data_root else []), *extra]
+    return build_cli(args).datamodule
+
+
+def _show(argv: list[str]) -> int:
+    from famnet_pl.data.manifest import ManifestError
+    from famnet_pl.data.show import render
+    from famnet_pl.utils.io import atomic_write_bytes
+
+    parser = argparse.ArgumentParser(prog="famnet-pl show", description="write a PNG of one sample's "
+                                     "preprocessing (onset, apex, flow, strain, clip)")
+    parser.add_argument("sample", help="sample id, e.g. samm/006/006_1_2 (a unique prefix is enough)")
+    parser.add_argument("dataset", nargs="?", default="synth", help="experiments/data/<dataset>.yaml")
+    parser.add_argument("--data-root", default=None)
+    parser.add_argument("--out", default=None, help="PNG to write (default: <sample id with _>.png)")
+    parser.add_argument("--experiments", default="experiments")
+    opts, rest = parser.parse_known_args(argv)
+    dm = _data_module(opts.dataset, opts.experiments, opts.data_root, rest)
+    manifest = dm.load_manifest()
+    hits = manifest[manifest["sample_id"].str.startswith(opts.sample)]
+    if len(hits) != 1:
+        raise ManifestError(f"{len(hits)} samples match {opts.sample!r} in {dm.protocol.name} (e.g. "
+                            f"{manifest['sample_id'].iloc[:3].tolist()}); give a unique sample id")
+    row = dict(next(hits.itertuples(index=False))._asdict())
+    if row["flow_image"]:
+        raise ManifestError(f"{row['sample_id']}: precomputed flow images have no frames to show")
+    out = Path(opts.out or f"{row['sample_id'].replace('/', '_')}.png")
+    atomic_write_bytes(out, render(row, dm.hparams.data_root, dm.views))
+    print(f"wrote {out}")
+    return 0
+
+
 def _preprocess(argv: list[str]) -> int:
     import time
 
@@ -192,12 +229,8 @@ def _preprocess(argv: list[str]) -> int:
     parser.add_argument("--strict", action="store_true", help="stop at the first unreadable sample")
     parser.add_argument("--experiments", default="experiments", help="folder of base.yaml and data/*.yaml")
     opts, rest = parser.parse_known_args(argv)
-    exp = Path(opts.experiments)
-    config = Path(opts.dataset) if opts.dataset.endswith(".yaml") else exp / "data" / f"{opts.dataset}.yaml"
-    args = ["--config", str(exp / "base.yaml"), "--config", str(config),
-            f"--data.preprocess_workers={opts.workers}", f"--data.strict={str(opts.strict).lower()}",
-            *([f"--data.data_root={opts.data_root}"] if opts.data_root else []), *rest]
-    dm = build_cli(args).datamodule
+    dm = _data_module(opts.dataset, opts.experiments, opts.data_root,
+                      [f"--data.preprocess_workers={opts.workers}", f"--data.strict={str(opts.strict).lower()}", *rest])
     dm.load_manifest()  # sheet and frame checks are not part of the preprocessing time
     start = time.perf_counter()
     prepared = dm.prepare()
@@ -224,7 +257,7 @@ def _synth(argv: list[str]) -> int:
 
 
 COMMANDS = {"loso": _loso, "fit": _fit, "aggregate": _aggregate, "manifest": _manifest, "synth": _synth,
-            "fabricate": _fabricate, "preprocess": _preprocess}
+            "fabricate": _fabricate, "preprocess": _preprocess, "show": _show}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,6 +40,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import shutil
 import time
@@ -206,6 +207,13 @@ def _build_entry(row: dict, root: str, views: ViewConfig, path: str) -> str | No
     return None
 
 
+def _worker_init() -> None:
+    # One OpenCV thread per worker: N processes x OpenCV's own threads would oversubscribe the cores.
+    import cv2
+
+    cv2.setNumThreads(1)
+
+
 def preprocess(manifest: pd.DataFrame, root: str | Path, views: ViewConfig, cache_dir: str | Path, *,
                workers: int = 0, strict: bool = False, progress: bool = True) -> Prepared:
     """Fill the sample cache for ``manifest`` (in ``workers`` processes) and return the packed arrays.
@@ -249,7 +257,9 @@ def preprocess(manifest: pd.DataFrame, root: str | Path, views: ViewConfig, cach
         log.warning("sample %s left out: %s", rows[i]["sample_id"], error)
 
     if workers > 1 and len(todo) > 1:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        # forkserver, not fork: OpenCV's thread pool is not fork-safe once this process has used it.
+        context = multiprocessing.get_context("forkserver")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_worker_init) as pool:
             futures = {pool.submit(_build_entry, rows[i], str(root), views, str(_entry(cache_dir, keys[i]))): i
                        for i in todo}
             for future in as_completed(futures):

@@ -157,6 +157,17 @@ _MTCNN_LOCK = threading.Lock()
 _MTCNN_CACHE: dict[int, Any] = {}
 
 
+def _after_fork_in_child() -> None:
+    # A fork taken while another thread held the lock would leave the child's copy locked forever.
+    global _MTCNN_LOCK
+    _MTCNN_LOCK = threading.Lock()
+    _MTCNN_CACHE.clear()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX; elsewhere workers are spawned and start clean
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _mtcnn() -> Any:
     """The process's MTCNN model (created on first use). Call with ``_MTCNN_LOCK`` held."""
     pid = os.getpid()
