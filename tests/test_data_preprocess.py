@@ -209,3 +209,13 @@ def test_flow_colours_follow_direction():
     right = flow_to_rgb(np.dstack([np.ones((4, 4)), np.zeros((4, 4))]).astype(np.float32))
     left = flow_to_rgb(np.dstack([-np.ones((4, 4)), np.zeros((4, 4))]).astype(np.float32))
     assert (right[0, 0] != left[0, 0]).any() and right.max() == 255
+
+
+def test_a_video_layout_goes_through_the_manifest_check(synth_manifest, tiny_synth, tmp_path):
+    from famnet_pl.data.manifest import check_files
+
+    row = synth_manifest.iloc[:1].assign(frame_dir="clip.mp4", frame_pattern="@1")
+    with pytest.raises(Exception, match="video .*clip.mp4 does not exist"):
+        check_files(row, tmp_path)
+    (tmp_path / "clip.mp4").write_bytes(b"")
+    assert len(check_files(row, tmp_path)) == 1

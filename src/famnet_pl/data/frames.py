@@ -202,20 +202,18 @@ def onset_apex_flow(onset: np.ndarray, apex: np.ndarray, *, algorithm: FlowAlgor
     return np.dstack([flow, optical_strain(flow)]).astype(np.float32)
 
 
-def peak_motion_frame(paths: list[Path], *, first: int, size: int = 64, max_frames: int = 48) -> int:
-    """Frame number of largest motion from the first frame (an apex estimate).
+def peak_motion_frame(source: FrameSource, onset: int, offset: int, *, size: int = 64, max_frames: int = 48) -> int:
+    """Frame number of largest motion from the onset (an apex estimate).
 
-    Farneback flow from ``paths[0]`` (the onset) to up to ``max_frames`` frames spread over the clip,
-    at ``size`` px; the frame with the largest mean flow magnitude wins. ``first`` is the frame
-    number of ``paths[0]``. Used to repair a missing or impossible apex (flagged ``flow_peak``).
+    Farneback flow from the onset frame to up to ``max_frames`` frames spread over onset..offset, at
+    ``size`` px; the frame with the largest mean flow magnitude wins. Used to repair a missing or
+    impossible apex (flagged ``flow_peak``); works on frame folders and video files alike.
     """
-    def grey(path: Path) -> np.ndarray:
-        return cv2.cvtColor(resize(read_frame(path), size), cv2.COLOR_RGB2GRAY)
-
-    if len(paths) < 2:
-        return first
-    onset = grey(paths[0])
-    picks = np.unique(np.linspace(1, len(paths) - 1, min(max_frames, len(paths) - 1)).round().astype(int))
-    scores = [np.linalg.norm(cv2.calcOpticalFlowFarneback(onset, grey(paths[i]), None, 0.5, 3, 9, 3, 5, 1.1, 0),
-                             axis=-1).mean() for i in picks]
-    return first + int(picks[int(np.argmax(scores))])
+    if offset <= onset:
+        return onset
+    picks = np.unique(np.linspace(onset + 1, offset, min(max_frames, offset - onset)).round().astype(int)).tolist()
+    first, *rest = source.read_many([onset, *picks])
+    grey = [cv2.cvtColor(resize(frame, size), cv2.COLOR_RGB2GRAY) for frame in (first, *rest)]
+    scores = [np.linalg.norm(cv2.calcOpticalFlowFarneback(grey[0], g, None, 0.5, 3, 9, 3, 5, 1.1, 0), axis=-1).mean()
+              for g in grey[1:]]
+    return int(picks[int(np.argmax(scores))])

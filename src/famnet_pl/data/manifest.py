@@ -260,11 +260,9 @@ def _key(spec: DatasetSpec, subject: str, video: str, onset: float) -> str:
 
 
 def _peak_apex(root: Path, paths: dict[str, str], onset: int, offset: int) -> int:
-    from famnet_pl.data.frames import peak_motion_frame  # cv2 only when asked for
+    from famnet_pl.data.frames import open_frames, peak_motion_frame  # cv2 only when asked for
 
-    frame_dir = root / paths["frame_dir"]
-    return peak_motion_frame([frame_dir / paths["frame_pattern"].format(k=k) for k in range(onset, offset + 1)],
-                             first=onset)
+    return peak_motion_frame(open_frames(root, paths["frame_dir"], paths["frame_pattern"]), onset, offset)
 
 
 def build_manifest(
@@ -540,6 +538,8 @@ def _file_problem(onset, offset, paths: dict, root: Path) -> str | None:
         absent = [str(root / p) for p in (paths["flow_image"], paths["apex_image"]) if p and not (root / p).is_file()]
         return f"file(s) {absent} do not exist" if absent else None
     frame_dir = root / paths["frame_dir"]
+    if paths["frame_pattern"].startswith("@"):  # a video file: its frame count is checked on reading
+        return None if frame_dir.is_file() else f"video {frame_dir} does not exist"
     if not frame_dir.is_dir():
         return f"frame folder {frame_dir} does not exist"
     if pd.isna(onset):
