@@ -115,6 +115,10 @@ def test_truncated_jpeg_and_missing_frame_name_the_file_and_lose_nothing_else(sy
     np.testing.assert_array_equal(result.arrays["clip"], good.arrays["clip"])   # the others are untouched
     with pytest.raises(FrameError, match=str(truncated)):
         preprocess(synth_manifest, root, SMALL, tmp_path / "strict", strict=True, progress=False)
+    # Restoring the file (in place: the folder's timestamp does not change) is picked up next run.
+    shutil.copy2(tiny_synth / rows[0]["frame_dir"] / truncated.name, truncated)
+    again = preprocess(synth_manifest, root, SMALL, tmp_path / "cache", progress=False)
+    assert rows[0]["sample_id"] not in again.failures and again.ok.sum() == len(rows) - 1
 
 
 def test_preprocess_cli_reports_and_strict_stops_with_one_line(tiny_synth, tmp_path, capsys):

@@ -237,11 +237,16 @@ def preprocess(manifest: pd.DataFrame, root: str | Path, views: ViewConfig, cach
     pack = cache_dir / "packs" / hashlib.sha256("\n".join(keys).encode()).hexdigest()[:20]
     if (pack / "meta.json").is_file():
         meta = json.loads((pack / "meta.json").read_text())
-        if strict and meta["failures"]:
-            sample, error = next(iter(meta["failures"].items()))
-            raise FrameError(f"sample {sample}: {error}")
-        ok = np.array(meta["ok"], dtype=bool)
-        return Prepared(_load(pack), ok, meta["failures"], 0, len(rows), time.perf_counter() - start)
+        # Samples that failed are tried again (a restored file does not change the sample key):
+        # if one now succeeds, the pack is rebuilt below; otherwise the cached pack stands.
+        retry = [i for i, r in enumerate(rows) if r["sample_id"] in meta["failures"]]
+        if not any(_build_entry(rows[i], str(root), views, str(_entry(cache_dir, keys[i]))) is None for i in retry):
+            if strict and meta["failures"]:
+                sample, error = next(iter(meta["failures"].items()))
+                raise FrameError(f"sample {sample}: {error}")
+            ok = np.array(meta["ok"], dtype=bool)
+            return Prepared(_load(pack), ok, meta["failures"], 0, len(rows), time.perf_counter() - start)
+        shutil.rmtree(pack, ignore_errors=True)
 
     todo = [i for i, k in enumerate(keys) if not _entry(cache_dir, k).is_file()]
     failures: dict[str, str] = {}
