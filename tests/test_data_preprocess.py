@@ -33,6 +33,16 @@ def test_tvl1_recovers_the_known_displacement_inside_au_regions(label):
     assert epe < 0.8 and epe < 0.6 * magnitude[region].mean()
 
 
+def test_flow_is_rescaled_to_the_input_size():
+    """Computed at 128 px, returned at 64 px: vectors halve (pixels at the input size)."""
+    onset, apex, field = displacement_pair(label="15+17", seed=0)
+    flow = onset_apex_flow(onset, apex, algorithm="tvl1", flow_size=128, out_size=64)[..., :2]
+    small = cv2.resize(field, (64, 64), interpolation=cv2.INTER_AREA) * 0.5
+    magnitude = np.linalg.norm(small, axis=-1)
+    region = magnitude > 0.5 * magnitude.max()
+    assert np.linalg.norm(flow - small, axis=-1)[region].mean() < 0.6 * magnitude[region].mean()
+
+
 # --- the cache -------------------------------------------------------------------------------------
 
 @pytest.fixture()
@@ -126,7 +136,8 @@ def test_preprocess_cli_reports_and_strict_stops_with_one_line(tiny_synth, tmp_p
 
     root = tmp_path / "broken"
     shutil.copytree(tiny_synth, root)
-    victim = sorted((root / "CASME2_RAW_selected").rglob("*.jpg"))[3]
+    row = build_manifest(protocol="synth_4cls", root=root)[0].iloc[3]
+    victim = root / row["frame_dir"] / row["frame_pattern"].format(k=row["apex"])
     victim.write_bytes(victim.read_bytes()[:200])   # (a missing file is caught by the manifest check)
     args = ["preprocess", "synth", "--data-root", str(root), "--workers", "1", f"--data.cache_dir={tmp_path}",
             "--data.image_size=24", "--data.clip_len=2", "--data.clip_size=16", "--data.flow_size=32"]
@@ -161,6 +172,20 @@ def test_mp4_clip_gives_the_same_arrays_as_its_frame_folder(synth_manifest, tiny
     assert np.abs(a["flow"][..., :2] - b["flow"][..., :2]).mean() < 0.35
     with pytest.raises(FrameError, match="outside the video"):
         preprocess_sample(dict(as_video, offset=row["offset"] + 50), tmp_path, views)
+
+
+def test_video_frame_numbers_map_to_the_right_frames(tmp_path):
+    """Frame k of a video whose first frame is number 40 is the (k - 40)-th picture: each picture
+    is a flat grey of 20 * its index, so an off-by-one shows as 20 grey levels (codec error ~1)."""
+    from famnet_pl.data.frames import VideoSource
+
+    video = tmp_path / "counter.mp4"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"mp4v"), 30, (64, 64))
+    for i in range(10):
+        writer.write(np.full((64, 64, 3), 20 * i + 10, np.uint8))
+    writer.release()
+    frames = VideoSource(video, first=40).read_many([47, 40, 43, 43])
+    np.testing.assert_allclose([f.mean() for f in frames], [150, 10, 70, 70], atol=3)
 
 
 # --- clip sampling --------------------------------------------------------------------------------------
@@ -223,3 +248,16 @@ def test_a_video_layout_goes_through_the_manifest_check(synth_manifest, tiny_syn
         check_files(row, tmp_path)
     (tmp_path / "clip.mp4").write_bytes(b"")
     assert len(check_files(row, tmp_path)) == 1
+
+
+def test_samples_without_a_face_are_reported_and_custom_detectors_run_in_process(synth_manifest, tiny_synth,
+                                                                                  tmp_path, caplog):
+    from famnet_pl.data.face import register_detector
+
+    register_detector("never_finds", lambda frame: None)
+    views = dataclasses.replace(SMALL, face_detector="never_finds", face_size=48)
+    result = preprocess(synth_manifest.iloc[:3], tiny_synth, views, tmp_path, workers=2, progress=False)
+    assert result.no_face == synth_manifest["sample_id"].iloc[:3].tolist() and result.ok.all()
+    assert "registered in this process only" in caplog.text
+    again = preprocess(synth_manifest.iloc[:3], tiny_synth, views, tmp_path, workers=2, progress=False)
+    assert again.no_face == result.no_face and again.built == 0

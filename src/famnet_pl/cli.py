@@ -238,9 +238,11 @@ def _preprocess(argv: list[str]) -> int:
     n = len(prepared.ok)
     print(f"preprocessed {n} samples of {dm.protocol.name} in {seconds:.2f} s ({n / max(seconds, 1e-9):.1f} "
           f"samples/s, {opts.workers} workers): {prepared.built} built, {prepared.cached} from the cache, "
-          f"{len(prepared.failures)} left out")
+          f"{len(prepared.failures)} left out, no face found in {len(prepared.no_face)}")
     for sample, error in prepared.failures.items():
         print(f"  left out {sample}: {error}")
+    if prepared.no_face:
+        print(f"  no face found (fallback crop): {', '.join(prepared.no_face[:20])}")
     return 0
 
 

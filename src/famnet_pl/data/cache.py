@@ -43,7 +43,9 @@ import logging
 import multiprocessing
 import os
 import shutil
+import socket
 import time
+import uuid
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -107,6 +109,7 @@ class Prepared:
         arrays: ``{"apex", "flow", "clip"}`` memory-mapped, rows = the manifest rows that succeeded.
         ok: bool per manifest row: preprocessed (False rows are in ``failures``).
         failures: sample id -> error message naming the file.
+        no_face: samples where the face detector found no face (the fallback crop was used).
         built, cached: sample entries computed now / found in the cache.
         seconds: wall time.
     """
@@ -114,19 +117,20 @@ class Prepared:
     arrays: dict[str, np.ndarray]
     ok: np.ndarray
     failures: dict[str, str] = field(default_factory=dict)
+    no_face: list[str] = field(default_factory=list)
     built: int = 0
     cached: int = 0
     seconds: float = 0.0
 
 
-def _source_stamp(root: Path, row: dict) -> int | None:
-    """Modification time of what a sample is read from (a re-extracted folder gets a new key)."""
-    target = root / (row["frame_dir"] or row["flow_image"])
-    return os.stat(target).st_mtime_ns if target.exists() else None
+def _source_stamp(root: Path, row: dict) -> list[int | None]:
+    """Modification times of what a sample is read from (a re-extracted folder gets a new key)."""
+    targets = [row["frame_dir"]] if row["frame_dir"] else [row["flow_image"], row["apex_image"]]
+    return [os.stat(root / t).st_mtime_ns if (root / t).exists() else None for t in targets]
 
 
 _KEY_FIELDS = ("sample_id", "dataset", "frame_dir", "frame_pattern", "flow_image", "apex_image", "onset", "apex",
-               "offset")
+               "offset")  # "dataset" also fixes the fps behind clip_fps
 
 
 def sample_key(row: dict, root: Path, views: ViewConfig, *, _common: str | None = None) -> str:
@@ -138,9 +142,15 @@ def sample_key(row: dict, root: Path, views: ViewConfig, *, _common: str | None 
 
 
 def _common_key(root: Path, views: ViewConfig) -> str:
-    """The part of every sample key shared by a whole run (computed once: the warm path is hot)."""
-    return json.dumps({"root": str(root.resolve()), "views": asdict(views), "version": CACHE_VERSION},
-                      sort_keys=True)
+    """The part of every sample key shared by a whole run (computed once: the warm path is hot):
+    the root, the options, and the code: CACHE_VERSION, the source of the preprocessing modules
+    (their constants and algorithm parameters) and the OpenCV version."""
+    import cv2
+
+    here = Path(__file__).parent
+    code = hashlib.sha256(b"".join((here / f).read_bytes() for f in ("cache.py", "frames.py", "face.py")))
+    return json.dumps({"root": str(root.resolve()), "views": asdict(views), "version": CACHE_VERSION,
+                       "code": code.hexdigest()[:16], "opencv": cv2.__version__}, sort_keys=True)
 
 
 def preprocess_sample(row: dict, root: str | Path, views: ViewConfig) -> dict[str, np.ndarray]:
@@ -156,7 +166,7 @@ def preprocess_sample(row: dict, root: str | Path, views: ViewConfig) -> dict[st
     onset_k, apex_k, offset_k = int(row["onset"]), int(row["apex"]), int(row["offset"])
     source = open_frames(root, row["frame_dir"], row["frame_pattern"])
     onset_raw = source.read(onset_k)
-    crop = _face_crop(onset_raw, views)
+    crop, face_found = _face_crop(onset_raw, views)
     onset = crop(onset_raw)
 
     def prepared(frame: np.ndarray, k: int) -> np.ndarray:
@@ -166,7 +176,7 @@ def preprocess_sample(row: dict, root: str | Path, views: ViewConfig) -> dict[st
         return register_to(onset, frame) if views.register else frame
 
     apex = prepared(source.read(apex_k), apex_k)
-    out = {"apex": resize(apex, s)}
+    out = {"apex": resize(apex, s), "face_found": np.array(face_found)}
     if views.need_flow:
         first, second = ((onset, apex) if views.flow_pair == "onset_apex"
                          else (apex, prepared(source.read(offset_k), offset_k)))
@@ -180,13 +190,14 @@ def preprocess_sample(row: dict, root: str | Path, views: ViewConfig) -> dict[st
 
 
 def _face_crop(onset: np.ndarray, views: ViewConfig):
-    """The per-frame crop function of a clip: detected once on the onset frame."""
+    """The per-frame crop function of a clip, detected once on the onset frame, and whether a face
+    was found (False: the detector's fallback box; reported by :func:`preprocess`)."""
     if views.face_detector == "none":
-        return lambda frame: frame
+        return (lambda frame: frame), True
     from famnet_pl.data.face import crop_frames, detect_face  # cv2.dnn models only when asked for
 
     box = detect_face(onset, detector=views.face_detector, margin=views.face_margin)
-    return lambda frame: crop_frames([frame], box, size=views.face_size, align=views.face_align)[0]
+    return (lambda frame: crop_frames([frame], box, size=views.face_size, align=views.face_align)[0]), box.found
 
 
 def _entry(cache_dir: Path, key: str) -> Path:
@@ -199,12 +210,20 @@ def _build_entry(row: dict, root: str, views: ViewConfig, path: str) -> str | No
         arrays = preprocess_sample(row, root, views)
     except FrameError as exc:
         return str(exc)
+    except Exception as exc:  # a corrupt video (decord), an OpenCV error...: this sample, not the run
+        source = Path(root) / (row["frame_dir"] or row["flow_image"])
+        return f"{source}: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f"{target.stem}.tmp-{os.getpid()}.npz")
+    tmp = target.with_name(f"{target.stem}.tmp-{_unique()}.npz")
     np.savez(tmp, **arrays)
     os.replace(tmp, target)
     return None
+
+
+def _unique() -> str:
+    """Suffix of temporary names: unique across processes and hosts sharing a cache folder."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 def _worker_init() -> None:
@@ -245,7 +264,8 @@ def preprocess(manifest: pd.DataFrame, root: str | Path, views: ViewConfig, cach
                 sample, error = next(iter(meta["failures"].items()))
                 raise FrameError(f"sample {sample}: {error}")
             ok = np.array(meta["ok"], dtype=bool)
-            return Prepared(_load(pack), ok, meta["failures"], 0, len(rows), time.perf_counter() - start)
+            return Prepared(_load(pack), ok, meta["failures"], meta["no_face"], 0, int(ok.sum()),
+                            time.perf_counter() - start)
         shutil.rmtree(pack, ignore_errors=True)
 
     todo = [i for i, k in enumerate(keys) if not _entry(cache_dir, k).is_file()]
@@ -261,51 +281,76 @@ def preprocess(manifest: pd.DataFrame, root: str | Path, views: ViewConfig, cach
         failures[rows[i]["sample_id"]] = error
         log.warning("sample %s left out: %s", rows[i]["sample_id"], error)
 
+    if workers > 1 and not _builtin_detector(views.face_detector):
+        log.warning("face detector %r is registered in this process only: preprocessing in-process instead "
+                    "of %d workers", views.face_detector, workers)
+        workers = 0
     if workers > 1 and len(todo) > 1:
         # forkserver, not fork: OpenCV's thread pool is not fork-safe once this process has used it.
         context = multiprocessing.get_context("forkserver")
         with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_worker_init) as pool:
             futures = {pool.submit(_build_entry, rows[i], str(root), views, str(_entry(cache_dir, keys[i]))): i
                        for i in todo}
-            for future in as_completed(futures):
-                record(futures[future], future.result())
+            try:
+                for future in as_completed(futures):
+                    record(futures[future], future.result())
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)  # strict: stop now, not after the rest
+                bar.close()
+                raise
     else:
         for i in todo:
             record(i, _build_entry(rows[i], str(root), views, str(_entry(cache_dir, keys[i]))))
     bar.close()
     ok = np.array([row["sample_id"] not in failures for row in rows], dtype=bool)
-    _pack([_entry(cache_dir, k) for k, good in zip(keys, ok) if good], pack,
-          {"ok": ok.tolist(), "failures": failures, "views": asdict(views),
-           "sample_ids": [r["sample_id"] for r in rows]})
-    return Prepared(_load(pack), ok, failures, len(todo) - len(failures), len(rows) - len(todo),
-                    time.perf_counter() - start)
+    if not ok.any():
+        sample, error = next(iter(failures.items()))
+        raise FrameError(f"every sample failed preprocessing; the first: {sample}: {error}")
+    entries = [(r["sample_id"], _entry(cache_dir, k)) for r, k, good in zip(rows, keys, ok) if good]
+    no_face = _pack(entries, pack, {"ok": ok.tolist(), "failures": failures, "views": asdict(views),
+                                    "sample_ids": [r["sample_id"] for r in rows]})
+    if no_face:
+        log.warning("no face found in %d samples (fallback crop used): %s", len(no_face), no_face[:10])
+    return Prepared(_load(pack), ok, failures, no_face, len(todo) - len(failures),
+                    len(rows) - len(todo), time.perf_counter() - start)
 
 
-def _pack(entries: list[Path], pack: Path, meta: dict) -> None:
-    """Concatenate sample entries into one .npy per view (written under a temporary name)."""
-    tmp = pack.with_name(f"{pack.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+def _builtin_detector(name: str) -> bool:
+    """Whether worker processes (fresh imports) know the detector: built in, or "none"."""
+    if name == "none":
+        return True
+    from famnet_pl.data.face import BUILTIN_DETECTORS
+
+    return name in BUILTIN_DETECTORS
+
+
+def _pack(entries: list[tuple[str, Path]], pack: Path, meta: dict) -> list[str]:
+    """Concatenate sample entries into one .npy per view (written under a temporary name); returns
+    the samples whose face was not found (also stored in ``meta.json``)."""
+    tmp = pack.with_name(f"{pack.name}.tmp-{_unique()}")
     tmp.mkdir(parents=True)
-    if entries:
-        with np.load(entries[0]) as first:
-            names = list(first.files)
-            shapes = {n: first[n].shape for n in names}
-            dtypes = {n: first[n].dtype for n in names}
-        outs = {n: np.lib.format.open_memmap(tmp / f"{n}.npy", mode="w+", dtype=dtypes[n],
-                                             shape=(len(entries), *shapes[n])) for n in names}
-        for i, entry in enumerate(entries):
-            with np.load(entry) as arrays:
-                for n in names:
-                    outs[n][i] = arrays[n]
-        for array in outs.values():
-            array.flush()
-    (tmp / "meta.json").write_text(json.dumps(meta))
+    no_face = []
+    with np.load(entries[0][1]) as first:
+        names = [n for n in first.files if n in VIEWS]
+        shapes, dtypes = {n: first[n].shape for n in names}, {n: first[n].dtype for n in names}
+    outs = {n: np.lib.format.open_memmap(tmp / f"{n}.npy", mode="w+", dtype=dtypes[n],
+                                         shape=(len(entries), *shapes[n])) for n in names}
+    for i, (sample_id, entry) in enumerate(entries):
+        with np.load(entry) as arrays:
+            for n in names:
+                outs[n][i] = arrays[n]
+            if "face_found" in arrays.files and not bool(arrays["face_found"]):
+                no_face.append(sample_id)
+    for array in outs.values():
+        array.flush()
+    (tmp / "meta.json").write_text(json.dumps({**meta, "no_face": no_face}))
     try:
         os.replace(tmp, pack)
     except OSError:  # another process (a parallel fold) finished the same pack first
         shutil.rmtree(tmp, ignore_errors=True)
         if not (pack / "meta.json").is_file():
             raise
+    return no_face
 
 
 def _load(pack: Path) -> dict[str, np.ndarray]:

@@ -277,6 +277,9 @@ class MERDataModule(L.LightningDataModule):
             validated = self.load_manifest()
             self.prepared = preprocess(validated, hp.data_root, self.views, hp.cache_dir,
                                        workers=hp.preprocess_workers, strict=hp.strict)
+            if self.prepared.no_face:
+                log.warning("no face found in %d samples (the fallback crop was used), e.g. %s",
+                            len(self.prepared.no_face), self.prepared.no_face[:5])
             if self.prepared.failures:
                 log.warning("%d of %d samples left out (frames missing or unreadable; --data.strict=true stops "
                             "instead):\n%s", len(self.prepared.failures), len(validated),
@@ -291,8 +294,8 @@ class MERDataModule(L.LightningDataModule):
 
     def subjects(self) -> list[str]:
         """Sorted fold groups (namespaced subject ids, or datasets): fold ``k`` tests ``subjects()[k]``."""
-        self.prepare()
-        return sorted(self.manifest[self.group_column].unique())
+        # From the validated manifest, so fold k tests the same group whichever samples fail to load.
+        return sorted(self.load_manifest()[self.group_column].unique())
 
     def setup(self, stage: str | None = None) -> None:
         """Load arrays and split train / (val) / test for ``fold``."""
@@ -305,6 +308,9 @@ class MERDataModule(L.LightningDataModule):
             raise ValueError(f"fold {hp.fold} out of range: protocol {self.protocol.name} has "
                              f"{len(subjects)} subjects (folds 0..{len(subjects) - 1})")
         self.test_subject = subjects[hp.fold]
+        if not (manifest[self.group_column] == self.test_subject).any():
+            raise ValueError(f"fold {hp.fold}: every sample of {self.test_subject} was left out in preprocessing "
+                             "(see the warning above); restore its frames or drop the subject")
         # Composites: an AU a sample's dataset never codes is masked, not read as "absent".
         coded = [get_dataset(d).au_coded for d in manifest["dataset"]] if self.protocol.composite else None
         au, au_mask = au_targets([parse_au_set(a) for a in manifest["au_set"]],

@@ -237,6 +237,9 @@ DETECTORS: dict[str, Detector] = {
     "center": _detect_center,
     "none": _detect_none,
 }
+#: Detectors every process knows (worker processes start from a fresh import: a detector
+#: registered at run time exists only in the process that registered it).
+BUILTIN_DETECTORS = frozenset(DETECTORS)
 
 
 def register_detector(name: str, fn: Detector) -> None:

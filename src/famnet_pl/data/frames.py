@@ -43,7 +43,7 @@ def read_frame(path: str | Path) -> np.ndarray:
     except OSError:
         raise FrameError(f"{path}: frame missing; restore the file or fix the sample's frame range") from None
     # A JPEG ends with the EOI marker; libjpeg decodes a cut-short file with only a warning.
-    if path.suffix.lower() in (".jpg", ".jpeg") and b"\xff\xd9" not in data[-64:]:
+    if path.suffix.lower() in (".jpg", ".jpeg") and b"\xff\xd9" not in data.rstrip(b"\x00 \r\n")[-64:]:
         raise FrameError(f"{path}: truncated JPEG (no end-of-image marker); restore the file from the dataset")
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if image is None:
@@ -71,6 +71,7 @@ class VideoSource(FrameSource):
     """Frames of one sample from a video file; frame ``k`` is decoded at index ``k - first``."""
 
     def __init__(self, path: Path, first: int) -> None:
+        super().__init__(path, f"@{first}")
         self.path, self.first = path, first
         try:
             import decord  # decord2: frame-exact random access
@@ -86,7 +87,11 @@ class VideoSource(FrameSource):
             raise FrameError(f"{self.path}: frames {bad[:5]} are outside the video's {len(self.reader)} frames "
                              f"(first frame number {self.first}); fix the sample's frame range")
         unique = sorted(set(index))
-        batch = self.reader.get_batch(unique).asnumpy()  # only the frames asked for are decoded
+        try:
+            batch = self.reader.get_batch(unique).asnumpy()  # only the frames asked for are decoded
+        except Exception as exc:  # decord's own error types for a corrupt stream
+            raise FrameError(f"{self.path}: cannot decode frames {ks[:5]} ({type(exc).__name__}); "
+                             "restore the video") from None
         by_index = dict(zip(unique, batch))
         return [np.ascontiguousarray(by_index[i]) for i in index]
 

@@ -576,8 +576,3 @@ def check_files(manifest: pd.DataFrame, root: Path, *, where: str = "sheet",
         if report is not None:
             report._add("dropped_by_rule", f"{at}: {problem}", r.sample_id)
     return manifest[np.array(keep, dtype=bool)].reset_index(drop=True)
-
-
-def manifest_hash(manifest: pd.DataFrame) -> str:
-    """Content hash of a manifest (part of every cache key and run record)."""
-    return hashlib.sha256(manifest.to_csv(index=False).encode()).hexdigest()

@@ -40,7 +40,7 @@ def render(row: dict, root: str | Path, views: ViewConfig) -> bytes:
     arrays = preprocess_sample(row, root, ViewConfig(**{**views.__dict__, "need_flow": True}))
     source = open_frames(root, row["frame_dir"], row["frame_pattern"])
     onset_raw = source.read(int(row["onset"]))
-    crop = _face_crop(onset_raw, views)
+    crop, _ = _face_crop(onset_raw, views)
     onset = crop(onset_raw)
     apex = crop(source.read(int(row["apex"])))
     apex = register_to(onset, apex) if views.register and row["apex"] != row["onset"] else apex
