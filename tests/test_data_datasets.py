@@ -357,7 +357,7 @@ def test_composite_narrowed_to_one_dataset_keeps_its_folder(trees, tmp_path):
 
     dm = MERDataModule(protocol="famnet_3cls", data_root=str(trees["famnet"]), datasets=["samm"])
     assert dm.subjects() == ["samm/006", "samm/007", "samm/008"] and dm.run_name == "famnet_3cls"
-    assert dm.manifest["frame_dir"].str.startswith("samm/").all()
+    assert dm.load_manifest()["frame_dir"].str.startswith("samm/").all()
 
 
 def test_manifest_memo_sees_an_edited_list(trees, tmp_path):

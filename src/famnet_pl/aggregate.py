@@ -85,15 +85,10 @@ def _finite(obj):
 
 def confusion_png(summary: dict) -> bytes:
     """The pooled confusion matrix as PNG bytes (rows true, columns predicted)."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from famnet_pl.utils.plot import figure_png, pyplot
 
     names, cm = summary["class_names"], summary["confusion"]
-    fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2, 1.2 * len(names) + 1.5))
+    fig, ax = pyplot().subplots(figsize=(1.2 * len(names) + 2, 1.2 * len(names) + 1.5))
     ax.imshow(cm, cmap="Blues")
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
     ax.set_yticks(range(len(names)), names)
@@ -105,11 +100,7 @@ def confusion_png(summary: dict) -> bytes:
             ax.text(j, i, str(v), ha="center", va="center", color="white" if v > peak / 2 else "black")
     ax.set_title(f"LOSO pooled, {summary['protocol']}: UF1 {summary['loso/uf1']:.3f}, "
                  f"UAR {summary['loso/uar']:.3f}", fontsize=9)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, metadata={"Software": None})
-    plt.close(fig)
-    return buffer.getvalue()
+    return figure_png(fig, dpi=110)
 
 
 def format_summary(summary: dict) -> str:

@@ -8,7 +8,6 @@ come from the same code as the cache (cache.preprocess_sample), so what you see 
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import cv2
@@ -16,6 +15,7 @@ import numpy as np
 
 from famnet_pl.data.cache import ViewConfig, _face_crop, preprocess_sample
 from famnet_pl.data.frames import open_frames, register_to
+from famnet_pl.utils.plot import figure_png, pyplot
 
 
 def flow_to_rgb(flow: np.ndarray) -> np.ndarray:
@@ -31,11 +31,6 @@ def flow_to_rgb(flow: np.ndarray) -> np.ndarray:
 
 def render(row: dict, root: str | Path, views: ViewConfig) -> bytes:
     """PNG bytes of the preprocessing panel of one manifest row (frame layouts)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     root = Path(root)
     arrays = preprocess_sample(row, root, ViewConfig(**{**views.__dict__, "need_flow": True}))
     source = open_frames(root, row["frame_dir"], row["frame_pattern"])
@@ -50,7 +45,7 @@ def render(row: dict, root: str | Path, views: ViewConfig) -> bytes:
               (flow[..., 2], "optical strain")]
     clip = arrays.get("clip")
     rows = 2 if clip is not None else 1
-    fig = plt.figure(figsize=(12, 3.2 * rows))
+    fig = pyplot().figure(figsize=(12, 3.2 * rows))
     for i, (image, title) in enumerate(panels):
         ax = fig.add_subplot(rows, 4, i + 1)
         ax.imshow(image, cmap="magma" if image.ndim == 2 else None)
@@ -63,8 +58,4 @@ def render(row: dict, root: str | Path, views: ViewConfig) -> bytes:
         ax.axis("off")
     fig.suptitle(f"{row['sample_id']} ({row['emotion']}; AUs {row['au_raw'] or '-'}; flags "
                  f"{row['flags'] or '-'})", fontsize=10)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100, metadata={"Software": None})
-    plt.close(fig)
-    return buffer.getvalue()
+    return figure_png(fig, dpi=100)
