@@ -22,6 +22,10 @@ MANIFESTS := casme2 casme2_5cls casme2_5cls_2019 casme2_3cls samm samm_5cls samm
 	megc2019_flow_3cls famnet_3cls
 WANDB ?= offline
 FOLDS ?=
+JOBS ?= 1
+GPUS ?=
+JOBS_PER_GPU ?= 1
+THREADS ?=
 ARGS ?=
 
 # No network at run time (W&B only when WANDB=online); no albumentations update check.
@@ -49,8 +53,9 @@ $(STAMP): setup.cfg pyproject.toml
 
 install: $(STAMP) ## Create .venv and install famnet_pl with its pinned dependencies
 
-loso: $(STAMP) ## LOSO run [DATASET=synth] [PROTOCOL=] [MODEL=famnet_cpu] [EXP=] [DATA_ROOT=] [WANDB=offline|online|off] [FOLDS=0,3] [ARGS=]
-	$(BIN)/famnet-pl loso --exp $(EXP) --wandb $(WANDB) $(if $(FOLDS),--folds $(FOLDS)) \
+loso: $(STAMP) ## LOSO run [DATASET=synth] [PROTOCOL=] [MODEL=famnet_cpu] [EXP=] [DATA_ROOT=] [WANDB=offline|online|off] [FOLDS=0,3] [JOBS=1] [THREADS=] [GPUS=0,1 JOBS_PER_GPU=2] [ARGS=]
+	$(BIN)/famnet-pl loso --exp $(EXP) --wandb $(WANDB) $(if $(FOLDS),--folds $(FOLDS)) --jobs $(JOBS) \
+		$(if $(GPUS),--gpus $(GPUS) --jobs-per-gpu $(JOBS_PER_GPU)) $(if $(THREADS),--threads $(THREADS)) \
 		--config experiments/base.yaml --config experiments/data/$(DATASET).yaml \
 		--config experiments/model/$(MODEL).yaml $(if $(DATA_ROOT),--data.data_root=$(DATA_ROOT)) \
 		$(if $(PROTOCOL),--data.protocol=$(PROTOCOL)) $(ARGS)
@@ -77,9 +82,10 @@ test-full: $(STAMP) ## Fast + slow tests (CPU)
 test-gpu: $(STAMP) ## GPU tests (needs CUDA)
 	$(BIN)/python -m pytest -m gpu -q
 
-bench: $(STAMP) ## Throughput: training (pipeline vs model alone) and preprocessing (1 vs 2 workers, cached)
+bench: $(STAMP) ## Throughput: training, preprocessing (1 vs 2 workers, cached), LOSO JOBS=1 vs JOBS=2
 	$(BIN)/python bench/throughput.py $(ARGS)
 	$(BIN)/python bench/preprocess.py
+	$(BIN)/python bench/loso_jobs.py
 
 clean: ## Remove runs, caches and test leftovers (keeps .venv and data/)
 	rm -rf runs .cache .pytest_cache .hypothesis wandb bench/out

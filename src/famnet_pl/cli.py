@@ -96,10 +96,19 @@ def _loso(argv: list[str]) -> int:
     parser.add_argument("--eval-every", type=int, default=1,
                         help="record test-subject predictions every N epochs (oracle comparison only)")
     parser.add_argument("--oracle-by", choices=["acc", "uf1"], default="acc")
+    parser.add_argument("--jobs", type=int, default=1, help="folds run at once, each in its own process")
+    parser.add_argument("--gpus", default=None, help="comma-separated GPU ids for fold processes")
+    parser.add_argument("--jobs-per-gpu", type=int, default=1, help="fold processes per GPU (with --gpus)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads per fold (default: all cores, "
+                        "or cores // jobs); compare runs at equal --threads")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (logs, batch jobs)")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # a fold-parallel child
     opts, cli_args = parser.parse_known_args(argv)
     summary = run_loso(cli_args, exp=opts.exp, runs_dir=opts.runs_dir,
                        folds=opts.folds.split(",") if opts.folds else None, wandb=opts.wandb,
-                       eval_every=opts.eval_every, oracle_by=opts.oracle_by)
+                       eval_every=opts.eval_every, oracle_by=opts.oracle_by, progress=not opts.no_progress,
+                       jobs=opts.jobs, gpus=opts.gpus.split(",") if opts.gpus else None,
+                       jobs_per_gpu=opts.jobs_per_gpu, threads=opts.threads, worker=opts.worker)
     # A deliberate subset (--folds) that finished is a success; the table says INCOMPLETE.
     return 0 if summary is not None else 1
 

@@ -12,6 +12,14 @@ Resumability: a fold is done exactly when its ``predictions.csv`` exists (writte
 atomically by LOSOCallback). A killed run leaves at most one partial fold dir, which is redone from
 scratch with the same seed, so the resumed run's summary equals an uninterrupted run's.
 
+Fold-parallel (``jobs > 1``): the plan and the preprocessing cache are made here once, then each
+pending fold runs as its own ``famnet-pl loso --folds k`` process (``jobs`` at a time, each pinned
+to ``threads``, default ``cores // jobs``, CPU threads; or ``jobs_per_gpu`` per GPU of ``gpus``), logging to ``logs/fold_<kk>.log``. A
+fold that crashes is reported with its log and exit code and does not stop the others; rerun it
+alone with ``--folds k``. The summary is aggregated here from the prediction files and equals a
+sequential run's with the same ``threads`` per fold (tested: the thread count changes float
+summation order, which 20 epochs of training turn into different predictions).
+
 Headline = last epoch of a fixed epoch budget; nothing looks at the test subject to choose an epoch.
 W&B: one run per fold (``group`` = ``<exp>/<dataset>``), offline unless ``wandb="online"``.
 """
@@ -95,6 +103,48 @@ def _check_finished_folds(run_dir: Path, config_hash: str) -> None:
                 "its results cannot be reused: pick another EXP= (--exp) or delete that run directory")
 
 
+def _run_parallel(pending: list[int], subjects: list[str], cli_args: list[str], run_dir: Path, *, exp: str,
+                  runs_dir: str, wandb: str, eval_every: int, oracle_by: str, jobs: int,
+                  gpus: list[str] | None, jobs_per_gpu: int, threads: int | None) -> list[tuple[int, int, Path]]:
+    """Run ``pending`` folds as separate processes, ``jobs`` at a time; returns the failed ones as
+    ``(fold, exit code, log file)``."""
+    import time
+
+    slots = [gpu for gpu in gpus for _ in range(jobs_per_gpu)] if gpus else [None] * jobs
+    threads = threads or max(1, (os.cpu_count() or 1) // len(slots))
+    logs = run_dir / "logs"
+    logs.mkdir(exist_ok=True)
+    queue, running, failed = list(pending), {}, []
+    bar = tqdm(total=len(pending), desc=f"folds ({len(slots)} at a time)", dynamic_ncols=True)
+    while queue or running:
+        for slot in [s for s in range(len(slots)) if s not in running]:
+            if not queue:
+                break
+            k = queue.pop(0)
+            env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+            if slots[slot] is not None:
+                env["CUDA_VISIBLE_DEVICES"] = str(slots[slot])
+            log_file = logs / f"fold_{k:02d}.log"
+            command = [sys.executable, "-m", "famnet_pl.cli", "loso", "--worker", "--no-progress", "--exp", exp,
+                       "--threads", str(threads),
+                       "--runs-dir", runs_dir, "--folds", str(k), "--wandb", wandb, "--eval-every", str(eval_every),
+                       "--oracle-by", oracle_by, *cli_args]
+            with open(log_file, "w") as out:
+                running[slot] = (k, subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env),
+                                 log_file)
+        time.sleep(0.2)
+        for slot, (k, process, log_file) in list(running.items()):
+            if process.poll() is None:
+                continue
+            del running[slot]
+            bar.update(1)
+            if process.returncode != 0:
+                failed.append((k, process.returncode, log_file))
+                bar.write(f"fold {k} ({subjects[k]}) failed with exit code {process.returncode}: {log_file}")
+    bar.close()
+    return sorted(failed)
+
+
 def _select(folds: list[str] | None, subjects: list[str]) -> list[int]:
     if not folds:
         return list(range(len(subjects)))
@@ -114,7 +164,8 @@ def _select(folds: list[str] | None, subjects: list[str]) -> list[int]:
 
 def run_loso(cli_args: list[str], *, exp: str = "famnet", runs_dir: str = "runs",
              folds: list[str] | None = None, wandb: str = "offline", eval_every: int = 1,
-             oracle_by: str = "acc", progress: bool = True) -> dict | None:
+             oracle_by: str = "acc", progress: bool = True, jobs: int = 1, gpus: list[str] | None = None,
+             jobs_per_gpu: int = 1, threads: int | None = None, worker: bool = False) -> dict | None:
     """Run (or resume) a LOSO experiment and return its summary.
 
     Args:
@@ -127,11 +178,22 @@ def run_loso(cli_args: list[str], *, exp: str = "famnet", runs_dir: str = "runs"
         eval_every: record test-subject predictions every N epochs (oracle comparison only).
         oracle_by: oracle criterion (``acc`` or ``uf1``).
         progress: show progress bars over folds and epochs.
+        jobs: folds run at the same time, each in its own process (1: in this process).
+        gpus: GPU ids for fold processes; ``jobs_per_gpu`` folds run on each at once.
+        jobs_per_gpu: fold processes sharing one GPU (with ``gpus``).
+        threads: CPU threads per fold (default: all cores, or ``cores // jobs`` per fold process).
+            Training results depend on it in the last float digits, so compare runs at equal
+            ``threads``: ``jobs=2`` equals ``jobs=1, threads=1`` on a 2-core machine.
+        worker: this process runs folds for a fold-parallel parent (no run.json, no summary print).
 
     Returns:
         The pooled summary (also in ``loso_summary.json``), or None when no fold finished.
     """
     _quiet()
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     plan_cli = build_cli([*cli_args, "--trainer.logger=false"])
     dm = plan_cli.datamodule
     subjects = dm.subjects()
@@ -140,13 +202,28 @@ def run_loso(cli_args: list[str], *, exp: str = "famnet", runs_dir: str = "runs"
     config_hash = config_fingerprint(plan_cli)
     _check_finished_folds(run_dir, config_hash)
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run_dir / "run.json", {
-        "exp": exp, "protocol": dm.protocol.name, "args": cli_args, "argv": sys.argv,
-        "config_hash": config_hash, "n_folds": len(subjects), "oracle_by": oracle_by,
-        "folds": {k: s for k, s in enumerate(subjects)}, "git": _git_state(),
-    })
+    if not worker:
+        atomic_write_json(run_dir / "run.json", {
+            "exp": exp, "protocol": dm.protocol.name, "args": cli_args, "argv": sys.argv,
+            "config_hash": config_hash, "n_folds": len(subjects), "oracle_by": oracle_by,
+            "folds": {k: s for k, s in enumerate(subjects)}, "git": _git_state(),
+        })
+        print(f"LOSO {dm.protocol.name}: {len(subjects)} folds -> {run_dir}", flush=True)
+    pending = [k for k in todo if not (run_dir / fold_dir_name(k, subjects[k]) / "predictions.csv").is_file()]
+    if (jobs > 1 or gpus) and len(pending) > 0:
+        dm.prepare()  # one preprocessing pass here, not one per fold process
+        del plan_cli
+        failed = _run_parallel(pending, subjects, cli_args, run_dir, exp=exp, runs_dir=runs_dir, wandb=wandb,
+                               eval_every=eval_every, oracle_by=oracle_by, jobs=jobs, gpus=gpus,
+                               jobs_per_gpu=jobs_per_gpu, threads=threads)
+        summary = aggregate_run(run_dir, expected_folds=len(subjects), oracle_by=oracle_by)
+        if summary is not None:
+            print("\n" + format_summary(summary), flush=True)
+        for k, code, log_file in failed:
+            print(f"fold {k} ({subjects[k]}) FAILED (exit code {code}): see {log_file}; rerun it alone with "
+                  f"FOLDS={k}", file=sys.stderr, flush=True)
+        return None if failed else summary
     del plan_cli
-    print(f"LOSO {dm.protocol.name}: {len(subjects)} folds -> {run_dir}", flush=True)
     bar = tqdm(todo, desc="folds", position=0, disable=not progress, dynamic_ncols=True)
     for k in bar:
         fold_dir = run_dir / fold_dir_name(k, subjects[k])
@@ -173,7 +250,7 @@ def run_loso(cli_args: list[str], *, exp: str = "famnet", runs_dir: str = "runs"
             raise KeyboardInterrupt
     bar.close()
     summary = aggregate_run(run_dir, expected_folds=len(subjects), oracle_by=oracle_by)
-    if summary is not None:
+    if summary is not None and not worker:
         print("\n" + format_summary(summary), flush=True)
         print(f"\nsummary: {run_dir / 'loso_summary.json'}; confusion matrix: {run_dir / 'confusion.png'}")
     return summary
