@@ -202,10 +202,10 @@ class _Counter(FrameSource):
 
 
 def test_short_clip_is_interpolated_long_clip_is_sampled():
-    short = sample_clip(_Counter(), clip_times(1, 3, 5))           # 3 frames -> 5: blends in between
+    short = sample_clip(_Counter().read_many, clip_times(1, 3, 5))           # 3 frames -> 5: blends in between
     np.testing.assert_array_equal(short[:, 0, 0, 0], [10, 15, 20, 25, 30])
     source = _Counter()
-    long = sample_clip(source, clip_times(1, 20, 4))               # whole frames only, each read once
+    long = sample_clip(source.read_many, clip_times(1, 20, 4))               # whole frames only, each read once
     np.testing.assert_array_equal(long[:, 0, 0, 0], [10, 70, 140, 200])
     assert sorted(source.reads) == [1, 7, 14, 20]
 

@@ -153,8 +153,10 @@ def _common_key(root: Path, views: ViewConfig) -> str:
                        "code": code.hexdigest()[:16], "opencv": cv2.__version__}, sort_keys=True)
 
 
-def preprocess_sample(row: dict, root: str | Path, views: ViewConfig) -> dict[str, np.ndarray]:
-    """The arrays of one manifest row (see the module docstring). Raises FrameError naming the file."""
+def preprocess_sample(row: dict, root: str | Path, views: ViewConfig, *,
+                      keep_frames: bool = False) -> dict[str, np.ndarray]:
+    """The arrays of one manifest row (see the module docstring). Raises FrameError naming the file.
+    ``keep_frames`` adds the cropped, registered ``onset_frame`` and ``apex_frame`` (for show.py)."""
     root = Path(root)
     s, c = views.image_size, views.clip_size
     if row["flow_image"]:  # precomputed flow image + apex crop: nothing to compute
@@ -168,24 +170,27 @@ def preprocess_sample(row: dict, root: str | Path, views: ViewConfig) -> dict[st
     onset_raw = source.read(onset_k)
     crop, face_found = _face_crop(onset_raw, views)
     onset = crop(onset_raw)
+    done = {onset_k: onset}  # frame number -> cropped, registered frame: each frame decoded once
 
-    def prepared(frame: np.ndarray, k: int) -> np.ndarray:
-        if k == onset_k:
-            return onset
-        frame = crop(frame)
-        return register_to(onset, frame) if views.register else frame
+    def prepared(ks: list[int]) -> list[np.ndarray]:
+        missing = [k for k in dict.fromkeys(ks) if k not in done]
+        for k, frame in zip(missing, source.read_many(missing)):
+            frame = crop(frame)
+            done[k] = register_to(onset, frame) if views.register else frame
+        return [done[k] for k in ks]
 
-    apex = prepared(source.read(apex_k), apex_k)
+    (apex,) = prepared([apex_k])
     out = {"apex": resize(apex, s), "face_found": np.array(face_found)}
+    if keep_frames:
+        out |= {"onset_frame": onset, "apex_frame": apex}
     if views.need_flow:
-        first, second = ((onset, apex) if views.flow_pair == "onset_apex"
-                         else (apex, prepared(source.read(offset_k), offset_k)))
+        first, second = (onset, apex) if views.flow_pair == "onset_apex" else (apex, *prepared([offset_k]))
         out["flow"] = onset_apex_flow(first, second, algorithm=views.flow_algorithm, flow_size=views.flow_size,
                                       out_size=s)
     if views.need_clip:
         times = clip_times(onset_k, offset_k, views.clip_len, fps=get_dataset(row["dataset"]).fps,
                            clip_fps=views.clip_fps)
-        out["clip"] = sample_clip(source, times, transform=lambda f, k: resize(prepared(f, k), c))
+        out["clip"] = sample_clip(lambda ks: [resize(f, c) for f in prepared(ks)], times)
     return out
 
 

@@ -130,17 +130,16 @@ def clip_times(onset: int, offset: int, length: int, *, fps: float = 0, clip_fps
     return np.round(times) if offset - onset + 1 >= length else times
 
 
-def sample_clip(source: FrameSource, times: np.ndarray, transform=None) -> np.ndarray:
+def sample_clip(frames_at, times: np.ndarray) -> np.ndarray:
     """Frames at fractional positions ``times``: each is the linear blend of its two neighbouring
-    frames (exact frames where the position is whole). ``transform(frame, k)`` (e.g. crop, register,
-    resize) is applied to every frame read, before blending. Returns uint8 ``(T, H, W, 3)``."""
+    frames (exact frames where the position is whole). ``frames_at(ks)`` returns the (already
+    cropped, registered, resized) frames ``ks``, e.g. ``source.read_many``. Returns uint8
+    ``(T, H, W, 3)``."""
     lo = np.floor(times).astype(int)
     hi = np.minimum(lo + 1, int(np.ceil(times.max())))
     weight = (times - lo).astype(np.float32)
     needed = sorted(set(lo.tolist()) | {h for h, w in zip(hi.tolist(), weight) if w > 1e-6})
-    frames = dict(zip(needed, source.read_many(needed)))
-    if transform is not None:
-        frames = {k: transform(f, k) for k, f in frames.items()}
+    frames = dict(zip(needed, frames_at(needed)))
     out = []
     for a, b, w in zip(lo, hi, weight):
         if w <= 1e-6:

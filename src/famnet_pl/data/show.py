@@ -8,13 +8,13 @@ come from the same code as the cache (cache.preprocess_sample), so what you see 
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from famnet_pl.data.cache import ViewConfig, _face_crop, preprocess_sample
-from famnet_pl.data.frames import open_frames, register_to
+from famnet_pl.data.cache import ViewConfig, preprocess_sample
 from famnet_pl.utils.plot import figure_png, pyplot
 
 
@@ -31,15 +31,8 @@ def flow_to_rgb(flow: np.ndarray) -> np.ndarray:
 
 def render(row: dict, root: str | Path, views: ViewConfig) -> bytes:
     """PNG bytes of the preprocessing panel of one manifest row (frame layouts)."""
-    root = Path(root)
-    arrays = preprocess_sample(row, root, ViewConfig(**{**views.__dict__, "need_flow": True}))
-    source = open_frames(root, row["frame_dir"], row["frame_pattern"])
-    onset_raw = source.read(int(row["onset"]))
-    crop, _ = _face_crop(onset_raw, views)
-    onset = crop(onset_raw)
-    apex = crop(source.read(int(row["apex"])))
-    apex = register_to(onset, apex) if views.register and row["apex"] != row["onset"] else apex
-    flow = arrays["flow"]
+    arrays = preprocess_sample(row, Path(root), dataclasses.replace(views, need_flow=True), keep_frames=True)
+    onset, apex, flow = arrays["onset_frame"], arrays["apex_frame"], arrays["flow"]
     panels = [(onset, f"onset {row['onset']}"), (apex, f"apex {row['apex']} ({row['apex_source']})"),
               (flow_to_rgb(flow[..., :2]), f"flow ({views.flow_algorithm}, {views.flow_pair})"),
               (flow[..., 2], "optical strain")]
