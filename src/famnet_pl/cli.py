@@ -101,6 +101,8 @@ def _loso(argv: list[str]) -> int:
     parser.add_argument("--jobs-per-gpu", type=int, default=1, help="fold processes per GPU (with --gpus)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads per fold (default: all cores, "
                         "or cores // jobs); compare runs at equal --threads")
+    parser.add_argument("--resume-every", type=int, default=1, help="save each fold's resume checkpoint every N "
+                        "epochs (0: never); a killed or requeued fold continues from it")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (logs, batch jobs)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # a fold-parallel child
     opts, cli_args = parser.parse_known_args(argv)
@@ -108,7 +110,8 @@ def _loso(argv: list[str]) -> int:
                        folds=opts.folds.split(",") if opts.folds else None, wandb=opts.wandb,
                        eval_every=opts.eval_every, oracle_by=opts.oracle_by, progress=not opts.no_progress,
                        jobs=opts.jobs, gpus=opts.gpus.split(",") if opts.gpus else None,
-                       jobs_per_gpu=opts.jobs_per_gpu, threads=opts.threads, worker=opts.worker)
+                       jobs_per_gpu=opts.jobs_per_gpu, threads=opts.threads, worker=opts.worker,
+                       resume_every=opts.resume_every)
     # A deliberate subset (--folds) that finished is a success; the table says INCOMPLETE.
     return 0 if summary is not None else 1
 

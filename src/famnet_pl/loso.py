@@ -9,8 +9,12 @@ Data flow::
     aggregate_run -> runs/<exp>/<dataset>/loso_summary.json + confusion.png -> printed table
 
 Resumability: a fold is done exactly when its ``predictions.csv`` exists (written last and
-atomically by LOSOCallback). A killed run leaves at most one partial fold dir, which is redone from
-scratch with the same seed, so the resumed run's summary equals an uninterrupted run's.
+atomically by LOSOCallback). An unfinished fold continues from its epoch-boundary resume checkpoint
+(``checkpoints/resume-<config hash>.ckpt``: weights, optimiser, loops, the test predictions recorded
+so far and every random stream), or starts over when it has none; either way the resumed run's
+summary equals an uninterrupted run's. A SLURM requeue is the same case: the array task reruns its
+fold's worker command, which finds the checkpoint (Lightning's mid-epoch ``hpc_ckpt`` is ignored:
+resuming mid-epoch would not reproduce the uninterrupted run).
 
 Fold-parallel (``jobs > 1``): the plan and the preprocessing cache are made here once, then each
 pending fold runs as its own ``famnet-pl loso --folds k`` process (``jobs`` at a time, each pinned
@@ -19,6 +23,10 @@ fold that crashes is reported with its log and exit code and does not stop the o
 alone with ``--folds k``. The summary is aggregated here from the prediction files and equals a
 sequential run's with the same ``threads`` per fold (tested: the thread count changes float
 summation order, which 20 epochs of training turn into different predictions).
+
+DDP inside a fold (``--trainer.devices N``): each fold runs in its own process, whose command line
+Lightning re-runs for the other ranks; only rank 0 writes. Test predictions are split across ranks
+without padding and gathered once per sample (LOSOCallback).
 
 Headline = last epoch of a fixed epoch budget; nothing looks at the test subject to choose an epoch.
 W&B: one run per fold (``group`` = ``<exp>/<dataset>``), offline unless ``wandb="online"``.
@@ -33,12 +41,13 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from famnet_pl.aggregate import aggregate_run, finished_folds, format_summary
-from famnet_pl.callbacks.loso import LOSOCallback, fold_dir_name
+from famnet_pl.callbacks.loso import LOSOCallback, fold_dir_name, resume_checkpoint
 from famnet_pl.callbacks.progress import EpochProgress
 from famnet_pl.cli import build_cli
 from famnet_pl.utils.io import atomic_write_json
@@ -103,16 +112,25 @@ def _check_finished_folds(run_dir: Path, config_hash: str) -> None:
                 "its results cannot be reused: pick another EXP= (--exp) or delete that run directory")
 
 
-def _run_parallel(pending: list[int], subjects: list[str], cli_args: list[str], run_dir: Path, *, exp: str,
-                  runs_dir: str, wandb: str, eval_every: int, oracle_by: str, jobs: int,
-                  gpus: list[str] | None, jobs_per_gpu: int, threads: int | None) -> list[tuple[int, int, Path]]:
+def worker_argv(cli_args: list[str], *, fold: str, exp: str, runs_dir: str, wandb: str, eval_every: int,
+                oracle_by: str, threads: int | None = None, resume_every: int = 1) -> list[str]:
+    """Arguments after ``python`` of a process that runs (or resumes) one fold of a planned run:
+    the fold-parallel children, SLURM array tasks (``fold="$SLURM_ARRAY_TASK_ID"``) and DDP ranks."""
+    return ["-m", "famnet_pl.cli", "loso", "--worker", "--no-progress", "--exp", exp, "--runs-dir", runs_dir,
+            "--folds", fold, "--wandb", wandb, "--eval-every", str(eval_every), "--oracle-by", oracle_by,
+            "--resume-every", str(resume_every), *(["--threads", str(threads)] if threads else []), *cli_args]
+
+
+def _run_parallel(plan: LosoPlan, pending: list[int], *, wandb: str, eval_every: int, jobs: int,
+                  gpus: list[str] | None, jobs_per_gpu: int, threads: int | None,
+                  resume_every: int = 1) -> list[tuple[int, int, Path]]:
     """Run ``pending`` folds as separate processes, ``jobs`` at a time; returns the failed ones as
     ``(fold, exit code, log file)``."""
     import time
 
     slots = [gpu for gpu in gpus for _ in range(jobs_per_gpu)] if gpus else [None] * jobs
     threads = threads or max(1, (os.cpu_count() or 1) // len(slots))
-    logs = run_dir / "logs"
+    logs = plan.run_dir / "logs"
     logs.mkdir(exist_ok=True)
     queue, running, failed = list(pending), {}, []
     bar = tqdm(total=len(pending), desc=f"folds ({len(slots)} at a time)", dynamic_ncols=True)
@@ -125,11 +143,10 @@ def _run_parallel(pending: list[int], subjects: list[str], cli_args: list[str], 
             if slots[slot] is not None:
                 env["CUDA_VISIBLE_DEVICES"] = str(slots[slot])
             log_file = logs / f"fold_{k:02d}.log"
-            command = [sys.executable, "-m", "famnet_pl.cli", "loso", "--worker", "--no-progress", "--exp", exp,
-                       "--threads", str(threads),
-                       "--runs-dir", runs_dir, "--folds", str(k), "--wandb", wandb, "--eval-every", str(eval_every),
-                       "--oracle-by", oracle_by, *cli_args]
-            with open(log_file, "w") as out:
+            command = [sys.executable, *worker_argv(plan.cli_args, fold=str(k), exp=plan.exp, runs_dir=plan.runs_dir,
+                                                    wandb=wandb, eval_every=eval_every, oracle_by=plan.oracle_by,
+                                                    threads=threads, resume_every=resume_every)]
+            with open(log_file, "a") as out:  # appended: a resumed fold keeps its earlier log
                 running[slot] = (k, subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env),
                                  log_file)
         time.sleep(0.2)
@@ -140,7 +157,7 @@ def _run_parallel(pending: list[int], subjects: list[str], cli_args: list[str], 
             bar.update(1)
             if process.returncode != 0:
                 failed.append((k, process.returncode, log_file))
-                bar.write(f"fold {k} ({subjects[k]}) failed with exit code {process.returncode}: {log_file}")
+                bar.write(f"fold {k} ({plan.subjects[k]}) failed with exit code {process.returncode}: {log_file}")
     bar.close()
     return sorted(failed)
 
@@ -162,10 +179,99 @@ def _select(folds: list[str] | None, subjects: list[str]) -> list[int]:
     return sorted(set(chosen))
 
 
+@dataclass
+class LosoPlan:
+    """A planned LOSO run: where it writes, its folds, and how to start a process for one of them."""
+
+    cli_args: list[str]
+    exp: str
+    runs_dir: str
+    oracle_by: str
+    run_dir: Path
+    subjects: list[str]
+    config_hash: str
+    protocol: str
+    datamodule: object = field(repr=False)
+    devices: int = 1
+
+    def pending(self, folds: list[str] | None = None) -> list[int]:
+        """Selected folds (indices or subject ids; default all) without a ``predictions.csv``."""
+        return [k for k in _select(folds, self.subjects)
+                if not (self.run_dir / fold_dir_name(k, self.subjects[k]) / "predictions.csv").is_file()]
+
+
+def _rank() -> int:
+    """This process's global rank from the launcher's environment (0 outside DDP)."""
+    from lightning.fabric.utilities.rank_zero import _get_rank
+
+    return _get_rank() or 0
+
+
+def plan_loso(cli_args: list[str], *, exp: str = "famnet", runs_dir: str = "runs", oracle_by: str = "acc",
+              record: bool = True) -> LosoPlan:
+    """Resolve the config, list the folds, refuse to mix with folds finished under another config,
+    and (``record``) write ``run.json``. Shared by the local runner, SLURM submission and workers."""
+    plan_cli = build_cli([*cli_args, "--trainer.logger=false"])
+    dm = plan_cli.datamodule
+    subjects = dm.subjects()
+    run_dir = Path(runs_dir) / exp / dm.run_name
+    config_hash = config_fingerprint(plan_cli)
+    _check_finished_folds(run_dir, config_hash)
+    devices = plan_cli.trainer.num_devices * plan_cli.trainer.num_nodes
+    if record and _rank() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(run_dir / "run.json", {
+            "exp": exp, "protocol": dm.protocol.name, "args": cli_args, "argv": sys.argv,
+            "config_hash": config_hash, "n_folds": len(subjects), "oracle_by": oracle_by,
+            "folds": {k: s for k, s in enumerate(subjects)}, "git": _git_state(),
+        })
+    return LosoPlan(cli_args=list(cli_args), exp=exp, runs_dir=runs_dir, oracle_by=oracle_by, run_dir=run_dir,
+                    subjects=subjects, config_hash=config_hash, protocol=dm.protocol.name, datamodule=dm,
+                    devices=devices)
+
+
+def _external_launcher() -> bool:
+    """Ranks are started by SLURM (srun) or torchrun, not by Lightning from this process."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
+    return SLURMEnvironment.detect() or TorchElasticEnvironment.detect()
+
+
+def run_fold(plan: LosoPlan, k: int, *, wandb: str = "offline", eval_every: int = 1, progress: bool = False,
+             resume_every: int = 1) -> None:
+    """Train fold ``k`` (or continue it from its resume checkpoint) and write its predictions."""
+    fold_dir = plan.run_dir / fold_dir_name(k, plan.subjects[k])
+    resume = resume_checkpoint(fold_dir, plan.config_hash)
+    ckpt_path = str(resume) if resume.is_file() else None
+    if ckpt_path is None and _rank() == 0:
+        shutil.rmtree(fold_dir, ignore_errors=True)  # a partial fold without a resume point starts over
+    elif ckpt_path:
+        log.warning("fold %d (%s): resuming from %s", k, plan.subjects[k], resume)
+    logger = _make_logger(wandb, fold_dir, group=f"{plan.exp}/{plan.datamodule.run_name}", name=fold_dir.name)
+    callbacks = [LOSOCallback(str(plan.run_dir), n_folds=len(plan.subjects), eval_every=eval_every,
+                              oracle_by=plan.oracle_by, config_hash=plan.config_hash, resume_every=resume_every)]
+    if progress:
+        callbacks.append(EpochProgress(desc=f"fold {k:02d} epochs"))
+    cli = build_cli([*plan.cli_args, f"--data.fold={k}", f"--trainer.default_root_dir={fold_dir}"],
+                    extra_callbacks=callbacks, logger=logger)
+    checkpoint = cli.trainer.checkpoint_callback
+    if checkpoint is not None and checkpoint.dirpath is None:
+        checkpoint.dirpath = str(fold_dir / "checkpoints")  # not under the logger's own folders
+    try:
+        # Our epoch-boundary checkpoint, never Lightning's mid-epoch SLURM one: a resumed fold ends
+        # exactly as an uninterrupted one would.
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path, weights_only=False)
+    finally:
+        _finish_logger(logger)
+    if cli.trainer.interrupted:
+        raise KeyboardInterrupt
+
+
 def run_loso(cli_args: list[str], *, exp: str = "famnet", runs_dir: str = "runs",
              folds: list[str] | None = None, wandb: str = "offline", eval_every: int = 1,
              oracle_by: str = "acc", progress: bool = True, jobs: int = 1, gpus: list[str] | None = None,
-             jobs_per_gpu: int = 1, threads: int | None = None, worker: bool = False) -> dict | None:
+             jobs_per_gpu: int = 1, threads: int | None = None, worker: bool = False,
+             resume_every: int = 1) -> dict | None:
     """Run (or resume) a LOSO experiment and return its summary.
 
     Args:
@@ -184,7 +290,10 @@ def run_loso(cli_args: list[str], *, exp: str = "famnet", runs_dir: str = "runs"
         threads: CPU threads per fold (default: all cores, or ``cores // jobs`` per fold process).
             Training results depend on it in the last float digits, so compare runs at equal
             ``threads``: ``jobs=2`` equals ``jobs=1, threads=1`` on a 2-core machine.
-        worker: this process runs folds for a fold-parallel parent (no run.json, no summary print).
+        worker: this process runs folds of a run planned elsewhere (a fold-parallel parent, a SLURM
+            array task, a DDP rank): no run.json, no summary print.
+        resume_every: a fold saves its resume checkpoint every N epochs (0: never); a killed or
+            requeued fold continues from it.
 
     Returns:
         The pooled summary (also in ``loso_summary.json``), or None when no fold finished.
@@ -194,63 +303,37 @@ def run_loso(cli_args: list[str], *, exp: str = "famnet", runs_dir: str = "runs"
         import torch
 
         torch.set_num_threads(threads)
-    plan_cli = build_cli([*cli_args, "--trainer.logger=false"])
-    dm = plan_cli.datamodule
-    subjects = dm.subjects()
-    run_dir = Path(runs_dir) / exp / dm.run_name
-    todo = _select(folds, subjects)
-    config_hash = config_fingerprint(plan_cli)
-    _check_finished_folds(run_dir, config_hash)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    plan = plan_loso(cli_args, exp=exp, runs_dir=runs_dir, oracle_by=oracle_by, record=not worker)
     if not worker:
-        atomic_write_json(run_dir / "run.json", {
-            "exp": exp, "protocol": dm.protocol.name, "args": cli_args, "argv": sys.argv,
-            "config_hash": config_hash, "n_folds": len(subjects), "oracle_by": oracle_by,
-            "folds": {k: s for k, s in enumerate(subjects)}, "git": _git_state(),
-        })
-        print(f"LOSO {dm.protocol.name}: {len(subjects)} folds -> {run_dir}", flush=True)
-    pending = [k for k in todo if not (run_dir / fold_dir_name(k, subjects[k]) / "predictions.csv").is_file()]
-    if (jobs > 1 or gpus) and len(pending) > 0:
-        dm.prepare()  # one preprocessing pass here, not one per fold process
-        del plan_cli
-        failed = _run_parallel(pending, subjects, cli_args, run_dir, exp=exp, runs_dir=runs_dir, wandb=wandb,
-                               eval_every=eval_every, oracle_by=oracle_by, jobs=jobs, gpus=gpus,
-                               jobs_per_gpu=jobs_per_gpu, threads=threads)
-        summary = aggregate_run(run_dir, expected_folds=len(subjects), oracle_by=oracle_by)
+        print(f"LOSO {plan.protocol}: {len(plan.subjects)} folds -> {plan.run_dir}", flush=True)
+    todo, pending = _select(folds, plan.subjects), plan.pending(folds)
+    # DDP inside a fold (--trainer.devices N): Lightning starts the other ranks by re-running this
+    # command line, so each fold gets a process of its own whose argv names that one fold.
+    ddp_parent = plan.devices > 1 and not worker and not _external_launcher()
+    if (jobs > 1 or gpus or ddp_parent) and pending:
+        plan.datamodule.prepare()  # one preprocessing pass here, not one per fold process
+        failed = _run_parallel(plan, pending, wandb=wandb, eval_every=eval_every, jobs=jobs, gpus=gpus,
+                               jobs_per_gpu=jobs_per_gpu, threads=threads, resume_every=resume_every)
+        summary = aggregate_run(plan.run_dir, expected_folds=len(plan.subjects), oracle_by=oracle_by)
         if summary is not None:
             print("\n" + format_summary(summary), flush=True)
         for k, code, log_file in failed:
-            print(f"fold {k} ({subjects[k]}) FAILED (exit code {code}): see {log_file}; rerun it alone with "
+            print(f"fold {k} ({plan.subjects[k]}) FAILED (exit code {code}): see {log_file}; rerun it alone with "
                   f"FOLDS={k}", file=sys.stderr, flush=True)
         return None if failed else summary
-    del plan_cli
-    bar = tqdm(todo, desc="folds", position=0, disable=not progress, dynamic_ncols=True)
+    bar = tqdm(todo, desc="folds", position=0, disable=not progress or _rank() != 0, dynamic_ncols=True)
     for k in bar:
-        fold_dir = run_dir / fold_dir_name(k, subjects[k])
-        bar.set_postfix_str(f"{subjects[k]}")
-        if (fold_dir / "predictions.csv").is_file():
-            log.info("fold %d (%s) already finished: skipped", k, subjects[k])
+        bar.set_postfix_str(f"{plan.subjects[k]}")
+        if k not in pending:
+            log.info("fold %d (%s) already finished: skipped", k, plan.subjects[k])
             continue
-        shutil.rmtree(fold_dir, ignore_errors=True)  # a partial fold is redone from scratch
-        logger = _make_logger(wandb, fold_dir, group=f"{exp}/{dm.run_name}", name=fold_dir.name)
-        callbacks = [LOSOCallback(str(run_dir), n_folds=len(subjects), eval_every=eval_every,
-                                  oracle_by=oracle_by, config_hash=config_hash)]
-        if progress:
-            callbacks.append(EpochProgress(desc=f"fold {k:02d} epochs"))
-        cli = build_cli([*cli_args, f"--data.fold={k}", f"--trainer.default_root_dir={fold_dir}"],
-                        extra_callbacks=callbacks, logger=logger)
-        checkpoint = cli.trainer.checkpoint_callback
-        if checkpoint is not None and checkpoint.dirpath is None:
-            checkpoint.dirpath = str(fold_dir / "checkpoints")  # not under the logger's own folders
-        try:
-            cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-        finally:
-            _finish_logger(logger)
-        if cli.trainer.interrupted:
-            raise KeyboardInterrupt
+        run_fold(plan, k, wandb=wandb, eval_every=eval_every, progress=progress and _rank() == 0,
+                 resume_every=resume_every)
     bar.close()
-    summary = aggregate_run(run_dir, expected_folds=len(subjects), oracle_by=oracle_by)
+    if _rank() != 0:
+        return None
+    summary = aggregate_run(plan.run_dir, expected_folds=len(plan.subjects), oracle_by=oracle_by)
     if summary is not None and not worker:
         print("\n" + format_summary(summary), flush=True)
-        print(f"\nsummary: {run_dir / 'loso_summary.json'}; confusion matrix: {run_dir / 'confusion.png'}")
+        print(f"\nsummary: {plan.run_dir / 'loso_summary.json'}; confusion matrix: {plan.run_dir / 'confusion.png'}")
     return summary

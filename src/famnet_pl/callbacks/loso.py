@@ -20,6 +20,7 @@ checkpoint or schedule. The DataModule must expose ``manifest``, ``test_set``, `
 from __future__ import annotations
 
 import logging
+import random
 from pathlib import Path
 
 import lightning as L
@@ -40,6 +41,35 @@ def fold_dir_name(fold: int, subject: str) -> str:
     return f"fold_{fold:02d}_{subject.replace('/', '-')}"
 
 
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat(parts) if parts else torch.empty(0)
+
+
+def gather_shards(probs: np.ndarray, au_probs: np.ndarray, index: np.ndarray, *, expected: int):
+    """All ranks' test-prediction shards, in manifest order, each sample exactly once.
+
+    The shards come from a non-padding split (``test_dataloader(shard=...)``), so nothing is
+    repeated; a missing or repeated sample is an error rather than a silently wrong count (a
+    DistributedSampler would pad a 5-sample test subject to 6 on 2 ranks, 8 on 4).
+    """
+    shards: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(shards, (probs, au_probs, index))
+    shards = [s for s in shards if len(s[2])]  # a rank may get no sample (fewer samples than ranks)
+    index = np.concatenate([s[2] for s in shards])
+    if len(index) != expected or len(np.unique(index)) != expected:
+        raise RuntimeError(f"gathered {len(index)} test predictions ({len(np.unique(index))} distinct) for a test "
+                           f"set of {expected}: the shards overlap or miss samples")
+    order = np.argsort(index, kind="stable")
+    return (np.concatenate([s[0] for s in shards])[order], np.concatenate([s[1] for s in shards])[order],
+            index[order])
+
+
+def resume_checkpoint(fold_dir: Path, config_hash: str | None) -> Path:
+    """The fold's resume checkpoint, named by the config fingerprint: a fold never resumes from a
+    checkpoint trained under another config."""
+    return Path(fold_dir) / "checkpoints" / f"resume-{config_hash or 'any'}.ckpt"
+
+
 class LOSOCallback(Callback):
     """Write one fold's test predictions and refresh the run's pooled LOSO summary.
 
@@ -51,13 +81,16 @@ class LOSOCallback(Callback):
         oracle_by: oracle criterion, ``acc`` or ``uf1``.
         config_hash: fingerprint of the run's config, stored with the fold so a resumed run never
             mixes folds trained under different configs.
+        resume_every: save the fold's resume checkpoint (``checkpoints/resume-<hash>.ckpt``: weights,
+            optimiser, loops, recorded predictions, random streams) every N epochs; 0: never.
+            A killed or requeued fold continues from it and ends exactly as an uninterrupted one.
     """
 
     def __init__(self, run_dir: str, n_folds: int | None = None, eval_every: int = 1,
-                 oracle_by: str = "acc", config_hash: str | None = None) -> None:
+                 oracle_by: str = "acc", config_hash: str | None = None, resume_every: int = 1) -> None:
         super().__init__()
         self.run_dir, self.n_folds, self.config_hash = Path(run_dir), n_folds, config_hash
-        self.eval_every, self.oracle_by = eval_every, oracle_by
+        self.eval_every, self.oracle_by, self.resume_every = eval_every, oracle_by, resume_every
         self.rows: list[pd.DataFrame] = []
         self.summary: dict | None = None
 
@@ -66,7 +99,8 @@ class LOSOCallback(Callback):
         dm = trainer.datamodule
         return self.run_dir / fold_dir_name(dm.hparams.fold, dm.test_subject)
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Here, not in on_fit_start: a resume checkpoint restores ``rows`` between the two.
         self.rows = []
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -74,6 +108,27 @@ class LOSOCallback(Callback):
         last = bool(trainer.max_epochs and trainer.max_epochs > 0 and epoch + 1 >= trainer.max_epochs)
         if last or (self.eval_every and (epoch + 1) % self.eval_every == 0):
             self.rows.append(self.predict_test(trainer, pl_module, epoch))
+        if self.resume_every and not last and (epoch + 1) % self.resume_every == 0:
+            # Every rank calls it (collective under DDP); rank 0 writes, atomically.
+            trainer.save_checkpoint(resume_checkpoint(self.fold_dir(trainer), self.config_hash))
+
+    def state_dict(self) -> dict:
+        """What a resumed fold needs besides weights, optimiser and loops: the test predictions
+        recorded so far and the global random streams (python, numpy, torch, CUDA)."""
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+        return {"rows": [r.to_dict(orient="list") for r in self.rows], "config_hash": self.config_hash,
+                "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                        "cuda": cuda}}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore :meth:`state_dict`."""
+        self.rows = [pd.DataFrame(r) for r in state_dict["rows"]]
+        rng = state_dict["rng"]
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(rng["cuda"])
 
     @torch.no_grad()
     def predict_test(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int) -> pd.DataFrame:
@@ -83,17 +138,26 @@ class LOSOCallback(Callback):
         pl_module.eval()
         device = pl_module.device
         devices = [device] if device.type == "cuda" else []
+        world = trainer.world_size
+        if world > 1:
+            # DDP keeps weights equal across ranks, but each rank's last step updated its own
+            # BatchNorm statistics: use rank 0's everywhere, as a single-device eval would.
+            for buffer in pl_module.buffers():
+                torch.distributed.broadcast(buffer, src=0)
         probs, au_probs, index = [], [], []
         with torch.random.fork_rng(devices=devices):
-            for batch in dm.test_dataloader():
+            loader = dm.test_dataloader(shard=(trainer.global_rank, world)) if world > 1 else dm.test_dataloader()
+            for batch in loader:
                 batch = {k: v.to(device) for k, v in batch.items()}
                 out = pl_module.predict_step(batch)
-                probs.append(out["probs"].cpu())
+                probs.append(out["probs"].float().cpu())
                 au_probs.append(out["au_probs"].float().cpu())
                 index.append(out["index"].cpu())
         pl_module.train(was_training)
-        probs, au_probs = torch.cat(probs).numpy(), torch.cat(au_probs).numpy()
-        index = torch.cat(index).numpy()
+        probs, au_probs = _cat(probs).numpy(), _cat(au_probs).numpy()
+        index = _cat(index).numpy()
+        if world > 1:
+            probs, au_probs, index = gather_shards(probs, au_probs, index, expected=len(dm.test_set))
         rows = dm.manifest.iloc[index]
         table = pd.DataFrame({
             "sample_id": rows["sample_id"].to_numpy(), "dataset": rows["dataset"].to_numpy(),
@@ -130,6 +194,9 @@ class LOSOCallback(Callback):
             **{f"test/{k}": v for k, v in fold_scores(last["y_true"], last["y_pred"]).items()},
         })
         atomic_write_csv(out / "predictions.csv", last)
+        # The fold is done: its resume points (ours, and Lightning's SLURM ones) are dead weight.
+        for stale in [*out.glob("checkpoints/resume-*.ckpt"), *out.glob("hpc_ckpt_*.ckpt")]:
+            stale.unlink(missing_ok=True)
         self.summary = aggregate_run(self.run_dir, expected_folds=self.n_folds, oracle_by=self.oracle_by)
         # Pooled metrics are logged once, by the fold that completes the run (earlier partial
         # pools under the same keys would read as final numbers in W&B).

@@ -33,7 +33,7 @@ import lightning as L
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, Subset, get_worker_info
 
 from famnet_pl.data import synthetic
 from famnet_pl.data.au import au_targets, parse_au_set
@@ -206,6 +206,8 @@ class MERDataModule(L.LightningDataModule):
         self._validated: pd.DataFrame | None = None
         self.prepared: Prepared | None = None
         self.test_subject: str | None = None
+        self._resume_state: dict = {}  # from a resume checkpoint (load_state_dict)
+        self._shuffle_generator: torch.Generator | None = None
 
     # Static facts, known before setup, linked into the model config by the CLI.
     @property
@@ -347,10 +349,30 @@ class MERDataModule(L.LightningDataModule):
 
     def _loader(self, dataset: Dataset, *, shuffle: bool) -> DataLoader:
         generator = torch.Generator().manual_seed(self._fold_seed)
+        if shuffle:  # the training order stream: part of the resume state
+            if self._resume_state.get("shuffle") is not None:
+                generator.set_state(self._resume_state["shuffle"])
+            self._shuffle_generator = generator
         return DataLoader(dataset, batch_size=self.hparams.batch_size, shuffle=shuffle,
                           num_workers=self.hparams.num_workers, generator=generator,
                           worker_init_fn=_reseed_worker, persistent_workers=self.hparams.num_workers > 0,
                           pin_memory=torch.cuda.is_available())
+
+    def state_dict(self) -> dict:
+        """Random streams of the training data (shuffling, augmentation) at a checkpoint, so a fold
+        resumed from it sees the same batches as an uninterrupted one (``num_workers=0``; worker
+        processes keep their augmentation streams to themselves)."""
+        augment = getattr(self.train_set, "augment", None)
+        generator = self._shuffle_generator
+        return {"shuffle": generator.get_state() if generator is not None else None,
+                "augment": augment.get_state() if augment is not None else None}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore :meth:`state_dict` (Lightning calls it after ``setup``, before the loaders exist)."""
+        self._resume_state = dict(state_dict)
+        augment = getattr(self.train_set, "augment", None)
+        if augment is not None and state_dict.get("augment") is not None:
+            augment.set_state(state_dict["augment"])
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled training subjects."""
@@ -360,9 +382,13 @@ class MERDataModule(L.LightningDataModule):
         """Inner validation subjects (empty when ``val_subjects=0``)."""
         return self._loader(self.val_set, shuffle=False) if self.val_set is not None else []
 
-    def test_dataloader(self) -> DataLoader:
-        """The test subject, in manifest order."""
-        return self._loader(self.test_set, shuffle=False)
+    def test_dataloader(self, shard: tuple[int, int] | None = None) -> DataLoader:
+        """The test subject, in manifest order; ``shard=(rank, world)``: every ``world``-th sample
+        from ``rank`` on, no padding (unlike a DistributedSampler, which repeats samples)."""
+        if shard is None:
+            return self._loader(self.test_set, shuffle=False)
+        rank, world = shard
+        return self._loader(Subset(self.test_set, range(rank, len(self.test_set), world)), shuffle=False)
 
 
 @functools.lru_cache(maxsize=8)

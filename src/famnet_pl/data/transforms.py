@@ -51,6 +51,21 @@ class ClipAugment:
         self.geometric.set_random_seed(seed)
         self.photometric.set_random_seed(seed + 1)
 
+    def _rngs(self) -> list:
+        # Every Compose and every transform inside it holds its own generator pair.
+        return [obj for compose in (self.geometric, self.photometric) for obj in (compose, *compose.transforms)]
+
+    def get_state(self) -> list:
+        """RNG states of every transform (saved in resume checkpoints: a resumed fold draws the
+        same augmentations as an uninterrupted one)."""
+        return [(obj.random_generator.bit_generator.state, obj.py_random.getstate()) for obj in self._rngs()]
+
+    def set_state(self, state: list) -> None:
+        """Restore :meth:`get_state` in place (the transforms share nothing else)."""
+        for obj, (numpy_state, python_state) in zip(self._rngs(), state, strict=True):
+            obj.random_generator.bit_generator.state = numpy_state
+            obj.py_random.setstate(python_state)
+
     def __call__(self, frames: np.ndarray, *, rgb: slice | None, flow_u: int | None) -> np.ndarray:
         """Augment one sample.
 
