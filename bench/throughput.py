@@ -3,8 +3,8 @@ model alone (one in-memory batch reused -> train step), and their ratio.
 
 A ratio near 1.0 means data loading is not the bottleneck. Run ``make bench`` (CPU, demo configs)
 or, on a GPU machine, ``make bench ARGS="--model-config experiments/model/famnet.yaml
---data-arg=--data.image_size=112 ..."``. Prints figures; asserts nothing (tests check behaviour,
-benchmarks measure speed).
+--data.image_size=112 ..."`` (options it does not know go to the config). Prints figures; asserts
+nothing (tests check behaviour, benchmarks measure speed).
 """
 
 from __future__ import annotations

@@ -190,7 +190,7 @@ class LOSOCallback(Callback):
             "fold": int(dm.hparams.fold), "subject": dm.test_subject, "protocol": dm.protocol.name,
             "class_names": list(dm.class_names), "au_vocab": list(dm.au_vocab),
             "epoch": int(last["epoch"].iloc[0]), "n_test": len(last), "split": dm.split,
-            "config_hash": self.config_hash,
+            "config_hash": self.config_hash, "world_size": trainer.world_size,
             **{f"test/{k}": v for k, v in fold_scores(last["y_true"], last["y_pred"]).items()},
         })
         atomic_write_csv(out / "predictions.csv", last)

@@ -84,10 +84,13 @@ class FAMNetLitModule(L.LightningModule):
         outputs = self(batch["x2d"], batch.get("x3d"))
         loss, parts = self.criterion(outputs, batch["label"], batch["au"], batch["au_mask"])
         batch_size = batch["label"].shape[0]
-        on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=batch_size)
+        trainer = self._trainer  # None when called outside a Trainer (unit tests)
+        on_step, sync = stage == "train", trainer is not None and trainer.world_size > 1  # DDP: mean over ranks
+        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=batch_size,
+                 sync_dist=sync)
         for name, value in parts.items():
-            self.log(f"{stage}/loss_{name}", value, on_step=False, on_epoch=True, batch_size=batch_size)
+            self.log(f"{stage}/loss_{name}", value, on_step=False, on_epoch=True, batch_size=batch_size,
+                     sync_dist=sync)
         metrics.update(outputs["emotion"].detach(), batch["label"])
         self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=batch_size)
         return loss
