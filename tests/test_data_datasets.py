@@ -278,6 +278,21 @@ def test_flow_images_have_no_3d_view_and_famnet_runs_2d(trees, tmp_path, caplog)
         build_cli([*args, "--model.model=amnet3d_r18"])
 
 
+def test_onset_apex_views_are_refused_on_flow_images_in_one_line(trees, tmp_path):
+    """FRL-DGT needs onset and apex frames; the flow-image layout has neither: exit 2, one line."""
+    import subprocess
+    import sys
+
+    args = tiny_args(trees["megc2019_flow"], tmp_path / "cache", **{"data.protocol": "megc2019_flow_3cls",
+                                                                     "data.input_2d": "pair_flow"})
+    result = subprocess.run([sys.executable, "-m", "famnet_pl.cli", "loso", "--wandb", "off", "--runs-dir",
+                             str(tmp_path / "runs"), *args], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    error = [line for line in result.stderr.splitlines() if "error" in line]
+    assert len(error) == 1 and "no onset or apex frames" in error[0] and "megc2019_3cls" in error[0]
+    assert "Traceback" not in result.stderr
+
+
 def test_cropped_layout_is_found(tmp_path):
     root = fabricate.fabricate("casme2", tmp_path / "c2", layout="cropped")
     manifest, report = build_manifest(protocol="casme2_5cls", root=root)

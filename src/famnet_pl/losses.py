@@ -3,6 +3,9 @@
     L = w2d * CE(emotion_2d) + w3d * CE(emotion_3d) + wfuse * CE(emotion_fused)
         + wau * (BCE(au_2d) + BCE(au_3d))
 
+A model may add its own, already weighted, terms under ``outputs["aux_losses"]`` (FRL-DGT's
+self-supervised displacement losses); they are summed into L.
+
 Terms whose outputs a model does not produce (a 2D-only net has no ``emotion_3d``) are skipped, so
 the same loss serves every branch setting. AU BCE is averaged over the *unmasked* (sample, AU)
 entries only: samples whose AU cell is unknown (``?``), or AUs a dataset never codes, are not read
@@ -51,7 +54,8 @@ class WeightedMultiTaskLoss(nn.Module):
 
     def forward(self, outputs: dict[str, Tensor], label: Tensor, au: Tensor | None = None,
                 au_mask: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-        """Total loss and its unweighted parts (keys ``ce_2d``, ``ce_3d``, ``ce_fused``, ``bce_au``)."""
+        """Total loss and its parts: unweighted ``ce_2d``, ``ce_3d``, ``ce_fused``, ``bce_au``, plus
+        any ``outputs["aux_losses"]`` terms (already weighted by the model)."""
         parts: dict[str, Tensor] = {}
         total = label.new_zeros((), dtype=torch.float32)
         for key, weight_name in self._EMOTION_TERMS:
@@ -64,4 +68,9 @@ class WeightedMultiTaskLoss(nn.Module):
             mask = torch.ones_like(au) if au_mask is None else au_mask
             parts["bce_au"] = sum(masked_bce(outputs[k], au, mask) for k in au_keys)
             total = total + self.weights.wau * parts["bce_au"]
+        # Model-specific self-supervised terms (FRL-DGT's displacement warp/smoothness), weighted by
+        # the model's own options: added as they come, logged as parts.
+        for name, value in outputs.get("aux_losses", {}).items():
+            parts[name] = value
+            total = total + value
         return total, parts

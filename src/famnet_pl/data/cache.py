@@ -61,7 +61,7 @@ from famnet_pl.data.protocols import get_dataset
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 2
-VIEWS = ("apex", "flow", "clip")
+VIEWS = ("onset", "apex", "flow", "clip")  # arrays packed for training (onset: the pair views only)
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,7 @@ class ViewConfig:
         flow_algorithm: ``tvl1``, ``farneback`` or ``dis``.
         flow_size: side at which flow is computed.
         need_flow: compute the flow view.
+        need_onset: keep the onset frame (the ``pair`` 2D views of FRL-DGT).
         register: align every frame to the onset frame (global translation) first.
         need_clip: compute the 3D view (false for datasets without frames).
         face_detector: ``none`` (frames already cropped), ``mtcnn``, ``center`` or a registered one.
@@ -91,6 +92,7 @@ class ViewConfig:
     flow_algorithm: FlowAlgorithm = "tvl1"
     flow_size: int = 128
     need_flow: bool = True
+    need_onset: bool = False
     register: bool = True
     need_clip: bool = True
     face_detector: str = "none"
@@ -106,7 +108,7 @@ class Prepared:
     """Result of :func:`preprocess`.
 
     Attributes:
-        arrays: ``{"apex", "flow", "clip"}`` memory-mapped, rows = the manifest rows that succeeded.
+        arrays: ``{"onset", "apex", "flow", "clip"}`` (those computed) memory-mapped, rows = the manifest rows that succeeded.
         ok: bool per manifest row: preprocessed (False rows are in ``failures``).
         failures: sample id -> error message naming the file.
         no_face: samples where the face detector found no face (the fallback crop was used).
@@ -181,6 +183,8 @@ def preprocess_sample(row: dict, root: str | Path, views: ViewConfig, *,
 
     (apex,) = prepared([apex_k])
     out = {"apex": resize(apex, s), "face_found": np.array(face_found)}
+    if views.need_onset:
+        out["onset"] = resize(onset, s)
     if keep_frames:
         out |= {"onset_frame": onset, "apex_frame": apex}
     if views.need_flow:

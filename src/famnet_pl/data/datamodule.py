@@ -11,7 +11,8 @@ Data flow::
                    "au": (B, A), "au_mask": (B, A), "index": (B,)}
 
 2D view (``input_2d``): ``apex`` (RGB apex frame, 3 channels), ``flow`` (onset->apex u, v and
-optical strain, 3 channels) or ``both`` (6 channels). 3D view: ``clip_len`` frames sampled
+optical strain, 3 channels), ``both`` (6 channels), ``pair`` (onset and apex RGB, 6 channels) or
+``pair_flow`` (onset, apex, flow: 9 channels). 3D view: ``clip_len`` frames sampled
 uniformly from onset to offset; ``clip_mode="diff"`` subtracts the first (onset) frame from every
 frame, which removes identity and keeps motion. Precomputed-flow datasets (``megc2019_flow``) have
 no frames: their batches carry no ``x3d`` and models run their 2D branch alone.
@@ -40,12 +41,16 @@ from famnet_pl.data.au import au_targets, parse_au_set
 from famnet_pl.data.cache import Prepared, ViewConfig, preprocess
 from famnet_pl.data.frames import FlowAlgorithm
 from famnet_pl.data.manifest import ApexFix, ManifestError, build_manifest, part_root, part_sheet
-from famnet_pl.data.protocols import get_dataset, get_protocol
+from famnet_pl.data.protocols import ProtocolError, get_dataset, get_protocol
 from famnet_pl.data.transforms import ClipAugment
 
 log = logging.getLogger(__name__)
 
-INPUT_2D_CHANNELS = {"apex": 3, "flow": 3, "both": 6}
+# 2D views: the cached arrays stacked as channels, 3 each, RGB frames first (one source of truth for
+# the channel count, the RGB slice and the flow u channel).
+VIEWS_2D: dict[str, tuple[str, ...]] = {"apex": ("apex",), "flow": ("flow",), "both": ("apex", "flow"),
+                                         "pair": ("onset", "apex"), "pair_flow": ("onset", "apex", "flow")}
+INPUT_2D_CHANNELS = {name: 3 * len(parts) for name, parts in VIEWS_2D.items()}
 
 
 class MERDataset(Dataset):
@@ -63,11 +68,8 @@ class MERDataset(Dataset):
 
     def view_2d(self, i: int) -> np.ndarray:
         """Un-normalised 2D input ``(S, S, C)`` float32 of manifest row ``i``."""
-        parts = []
-        if self.input_2d in ("apex", "both"):
-            parts.append(self.arrays["apex"][i].astype(np.float32) / 255.0)
-        if self.input_2d in ("flow", "both"):
-            parts.append(np.asarray(self.arrays["flow"][i], dtype=np.float32))
+        parts = [np.asarray(self.arrays["flow"][i], dtype=np.float32) if name == "flow"
+                 else self.arrays[name][i].astype(np.float32) / 255.0 for name in VIEWS_2D[self.input_2d]]
         return np.concatenate(parts, axis=-1)
 
     def view_3d(self, i: int) -> np.ndarray | None:
@@ -80,9 +82,10 @@ class MERDataset(Dataset):
         i = int(self.indices[item])
         x2d, x3d = self.view_2d(i)[None], self.view_3d(i)
         if self.augment is not None:
-            has_rgb = self.input_2d in ("apex", "both")
-            x2d = self.augment(x2d, rgb=slice(0, 3) if has_rgb else None,
-                               flow_u={"apex": None, "flow": 0, "both": 3}[self.input_2d])
+            parts = VIEWS_2D[self.input_2d]
+            n_rgb = 3 * sum(name != "flow" for name in parts)  # one photometric draw for onset and apex:
+            x2d = self.augment(x2d, rgb=slice(0, n_rgb) if n_rgb else None,  # no fake motion between them
+                               flow_u=3 * parts.index("flow") if "flow" in parts else None)
             if x3d is not None:
                 x3d = self.augment(x3d, rgb=slice(0, 3), flow_u=None)
         x2d = (x2d[0] - self.stats["mean_2d"]) / self.stats["std_2d"]
@@ -119,7 +122,8 @@ class MERDataModule(L.LightningDataModule):
         layout: on-disk layout (``raw``, ``cropped``); ``auto`` picks the one found on disk.
         split: fold groups: ``subject`` (LOSO) or ``dataset`` (leave-one-dataset-out).
         fold: index into the sorted group list; that group is the test set.
-        input_2d: 2D view: ``apex``, ``flow`` or ``both``.
+        input_2d: 2D view: ``apex``, ``flow``, ``both`` (apex + flow), ``pair`` (onset + apex RGB, for
+            FRL-DGT) or ``pair_flow`` (onset + apex + flow).
         clip_mode: 3D view: raw ``frames`` or ``diff`` (each frame minus the onset frame).
         image_size: side of the 2D view.
         clip_len: frames in the 3D view.
@@ -170,7 +174,7 @@ class MERDataModule(L.LightningDataModule):
         layout: str = "auto",
         split: Literal["subject", "dataset"] = "subject",
         fold: int = 0,
-        input_2d: Literal["apex", "flow", "both"] = "flow",
+        input_2d: Literal["apex", "flow", "both", "pair", "pair_flow"] = "flow",
         clip_mode: Literal["frames", "diff"] = "frames",
         image_size: int = 64,
         clip_len: int = 8,
@@ -202,6 +206,11 @@ class MERDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.protocol = get_protocol(protocol, datasets=datasets, label_maps=label_maps, classes=classes)
         self.au_vocab = tuple(au_vocab) if au_vocab is not None else self.protocol.vocab
+        if "onset" in VIEWS_2D[input_2d] and not self.protocol.has_clips:
+            raise ProtocolError(
+                f"protocol {self.protocol.name} has precomputed flow images only, no onset or apex frames, and "
+                f"data.input_2d={input_2d} (FRL-DGT) needs both frames: run it on the frame-based protocol "
+                "(megc2019_3cls, with the datasets' frame folders)")
         self.manifest: pd.DataFrame | None = None  # the samples in use: validated and preprocessed
         self._validated: pd.DataFrame | None = None
         self.prepared: Prepared | None = None
@@ -267,7 +276,8 @@ class MERDataModule(L.LightningDataModule):
         hp = self.hparams
         return ViewConfig(image_size=hp.image_size, clip_len=hp.clip_len, clip_size=hp.clip_size,
                           flow_algorithm=hp.flow_algorithm, flow_size=hp.flow_size,
-                          need_flow=hp.input_2d != "apex", register=hp.register, need_clip=self.protocol.has_clips,
+                          need_flow="flow" in VIEWS_2D[hp.input_2d], need_onset="onset" in VIEWS_2D[hp.input_2d],
+                          register=hp.register, need_clip=self.protocol.has_clips,
                           face_detector=hp.face_detector, face_margin=hp.face_margin, face_align=hp.face_align,
                           face_size=hp.face_size, flow_pair=hp.flow_pair, clip_fps=hp.clip_fps)
 
