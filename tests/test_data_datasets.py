@@ -422,19 +422,42 @@ _DATA_CONFIGS = sorted(p.stem for p in (REPO / "experiments" / "data").glob("*.y
 def test_make_loso_line_runs_every_data_config(dataset, trees, tmp_path):
     """The exact command of ``make loso DATASET=<name> DATA_ROOT=<fabricated tree>`` (taken from
     ``make -n``), run in-process on one fold with CPU demo sizes."""
-    import shlex
-    import subprocess
-
     from famnet_pl.cli import main
 
     root = trees[_CONFIG_TREE.get(dataset, dataset)]
-    small = ("--data.image_size=24 --data.clip_len=4 --data.clip_size=16 --data.flow_size=48 "
-             f"--data.flow_algorithm=farneback --data.cache_dir={tmp_path}/cache --trainer.max_epochs=1 "
-             f"--runs-dir={tmp_path}/runs")
-    dry = subprocess.run(["make", "-s", "-n", "loso", f"DATASET={dataset}", f"DATA_ROOT={root}", "WANDB=off",
+    argv = _make_loso_argv(tmp_path, "--data.image_size=24 --data.clip_len=4 --data.clip_size=16",
+                           DATASET=dataset, DATA_ROOT=root)
+    assert main(argv) == 0
+    assert list((tmp_path / "runs").glob("*/*/fold_00_*/predictions.csv"))
+
+
+def _make_loso_argv(tmp_path, extra: str = "", **make_vars) -> list[str]:
+    """``famnet-pl loso ...`` exactly as ``make loso VAR=...`` would run it (from ``make -n``)."""
+    import shlex
+    import subprocess
+
+    small = (f"--data.flow_size=48 --data.flow_algorithm=farneback --data.cache_dir={tmp_path}/cache "
+             f"--trainer.max_epochs=1 --runs-dir={tmp_path}/runs {extra}")
+    dry = subprocess.run(["make", "-s", "-n", "loso", *[f"{k}={v}" for k, v in make_vars.items()], "WANDB=off",
                           "FOLDS=0", f"ARGS={small}", "STAMP=/dev/null"], cwd=REPO, capture_output=True,
                          text=True, check=True)
     line = next(x for x in dry.stdout.replace("\\\n", " ").splitlines() if "famnet-pl loso" in x)
     argv = shlex.split(line)
-    assert main(argv[argv.index("loso"):]) == 0
-    assert list((tmp_path / "runs").glob("*/*/fold_00_*/predictions.csv"))
+    return argv[argv.index("loso"):]
+
+
+def test_ststnet_runs_on_the_flow_image_layout_and_frl_dgt_refuses_it(trees, tmp_path, capsys):
+    """STSTNet is the MEGC2019 reference on precomputed flow; FRL-DGT needs onset and apex frames,
+    which that layout lacks: it stops with one line saying what to run instead."""
+    from famnet_pl.cli import main
+
+    root = trees["megc2019_flow"]
+    assert main(_make_loso_argv(tmp_path, MODEL="ststnet", DATASET="megc2019_flow", DATA_ROOT=root)) == 0
+    fold = next((tmp_path / "runs").glob("ststnet/*/fold_00_*"))
+    assert (fold / "predictions.csv").is_file()
+    assert "model: ststnet" in (fold / "config.yaml").read_text()
+    capsys.readouterr()
+    assert main(_make_loso_argv(tmp_path, MODEL="frl_dgt", DATASET="megc2019_flow", DATA_ROOT=root)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no onset or apex frames" in err[0] and "megc2019_3cls" in err[0]
+

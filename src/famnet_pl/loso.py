@@ -56,7 +56,9 @@ log = logging.getLogger(__name__)
 
 # Known-harmless noise that would repeat once per fold (../shared/notes/stack.md, section 5).
 _NOISE = (r".*LeafSpec.*", r".*Total length of .* across ranks is zero.*",
-          r".*does not have many workers.*", r".*anonymous setting has no effect.*")
+          r".*does not have many workers.*", r".*anonymous setting has no effect.*",
+          # A machine with the SLURM client installed, running outside a SLURM job (a login node).
+          r".*The `srun` command is available on your system but is not used.*")
 
 
 def _quiet() -> None:

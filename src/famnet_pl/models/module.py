@@ -38,7 +38,8 @@ class FAMNetLitModule(L.LightningModule):
     """Multi-task MER training (emotion + AU) for FAMNet-style networks.
 
     Args:
-        model: registry name (``famnet_r18``, ``amnet2d_r18``, ``amnet3d_r18``).
+        model: registry name (``famnet_r18``, ``amnet2d_r18``, ``amnet3d_r18``; the comparison
+            models ``frl_dgt`` and ``ststnet``).
         net: extra keyword arguments of the registry factory (widths, attention, fusion, ...).
         num_classes: emotion classes (linked from ``data.num_classes``).
         num_aus: AU vocabulary size (linked from ``data.num_aus``); 0 disables the AU heads.
