@@ -27,16 +27,26 @@ GPUS ?=
 JOBS_PER_GPU ?= 1
 THREADS ?=
 ARGS ?=
+# Sweeps (experiments/sweeps/) and the ablation table (experiments/ablation.yaml).
+SPEC ?= experiments/sweeps/loss_weights_bayes.yaml
+SWEEP ?=
+COUNT ?=
+SEED ?= 0
+OUT ?=
+WANDB_PROJECT ?= famnet_pl
+SEEDS ?=
+VARIANTS ?=
 
 # No network at run time (W&B only when WANDB=online); no albumentations update check.
 export NO_ALBUMENTATIONS_UPDATE := 1
 export HF_HUB_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help install loso data manifests fabricate aggregate test test-full test-gpu bench clean distclean
+.PHONY: help install loso ablation sweep agent sweep-offline data manifests fabricate aggregate test test-full \
+	test-gpu bench clean distclean
 
 help: ## List the targets
-	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  \033[36m%-13s\033[0m %s\n", $$1, $$2}'
 
 $(STAMP): setup.cfg pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "famnet_pl needs Python 3.11+ (set PYTHON=python3.11)"'
@@ -59,6 +69,24 @@ loso: $(STAMP) ## LOSO run [DATASET=synth] [PROTOCOL=] [MODEL=famnet_cpu] [EXP=]
 		--config experiments/base.yaml --config experiments/data/$(DATASET).yaml \
 		--config experiments/model/$(MODEL).yaml $(if $(DATA_ROOT),--data.data_root=$(DATA_ROOT)) \
 		$(if $(PROTOCOL),--data.protocol=$(PROTOCOL)) $(ARGS)
+
+ablation: $(STAMP) ## Ablation table, every variant x seed a full LOSO [DATASET=synth] [JOBS=1] [SEEDS=0,1,2] [VARIANTS=a,b]
+	$(BIN)/famnet-pl ablation --dataset $(DATASET) --jobs $(JOBS) $(if $(THREADS),--threads $(THREADS)) \
+		$(if $(SEEDS),--seeds $(SEEDS)) $(if $(VARIANTS),--variants $(VARIANTS)) \
+		$(if $(DATA_ROOT),--data.data_root=$(DATA_ROOT)) $(ARGS)
+
+sweep: $(STAMP) ## Create a W&B sweep (needs network; prints its id) [SPEC=experiments/sweeps/loss_weights_bayes.yaml]
+	$(BIN)/python -m famnet_pl.sweep check $(SPEC)
+	$(BIN)/wandb sweep --project $(WANDB_PROJECT) $(if $(WANDB_ENTITY),--entity $(WANDB_ENTITY)) $(SPEC)
+
+agent: $(STAMP) ## Run trials of a W&B sweep (needs network): make agent SWEEP=entity/project/id [COUNT=n]
+	@test -n "$(SWEEP)" || { echo "make agent SWEEP=entity/project/id (make sweep prints it)" >&2; exit 2; }
+	@# The spec's $${interpreter} is the `python` on PATH: put the venv's first.
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/wandb agent $(if $(COUNT),--count $(COUNT)) $(SWEEP)
+
+sweep-offline: $(STAMP) ## Sweep without network (local engine, W&B offline, resumable) [SPEC=] [COUNT=8] [SEED=0] [OUT=]
+	WANDB_MODE=offline $(BIN)/python -m famnet_pl.sweep offline $(SPEC) $(if $(COUNT),--count $(COUNT)) --seed $(SEED) \
+		$(if $(OUT),--out $(OUT)) -- $(if $(DATA_ROOT),--data.data_root=$(DATA_ROOT)) $(ARGS)
 
 data: $(STAMP) ## Write the synthetic dataset to data/synth (make loso does this when needed)
 	$(BIN)/famnet-pl synth data/synth

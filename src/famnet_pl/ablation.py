@@ -1,0 +1,162 @@
+"""Ablation table: every variant of ``experiments/ablation.yaml`` as a full LOSO run per seed,
+side by side.
+
+Data flow::
+
+    experiments/ablation.yaml (seeds, variants = model config + overrides)
+      for seed, for variant: run_loso(base + data/<dataset> + model/<model> + overrides
+                                      + --seed_everything=s --data.seed=s)
+                             -> runs/ablation/<variant>/seed<s>/<dataset run>/loso_summary.json
+      -> runs/ablation/<dataset>/results.csv  one row per (variant, seed): pooled metrics, run dir, seconds
+      -> runs/ablation/<dataset>/table.md     mean +/- std over seeds (sample std, n-1), honest and oracle
+
+Every number comes from the runs' own ``loso_summary.json`` (pooled over all folds, MEGC
+convention); nothing here trains or scores. The honest columns are the last epoch of the fixed
+budget; the oracle columns pick each fold's best test epoch and exist only to compare with papers
+that report that way. Runs resume: a rerun skips finished folds and finished runs, so an
+interrupted table is completed, not redone; runtimes of runs finished earlier are kept from
+results.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from famnet_pl.utils.io import atomic_write_csv, atomic_write_text
+
+METRICS = {"uf1": "loso/uf1", "uar": "loso/uar", "oracle_uf1": "loso_oracle/uf1", "oracle_uar": "loso_oracle/uar"}
+
+
+def load_variants(spec: str | Path) -> tuple[list[int], list[dict]]:
+    """Seeds and variants of an ablation spec; a clear error for a malformed one."""
+    spec = Path(spec)
+    data = yaml.safe_load(spec.read_text())
+    try:
+        seeds = [int(s) for s in data["seeds"]]
+        variants = [{"name": str(v["name"]), "model": str(v["model"]), "args": list(v.get("args", []))}
+                    for v in data["variants"]]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SystemExit(f"{spec}: expected 'seeds: [..]' and 'variants: [{{name, model, args}}]' ({exc!r})")
+    names = [v["name"] for v in variants]
+    if len(set(names)) != len(names):
+        raise SystemExit(f"{spec}: variant names must be unique: {names}")
+    return seeds, variants
+
+
+def mean_std(values: list[float]) -> str:
+    """``0.812 ± 0.031`` (sample std over seeds; one seed: no std)."""
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return "n/a"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def format_table(results: pd.DataFrame, order: list[str]) -> str:
+    """Markdown table: one row per variant, mean ± std over its seeds."""
+    lines = ["| variant | UF1 | UAR | UF1 (oracle) | UAR (oracle) | seeds | minutes |",
+             "|---|---|---|---|---|---|---|"]
+    for name in order:
+        rows = results[results["variant"] == name]
+        if rows.empty:
+            continue
+        cells = [mean_std(rows[col].tolist()) for col in METRICS]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {len(rows)} | {rows['seconds'].sum() / 60:.1f} |")
+    return "\n".join(lines)
+
+
+def run_ablation(*, dataset: str, spec: str = "experiments/ablation.yaml", experiments: str = "experiments",
+                 runs_dir: str = "runs", variants: list[str] | None = None, seeds: list[int] | None = None,
+                 jobs: int = 1, threads: int | None = None, wandb: str = "off", progress: bool = True,
+                 extra: list[str] = ()) -> pd.DataFrame:
+    """Run (or complete) the ablation and write ``results.csv`` and ``table.md``; returns the results.
+
+    Args:
+        dataset: ``experiments/data/<dataset>.yaml``.
+        spec: the ablation spec (seeds and variants).
+        experiments: folder of base.yaml, data/ and model/.
+        runs_dir: root of all runs; the table goes to ``<runs_dir>/ablation/<dataset>/``.
+        variants: run only these variant names (default: all in the spec).
+        seeds: override the spec's seeds.
+        jobs: folds in parallel per LOSO run (``make loso JOBS``).
+        threads: CPU threads per fold.
+        wandb: per-fold logging (``off`` by default: dozens of runs).
+        progress: progress bars.
+        extra: CLI overrides appended to every run (e.g. ``--data.data_root=...``).
+    """
+    from famnet_pl.loso import run_loso
+
+    spec_seeds, spec_variants = load_variants(spec)
+    seeds = seeds or spec_seeds
+    unknown = set(variants or []) - {v["name"] for v in spec_variants}
+    if unknown:
+        raise SystemExit(f"{spec}: no variant named {sorted(unknown)}; variants: {[v['name'] for v in spec_variants]}")
+    chosen = [v for v in spec_variants if not variants or v["name"] in variants]
+    exp_dir = Path(experiments)
+    out = Path(runs_dir) / "ablation" / dataset
+    results_csv = out / "results.csv"
+    previous = pd.read_csv(results_csv) if results_csv.is_file() else pd.DataFrame(columns=["variant", "seed"])
+    rows = []
+    for seed in seeds:
+        for variant in chosen:
+            args = ["--config", str(exp_dir / "base.yaml"), "--config", str(exp_dir / "data" / f"{dataset}.yaml"),
+                    "--config", str(exp_dir / "model" / f"{variant['model']}.yaml"), *variant["args"],
+                    f"--seed_everything={seed}", f"--data.seed={seed}", *extra]
+            print(f"== ablation {dataset}: {variant['name']}, seed {seed}", flush=True)
+            run_root = Path(runs_dir) / "ablation" / variant["name"] / f"seed{seed}"
+            finished_before = any(json.loads(p.read_text()).get("complete") for p in run_root.glob("*/loso_summary.json"))
+            start = time.perf_counter()
+            summary = run_loso(args, exp=f"ablation/{variant['name']}/seed{seed}", runs_dir=runs_dir, wandb=wandb,
+                               progress=progress, jobs=jobs, threads=threads)
+            seconds = time.perf_counter() - start
+            if summary is None or not summary.get("complete"):
+                raise SystemExit(f"ablation {variant['name']} seed {seed}: the LOSO run did not finish; rerun "
+                                 "the same command to complete it (finished folds are kept)")
+            before = previous[(previous["variant"] == variant["name"]) & (previous["seed"] == seed)]
+            if finished_before and len(before):
+                seconds = float(before["seconds"].iloc[0])  # only re-checked now: keep the real run's time
+            rows.append({"variant": variant["name"], "seed": seed, "dataset": dataset,
+                         **{col: summary.get(key) for col, key in METRICS.items()},
+                         "n_folds": summary["n_folds"], "seconds": round(seconds, 1),
+                         "run_dir": str(run_root)})
+            results = pd.DataFrame(rows)
+            atomic_write_csv(results_csv, results)
+            atomic_write_text(out / "table.md", format_table(results, [v["name"] for v in chosen]) + "\n")
+    results = pd.DataFrame(rows)
+    table = format_table(results, [v["name"] for v in chosen])
+    print(f"\nablation on {dataset}, seeds {seeds} (mean ± std over seeds; pooled over all LOSO folds)\n")
+    print(table)
+    print(f"\nresults: {results_csv}; table: {out / 'table.md'}")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``famnet-pl ablation``: see :func:`run_ablation`."""
+    parser = argparse.ArgumentParser(prog="famnet-pl ablation", description="run the ablation variants of a "
+                                     "spec under its seeds and print the side-by-side table (unknown --a.b=v "
+                                     "options go to every run)")
+    parser.add_argument("--dataset", default="synth", help="experiments/data/<dataset>.yaml")
+    parser.add_argument("--spec", default="experiments/ablation.yaml")
+    parser.add_argument("--experiments", default="experiments")
+    parser.add_argument("--runs-dir", default="runs")
+    parser.add_argument("--variants", default=None, help="comma-separated variant names (default: all)")
+    parser.add_argument("--seeds", default=None, help="comma-separated seeds (default: the spec's)")
+    parser.add_argument("--jobs", type=int, default=1, help="folds in parallel per LOSO run")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--wandb", choices=["off", "offline", "online"], default="off")
+    parser.add_argument("--no-progress", action="store_true")
+    opts, extra = parser.parse_known_args(argv)
+    run_ablation(dataset=opts.dataset, spec=opts.spec, experiments=opts.experiments, runs_dir=opts.runs_dir,
+                 variants=opts.variants.split(",") if opts.variants else None,
+                 seeds=[int(s) for s in opts.seeds.split(",")] if opts.seeds else None, jobs=opts.jobs,
+                 threads=opts.threads, wandb=opts.wandb, progress=not opts.no_progress, extra=extra)
+    return 0
