@@ -36,14 +36,19 @@ OUT ?=
 WANDB_PROJECT ?= famnet_pl
 SEEDS ?=
 VARIANTS ?=
+# SLURM (experiments/slurm/submit.sh): array throttle, --slurm-* options, raw sbatch flags.
+PARALLEL ?=
+SLURM_ARGS ?=
+SBATCH_ARGS ?=
+PREPROCESS ?= job
 
 # No network at run time (W&B only when WANDB=online); no albumentations update check.
 export NO_ALBUMENTATIONS_UPDATE := 1
 export HF_HUB_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help install loso ablation sweep agent sweep-offline data manifests fabricate aggregate test test-full \
-	test-gpu bench clean distclean
+.PHONY: help install loso loso-slurm ablation sweep agent sweep-offline data manifests fabricate aggregate test \
+	test-full test-gpu test-slurm bench clean distclean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  \033[36m%-13s\033[0m %s\n", $$1, $$2}'
@@ -66,6 +71,14 @@ install: $(STAMP) ## Create .venv and install famnet_pl with its pinned dependen
 loso: $(STAMP) ## LOSO run [DATASET=synth] [PROTOCOL=] [MODEL=famnet_cpu] [EXP=] [DATA_ROOT=] [WANDB=offline|online|off] [FOLDS=0,3] [JOBS=1] [THREADS=] [GPUS=0,1 JOBS_PER_GPU=2] [ARGS=]
 	$(BIN)/famnet-pl loso --exp $(EXP) --wandb $(WANDB) $(if $(FOLDS),--folds $(FOLDS)) --jobs $(JOBS) \
 		$(if $(GPUS),--gpus $(GPUS) --jobs-per-gpu $(JOBS_PER_GPU)) $(if $(THREADS),--threads $(THREADS)) \
+		--config experiments/base.yaml --config experiments/data/$(DATASET).yaml \
+		--config experiments/model/$(MODEL).yaml $(if $(DATA_ROOT),--data.data_root=$(DATA_ROOT)) \
+		$(if $(PROTOCOL),--data.protocol=$(PROTOCOL)) $(ARGS)
+
+loso-slurm: $(STAMP) ## LOSO as a SLURM job array (one pending fold per task) + aggregation job [same as loso] [PARALLEL=8] [SLURM_ARGS="--slurm-partition gpu --slurm-gpus-per-task 1"] [SBATCH_ARGS=] [PREPROCESS=job|here|no]
+	PYTHON=$(BIN)/python SBATCH_ARGS="$(SBATCH_ARGS)" PREPROCESS=$(PREPROCESS) experiments/slurm/submit.sh \
+		--exp $(EXP) --wandb $(WANDB) $(if $(FOLDS),--folds $(FOLDS)) $(if $(THREADS),--threads $(THREADS)) \
+		$(if $(PARALLEL),--slurm-parallelism $(PARALLEL)) $(SLURM_ARGS) \
 		--config experiments/base.yaml --config experiments/data/$(DATASET).yaml \
 		--config experiments/model/$(MODEL).yaml $(if $(DATA_ROOT),--data.data_root=$(DATA_ROOT)) \
 		$(if $(PROTOCOL),--data.protocol=$(PROTOCOL)) $(ARGS)
@@ -101,11 +114,15 @@ fabricate: $(STAMP) ## Write a tiny fake tree in a dataset's real layout: make f
 aggregate: $(STAMP) ## Recompute pooled metrics from a run's prediction files: make aggregate RUN=runs/famnet_cpu/synth
 	$(BIN)/famnet-pl aggregate $(RUN)
 
-test: $(STAMP) ## Fast tests (not slow, not gpu, not data)
-	WANDB_MODE=offline $(BIN)/python -m pytest -m "not slow and not gpu and not data" -q
+test: $(STAMP) ## Fast tests (not slow, not gpu, not data, not slurm)
+	WANDB_MODE=offline $(BIN)/python -m pytest -m "not slow and not gpu and not data and not slurm" -q
 
 test-full: $(STAMP) ## Fast + slow tests (CPU)
-	WANDB_MODE=offline $(BIN)/python -m pytest -m "not gpu and not data" -q
+	WANDB_MODE=offline $(BIN)/python -m pytest -m "not gpu and not data and not slurm" -q
+
+test-slurm: $(STAMP) ## SLURM tier on a throw-away local cluster (root; apt-installs slurm-wlm + munge if missing)
+	bash tests/slurm/install.sh
+	WANDB_MODE=offline $(BIN)/python -m pytest -m slurm -q
 
 test-gpu: $(STAMP) ## GPU tests (needs CUDA)
 	$(BIN)/python -m pytest -m gpu -q

@@ -1,4 +1,5 @@
-"""Command line: ``famnet-pl {loso,fit,aggregate,manifest,synth,fabricate,preprocess,show}`` and the LightningCLI behind them.
+"""Command line: ``famnet-pl {loso,fit,aggregate,manifest,synth,fabricate,preprocess,show,sweep,ablation}``
+and the LightningCLI behind them.
 
 ``FamNetCLI`` is a LightningCLI over (:class:`FAMNetLitModule`, :class:`MERDataModule`) whose
 model sizes that follow from the data (classes, AUs, 2D channels) are linked from the DataModule,
@@ -72,9 +73,29 @@ class FamNetCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         if self._logger is not None:
             kwargs["logger"] = self._logger
+        plugins = _submitit_plugins({**self._get(self.config_init, "trainer", default={})}.get("plugins"))
+        if plugins is not None:
+            kwargs["plugins"] = plugins
         trainer = super().instantiate_trainer(**kwargs)
         trainer.callbacks.extend(self._extra_callbacks)
         return trainer
+
+
+def _submitit_plugins(configured) -> list | None:
+    """Under submitit (``SUBMITIT_EXECUTOR=slurm``, set by its sbatch script), submitit owns
+    requeueing: on its signal it calls ``checkpoint()`` and requeues the job itself (famnet_pl.slurm).
+    Lightning's SLURM auto-requeue is switched off there so a job is never requeued twice. Plain
+    sbatch jobs (experiments/slurm/) keep Lightning's default (auto-requeue on ``--signal=USR1@N``).
+    None: leave the trainer's plugins as configured."""
+    from lightning.fabric.plugins.environments import ClusterEnvironment, SLURMEnvironment
+
+    if os.environ.get("SUBMITIT_EXECUTOR") != "slurm" or not SLURMEnvironment.detect():
+        return None
+    configured = [] if configured is None else list(configured) if isinstance(configured, (list, tuple)) \
+        else [configured]
+    if any(isinstance(p, ClusterEnvironment) for p in configured):
+        return None  # the config chose its own cluster environment
+    return [*configured, SLURMEnvironment(auto_requeue=False)]
 
 
 def build_cli(args: list[str], **kwargs) -> FamNetCLI:
@@ -83,9 +104,9 @@ def build_cli(args: list[str], **kwargs) -> FamNetCLI:
                      save_config_kwargs={"overwrite": True}, **kwargs)
 
 
-def _loso(argv: list[str]) -> int:
-    from famnet_pl.loso import run_loso
-
+def loso_parser() -> argparse.ArgumentParser:
+    """Options of ``famnet-pl loso`` (also read by ``python -m famnet_pl.slurm plan``, which backs
+    experiments/slurm/submit.sh, so the shell path takes exactly the same options)."""
     parser = argparse.ArgumentParser(prog="famnet-pl loso", description="leave-one-subject-out run; "
                                      "unknown --a.b=v options go to LightningCLI")
     parser.add_argument("--exp", default="famnet", help="experiment name: runs/<exp>/<dataset>/")
@@ -100,12 +121,48 @@ def _loso(argv: list[str]) -> int:
     parser.add_argument("--gpus", default=None, help="comma-separated GPU ids for fold processes")
     parser.add_argument("--jobs-per-gpu", type=int, default=1, help="fold processes per GPU (with --gpus)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads per fold (default: all cores, "
-                        "or cores // jobs); compare runs at equal --threads")
+                        "or cores // jobs; on SLURM the task's CPUs); compare runs at equal --threads")
     parser.add_argument("--resume-every", type=int, default=1, help="save each fold's resume checkpoint every N "
                         "epochs (0: never); a killed or requeued fold continues from it")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (logs, batch jobs)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # a fold-parallel child
+    slurm = parser.add_argument_group("SLURM", "--launcher slurm: a job array of the pending folds (one fold "
+                                      "per task) + a dependent aggregation job, through submitit "
+                                      "(famnet_pl.slurm); experiments/slurm/submit.sh takes the same options")
+    slurm.add_argument("--launcher", choices=["local", "slurm"], default="local",
+                       help="local (default): run here; slurm: submit to SLURM and return (see --wait)")
+    slurm.add_argument("--slurm-partition", default=None, metavar="NAME",
+                       help="partition (default: the cluster's)")
+    slurm.add_argument("--slurm-time", type=int, default=None, metavar="MIN",
+                       help="time limit per fold in minutes (default: 240 with --launcher slurm, the "
+                       "template's with experiments/slurm/submit.sh); near it the fold is requeued and "
+                       "resumes")
+    slurm.add_argument("--slurm-gpus-per-task", type=int, default=None, metavar="G", help="GPUs per fold")
+    slurm.add_argument("--slurm-cpus-per-task", type=int, default=None, metavar="C",
+                       help="CPUs per fold (default: --threads, else 4); --threads defaults to it")
+    slurm.add_argument("--slurm-parallelism", type=int, default=None, metavar="P",
+                       help="folds running at once (the array throttle %%P; default: no limit)")
+    slurm.add_argument("--slurm-folder", default=None, metavar="DIR",
+                       help="submitit's job files and logs (default: <run dir>/logs/submitit)")
+    slurm.add_argument("--wait", action="store_true",
+                       help="wait for the jobs, then print the summary table; exit 1 if a fold is missing")
+    return parser
+
+
+def _loso(argv: list[str]) -> int:
+    from famnet_pl.loso import run_loso
+
+    parser = loso_parser()
     opts, cli_args = parser.parse_known_args(argv)
+    if opts.launcher == "slurm":
+        if opts.worker or opts.jobs != 1 or opts.gpus:
+            parser.error("--launcher slurm runs one fold per SLURM task: drop --jobs/--gpus")
+        from famnet_pl.slurm import SlurmOptions, submit_loso
+
+        return submit_loso(cli_args, exp=opts.exp, runs_dir=opts.runs_dir,
+                           folds=opts.folds.split(",") if opts.folds else None, wandb=opts.wandb,
+                           eval_every=opts.eval_every, oracle_by=opts.oracle_by, threads=opts.threads,
+                           resume_every=opts.resume_every, slurm=SlurmOptions.from_args(opts), wait=opts.wait)
     summary = run_loso(cli_args, exp=opts.exp, runs_dir=opts.runs_dir,
                        folds=opts.folds.split(",") if opts.folds else None, wandb=opts.wandb,
                        eval_every=opts.eval_every, oracle_by=opts.oracle_by, progress=not opts.no_progress,
@@ -129,6 +186,8 @@ def _aggregate(argv: list[str]) -> int:
     parser.add_argument("run_dir", help="runs/<exp>/<dataset>")
     parser.add_argument("--oracle-by", choices=["acc", "uf1"], default=None,
                         help="default: the criterion the run used (run.json)")
+    parser.add_argument("--require-complete", action="store_true",
+                        help="exit 1 when a fold is missing, naming it (batch jobs, CI)")
     opts = parser.parse_args(argv)
     run = Path(opts.run_dir) / "run.json"
     plan = json.loads(run.read_text()) if run.is_file() else {}
@@ -138,6 +197,12 @@ def _aggregate(argv: list[str]) -> int:
         print(f"{opts.run_dir}: no finished fold (no fold_*/predictions.csv)", file=sys.stderr)
         return 1
     print(format_summary(summary))
+    missing = summary.get("folds_missing", [])
+    if opts.require_complete and missing:
+        subjects = plan.get("folds", {})
+        names = ", ".join(f"{k} ({subjects.get(str(k), '?')})" for k in missing)
+        print(f"{opts.run_dir}: INCOMPLETE: missing folds {names}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -264,6 +329,18 @@ def _fabricate(argv: list[str]) -> int:
     return fabricate.main(argv)
 
 
+def _sweep(argv: list[str]) -> int:
+    from famnet_pl.sweep import main as sweep_main
+
+    return sweep_main(argv)
+
+
+def _ablation(argv: list[str]) -> int:
+    from famnet_pl.ablation import main as ablation_main
+
+    return ablation_main(argv)
+
+
 def _synth(argv: list[str]) -> int:
     from famnet_pl.data import synthetic
 
@@ -271,7 +348,7 @@ def _synth(argv: list[str]) -> int:
 
 
 COMMANDS = {"loso": _loso, "fit": _fit, "aggregate": _aggregate, "manifest": _manifest, "synth": _synth,
-            "fabricate": _fabricate, "preprocess": _preprocess, "show": _show}
+            "fabricate": _fabricate, "preprocess": _preprocess, "show": _show, "sweep": _sweep, "ablation": _ablation}
 
 
 def main(argv: list[str] | None = None) -> int:
