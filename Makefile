@@ -37,7 +37,7 @@ WANDB_PROJECT ?= famnet_pl
 SEEDS ?=
 VARIANTS ?=
 # SLURM (experiments/slurm/submit.sh): array throttle, --slurm-* options, raw sbatch flags.
-PARALLEL ?=
+PARALLEL ?= 16
 SLURM_ARGS ?=
 SBATCH_ARGS ?=
 PREPROCESS ?= job
@@ -122,7 +122,7 @@ test-full: $(STAMP) ## Fast + slow tests (CPU)
 
 test-slurm: $(STAMP) ## SLURM tier on a throw-away local cluster (root; apt-installs slurm-wlm + munge if missing)
 	bash tests/slurm/install.sh
-	WANDB_MODE=offline $(BIN)/python -m pytest -m slurm -q
+	FAMNET_REQUIRE_SLURM=1 WANDB_MODE=offline $(BIN)/python -m pytest -m slurm -q
 
 test-gpu: $(STAMP) ## GPU tests (needs CUDA)
 	$(BIN)/python -m pytest -m gpu -q

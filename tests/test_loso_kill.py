@@ -47,6 +47,7 @@ def test_killed_run_resumes_from_its_checkpoint_to_the_same_summary(tiny_synth, 
     assert "fold 1 (synth/sub02): resuming from" in rerun.stderr    # continued, not restarted
     assert first.stat().st_mtime_ns == done_before                   # the finished fold was not redone
     assert not list(run_dir.glob("fold_*/checkpoints/resume-*.ckpt"))  # removed once the fold finished
+    assert (second / "metrics.csv").is_file() and (second / "resumed_1" / "metrics.csv").is_file()  # both logs kept
     ours = json.loads((run_dir / SUMMARY_NAME).read_text())
     ref = json.loads((reference / "k" / "synth" / SUMMARY_NAME).read_text())
     assert ours == ref and ours["n_samples"] == 12 and ours["folds_done"] == [0, 1, 2]

@@ -3,7 +3,7 @@ side by side.
 
 Data flow::
 
-    experiments/ablation.yaml (seeds, variants = model config + overrides)
+    experiments/ablation.yaml (seeds, args for every run, variants = model config + overrides)
       for seed, for variant: run_loso(base + data/<dataset> + model/<model> + overrides
                                       + --seed_everything=s --data.seed=s)
                              -> runs/ablation/<variant>/seed<s>/<dataset run>/loso_summary.json
@@ -40,8 +40,9 @@ def load_variants(spec: str | Path) -> tuple[list[int], list[dict]]:
     spec = Path(spec)
     data = yaml.safe_load(spec.read_text())
     try:
+        common = [str(a) for a in data.get("args", [])]
         seeds = [int(s) for s in data["seeds"]]
-        variants = [{"name": str(v["name"]), "model": str(v["model"]), "args": list(v.get("args", []))}
+        variants = [{"name": str(v["name"]), "model": str(v["model"]), "args": [*common, *v.get("args", [])]}
                     for v in data["variants"]]
     except (KeyError, TypeError, ValueError) as exc:
         raise SystemExit(f"{spec}: expected 'seeds: [..]' and 'variants: [{{name, model, args}}]' ({exc!r})")
@@ -105,7 +106,8 @@ def run_ablation(*, dataset: str, spec: str = "experiments/ablation.yaml", exper
     out = Path(runs_dir) / "ablation" / dataset
     results_csv = out / "results.csv"
     previous = pd.read_csv(results_csv) if results_csv.is_file() else pd.DataFrame(columns=["variant", "seed"])
-    rows = []
+    # Rows of variants/seeds not run this time are kept (VARIANTS= / SEEDS= subsets add to the table).
+    rows = previous.to_dict("records")
     for seed in seeds:
         for variant in chosen:
             args = ["--config", str(exp_dir / "base.yaml"), "--config", str(exp_dir / "data" / f"{dataset}.yaml"),
@@ -124,15 +126,16 @@ def run_ablation(*, dataset: str, spec: str = "experiments/ablation.yaml", exper
             before = previous[(previous["variant"] == variant["name"]) & (previous["seed"] == seed)]
             if finished_before and len(before):
                 seconds = float(before["seconds"].iloc[0])  # only re-checked now: keep the real run's time
+            rows = [r for r in rows if (r["variant"], int(r["seed"])) != (variant["name"], seed)]
             rows.append({"variant": variant["name"], "seed": seed, "dataset": dataset,
                          **{col: summary.get(key) for col, key in METRICS.items()},
                          "n_folds": summary["n_folds"], "seconds": round(seconds, 1),
                          "run_dir": str(run_root)})
             results = pd.DataFrame(rows)
             atomic_write_csv(results_csv, results)
-            atomic_write_text(out / "table.md", format_table(results, [v["name"] for v in chosen]) + "\n")
+            atomic_write_text(out / "table.md", format_table(results, [v["name"] for v in spec_variants]) + "\n")
     results = pd.DataFrame(rows)
-    table = format_table(results, [v["name"] for v in chosen])
+    table = format_table(results, [v["name"] for v in spec_variants])
     print(f"\nablation on {dataset}, seeds {seeds} (mean ± std over seeds; pooled over all LOSO folds)\n")
     print(table)
     print(f"\nresults: {results_csv}; table: {out / 'table.md'}")

@@ -169,8 +169,11 @@ def _loso(argv: list[str]) -> int:
                        jobs=opts.jobs, gpus=opts.gpus.split(",") if opts.gpus else None,
                        jobs_per_gpu=opts.jobs_per_gpu, threads=opts.threads, worker=opts.worker,
                        resume_every=opts.resume_every)
-    # A deliberate subset (--folds) that finished is a success; the table says INCOMPLETE.
-    return 0 if summary is not None else 1
+    # A deliberate subset (--folds) that finished is a success; the table says INCOMPLETE. DDP ranks
+    # other than 0 report nothing and exit 0 (a non-zero exit would make Lightning kill rank 0).
+    from famnet_pl.loso import rank
+
+    return 0 if summary is not None or rank() != 0 else 1
 
 
 def _fit(argv: list[str]) -> int:

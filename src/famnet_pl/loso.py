@@ -61,7 +61,7 @@ _NOISE = (r".*LeafSpec.*", r".*Total length of .* across ranks is zero.*",
           r".*The `srun` command is available on your system but is not used.*")
 
 
-def _quiet() -> None:
+def quiet() -> None:
     """Per-fold Lightning banners (GPU available, litlogger tip) to WARNING; drop known noise."""
     import warnings
 
@@ -71,11 +71,13 @@ def _quiet() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def _make_logger(mode: str, fold_dir: Path, group: str, name: str):
+def _make_logger(mode: str, fold_dir: Path, group: str, name: str, *, resumed: bool = False):
     from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
     if mode == "off":
-        return CSVLogger(save_dir=fold_dir, name="", version="")
+        # A resumed fold logs into resumed_<n>/: CSVLogger would overwrite the first part's metrics.csv.
+        version = f"resumed_{len(list(fold_dir.glob('resumed_*'))) + 1}" if resumed else ""
+        return CSVLogger(save_dir=fold_dir, name="", version=version)
     os.environ.setdefault("WANDB_SILENT", "true")
     return WandbLogger(project=os.environ.get("WANDB_PROJECT", "famnet_pl"), group=group, name=name,
                        job_type="loso-fold", save_dir=str(fold_dir), offline=mode != "online")
@@ -196,13 +198,24 @@ class LosoPlan:
     datamodule: object = field(repr=False)
     devices: int = 1
 
+    def record(self) -> None:
+        """Write ``run.json`` (the plan, the args, the git state); rank 0 only."""
+        if rank() != 0:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.run_dir / "run.json", {
+            "exp": self.exp, "protocol": self.protocol, "args": self.cli_args, "argv": sys.argv,
+            "config_hash": self.config_hash, "n_folds": len(self.subjects), "oracle_by": self.oracle_by,
+            "folds": {k: s for k, s in enumerate(self.subjects)}, "git": _git_state(),
+        })
+
     def pending(self, folds: list[str] | None = None) -> list[int]:
         """Selected folds (indices or subject ids; default all) without a ``predictions.csv``."""
         return [k for k in _select(folds, self.subjects)
                 if not (self.run_dir / fold_dir_name(k, self.subjects[k]) / "predictions.csv").is_file()]
 
 
-def _rank() -> int:
+def rank() -> int:
     """This process's global rank from the launcher's environment (0 outside DDP)."""
     from lightning.fabric.utilities.rank_zero import _get_rank
 
@@ -220,16 +233,12 @@ def plan_loso(cli_args: list[str], *, exp: str = "famnet", runs_dir: str = "runs
     config_hash = config_fingerprint(plan_cli)
     _check_finished_folds(run_dir, config_hash)
     devices = plan_cli.trainer.num_devices * plan_cli.trainer.num_nodes
-    if record and _rank() == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(run_dir / "run.json", {
-            "exp": exp, "protocol": dm.protocol.name, "args": cli_args, "argv": sys.argv,
-            "config_hash": config_hash, "n_folds": len(subjects), "oracle_by": oracle_by,
-            "folds": {k: s for k, s in enumerate(subjects)}, "git": _git_state(),
-        })
-    return LosoPlan(cli_args=list(cli_args), exp=exp, runs_dir=runs_dir, oracle_by=oracle_by, run_dir=run_dir,
+    plan = LosoPlan(cli_args=list(cli_args), exp=exp, runs_dir=runs_dir, oracle_by=oracle_by, run_dir=run_dir,
                     subjects=subjects, config_hash=config_hash, protocol=dm.protocol.name, datamodule=dm,
                     devices=devices)
+    if record:
+        plan.record()
+    return plan
 
 
 def _external_launcher() -> bool:
@@ -245,11 +254,16 @@ def run_fold(plan: LosoPlan, k: int, *, wandb: str = "offline", eval_every: int 
     fold_dir = plan.run_dir / fold_dir_name(k, plan.subjects[k])
     resume = resume_checkpoint(fold_dir, plan.config_hash)
     ckpt_path = str(resume) if resume.is_file() else None
-    if ckpt_path is None and _rank() == 0:
+    # Lightning's mid-epoch SLURM checkpoints are never resumed from; with ckpt_path=None under SLURM
+    # it would pick one up on its own, so every rank removes them first (all ranks then agree).
+    for hpc in fold_dir.glob("hpc_ckpt_*.ckpt"):
+        hpc.unlink(missing_ok=True)
+    if ckpt_path is None and rank() == 0:
         shutil.rmtree(fold_dir, ignore_errors=True)  # a partial fold without a resume point starts over
     elif ckpt_path:
         log.warning("fold %d (%s): resuming from %s", k, plan.subjects[k], resume)
-    logger = _make_logger(wandb, fold_dir, group=f"{plan.exp}/{plan.datamodule.run_name}", name=fold_dir.name)
+    logger = _make_logger(wandb, fold_dir, group=f"{plan.exp}/{plan.datamodule.run_name}", name=fold_dir.name,
+                          resumed=ckpt_path is not None)
     callbacks = [LOSOCallback(str(plan.run_dir), n_folds=len(plan.subjects), eval_every=eval_every,
                               oracle_by=plan.oracle_by, config_hash=plan.config_hash, resume_every=resume_every)]
     if progress:
@@ -300,7 +314,7 @@ def run_loso(cli_args: list[str], *, exp: str = "famnet", runs_dir: str = "runs"
     Returns:
         The pooled summary (also in ``loso_summary.json``), or None when no fold finished.
     """
-    _quiet()
+    quiet()
     if threads:
         import torch
 
@@ -323,16 +337,16 @@ def run_loso(cli_args: list[str], *, exp: str = "famnet", runs_dir: str = "runs"
             print(f"fold {k} ({plan.subjects[k]}) FAILED (exit code {code}): see {log_file}; rerun it alone with "
                   f"FOLDS={k}", file=sys.stderr, flush=True)
         return None if failed else summary
-    bar = tqdm(todo, desc="folds", position=0, disable=not progress or _rank() != 0, dynamic_ncols=True)
+    bar = tqdm(todo, desc="folds", position=0, disable=not progress or rank() != 0, dynamic_ncols=True)
     for k in bar:
         bar.set_postfix_str(f"{plan.subjects[k]}")
         if k not in pending:
             log.info("fold %d (%s) already finished: skipped", k, plan.subjects[k])
             continue
-        run_fold(plan, k, wandb=wandb, eval_every=eval_every, progress=progress and _rank() == 0,
+        run_fold(plan, k, wandb=wandb, eval_every=eval_every, progress=progress and rank() == 0,
                  resume_every=resume_every)
     bar.close()
-    if _rank() != 0:
+    if rank() != 0:
         return None
     summary = aggregate_run(plan.run_dir, expected_folds=len(plan.subjects), oracle_by=oracle_by)
     if summary is not None and not worker:

@@ -86,15 +86,20 @@ class SlurmOptions:
                 *([f"--cpus-per-task={cpus}"] if cpus else [])]
 
 
-def _quiet() -> None:
-    """Planning happens in the submitting process (a login node): Lightning's banners, and its hint
-    to start Python with srun (right for the fold tasks, not for planning), are noise there."""
-    import logging
-    import warnings
+def quiet() -> None:
+    """Planning happens in the submitting process (a login node): the runner's noise filters."""
+    from famnet_pl.loso import quiet as runner_quiet
 
-    warnings.filterwarnings("ignore", message=r".*The `srun` command is available on your system.*")
-    for name in ("lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    runner_quiet()
+
+
+def _refuse_ddp(plan) -> None:
+    """One fold per single-task array job: DDP inside a fold (``--trainer.devices N``) would need
+    ``--ntasks-per-node=N`` per task, which neither path sets up yet."""
+    if plan.devices > 1:
+        raise SystemExit(f"{plan.devices} devices per fold (--trainer.devices/num_nodes): the SLURM paths run one "
+                         "single-device task per fold; drop --trainer.devices (run folds in parallel instead) "
+                         "or use DDP locally (make loso ARGS=--trainer.devices=N)")
 
 
 def require_slurm() -> None:
@@ -315,14 +320,15 @@ def submit_loso(cli_args: list[str], *, exp: str = "famnet", runs_dir: str = "ru
         Exit status: 0 when submitted (with ``wait``: when every submitted fold finished), else 1.
     """
     require_slurm()
-    _quiet()
+    quiet()
     from famnet_pl.aggregate import aggregate_run, format_summary
     from famnet_pl.loso import plan_loso
 
     # run.json is written only once it is clear that no job of an earlier submission still uses it.
-    _refuse_if_queued(plan_loso(cli_args, exp=exp, runs_dir=runs_dir, oracle_by=oracle_by,
-                                record=False).run_dir)
-    plan = plan_loso(cli_args, exp=exp, runs_dir=runs_dir, oracle_by=oracle_by, record=True)
+    plan = plan_loso(cli_args, exp=exp, runs_dir=runs_dir, oracle_by=oracle_by, record=False)
+    _refuse_if_queued(plan.run_dir)
+    _refuse_ddp(plan)
+    plan.record()
     run_dir = plan.run_dir
     pending = plan.pending(folds)
     print(f"LOSO {plan.protocol}: {len(plan.subjects)} folds -> {run_dir}; pending: {pending or 'none'}",
@@ -401,11 +407,12 @@ def plan_shell(argv: list[str]) -> str:
         parser.error("--launcher/--wait/--slurm-folder/--jobs/--gpus are not for submit.sh (it submits "
                      "sbatch jobs and returns; famnet-pl loso --launcher slurm --wait is the Python way)")
     require_slurm()
-    _quiet()
+    quiet()
     # run.json is written only once it is clear that no job of an earlier submission still uses it.
-    _refuse_if_queued(plan_loso(cli_args, exp=opts.exp, runs_dir=opts.runs_dir, oracle_by=opts.oracle_by,
-                                record=False).run_dir)
-    plan = plan_loso(cli_args, exp=opts.exp, runs_dir=opts.runs_dir, oracle_by=opts.oracle_by, record=True)
+    plan = plan_loso(cli_args, exp=opts.exp, runs_dir=opts.runs_dir, oracle_by=opts.oracle_by, record=False)
+    _refuse_if_queued(plan.run_dir)
+    _refuse_ddp(plan)
+    plan.record()
     run_dir = plan.run_dir.resolve()
     slurm = SlurmOptions.from_args(opts)
     py = sys.executable  # the jobs run the same interpreter (absolute path: no venv activation needed)
@@ -438,7 +445,7 @@ def prepare(argv: list[str]) -> None:
     from famnet_pl.loso import plan_loso
 
     opts, cli_args = loso_parser().parse_known_args(argv)
-    _quiet()
+    quiet()
     plan = plan_loso(cli_args, exp=opts.exp, runs_dir=opts.runs_dir, oracle_by=opts.oracle_by, record=False)
     dm = plan.datamodule
     if not dm.hparams.preprocess_workers and os.environ.get("SLURM_CPUS_PER_TASK", "1") != "1":

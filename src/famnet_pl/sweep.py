@@ -447,7 +447,9 @@ def _leaderboard(state: Mapping, out: Path) -> None:
 
     lines = [f"# Sweep `{out.name}`: {state['spec']['method']}, {goal} {metric}", "",
              f"Spec `{state['spec_file']}`, {len(frame)} trials ({int(done.sum())} finished). "
-             "Pooled LOSO scores, last epoch; the oracle column picks epochs on the test subject (not a result).",
+             "Pooled LOSO scores, last epoch; the oracle column picks epochs on the test subject (not a result). "
+             "Ranking trials by their LOSO score also selects on the test subjects: the best row is optimistic; "
+             "confirm the chosen weights with new seeds or on another dataset before reporting them.",
              "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in frame.to_dict("records"):
         values = [r["rank"], r["trial"], r["status"], *[r[n] for n in names], *[r[c] for c in columns], r["run_dir"]]

@@ -174,12 +174,17 @@ class LOSOCallback(Callback):
             table[f"au{au}_mask"] = test.au_mask[index, j]
         return table
 
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A run stopped by max_steps or early stopping may end between evaluations. Here, not in
+        # on_fit_end: the strategy is torn down (model on CPU, process group gone) by then.
+        if trainer.interrupted or not self.rows:
+            return
+        if self.rows[-1]["epoch"].iloc[0] != trainer.current_epoch - 1 and trainer.current_epoch > 0:
+            self.rows.append(self.predict_test(trainer, pl_module, trainer.current_epoch - 1))
+
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.interrupted or not self.rows:
             return
-        # A run stopped by max_steps or early stopping may end between evaluations.
-        if self.rows[-1]["epoch"].iloc[0] != trainer.current_epoch - 1 and trainer.current_epoch > 0:
-            self.rows.append(self.predict_test(trainer, pl_module, trainer.current_epoch - 1))
         if not trainer.is_global_zero:
             return
         dm, out = trainer.datamodule, self.fold_dir(trainer)
