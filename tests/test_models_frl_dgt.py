@@ -5,6 +5,8 @@ CI sizes: 24-64 px, batch 2 (one DGM pre-training run on 24 px pairs, a few seco
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch.nn import functional as F
@@ -330,3 +332,41 @@ def test_ststnet_wrong_channels() -> None:
         STSTNet(num_classes=3)(x2d=torch.randn(2, 6, 28, 28))
     with pytest.raises(ValueError, match="au_head"):
         STSTNet(num_classes=3, num_aus=0, au_head=True)
+
+
+def test_displacement_module_is_pretrained_per_fold_on_training_pairs(tiny_synth, tmp_path):
+    """``model.pretrain_steps``: the DGM trains self-supervised on the fold's training pairs before the
+    classifier (the test subject's frames are never used); a model without a DGM refuses it."""
+    from famnet_pl.cli import build_cli
+    from tests.conftest import REPO, tiny_args
+
+    tiny = [a for a in tiny_args(tiny_synth, tmp_path / "cache") if not a.startswith("--model.net.")]
+    args = ["--config", str(REPO / "experiments/base.yaml"), "--config", str(REPO / "experiments/model/frl_dgt.yaml"),
+            *tiny, "--trainer.fast_dev_run=1", f"--trainer.default_root_dir={tmp_path}", "--model.pretrain_steps=4"]
+    cli = build_cli(args)
+    before = {k: v.clone() for k, v in cli.model.net.dgm.state_dict().items()}
+    seen = []
+    from famnet_pl.data.datamodule import MERDataset
+
+    original = MERDataset.__getitem__
+
+    def spy(dataset, item):
+        seen.append(int(dataset.indices[item]))
+        return original(dataset, item)
+
+    MERDataset.__getitem__ = spy
+    try:
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    finally:
+        MERDataset.__getitem__ = original
+    assert len(cli.model.pretrain_history) == 4 and all(math.isfinite(v) for v in cli.model.pretrain_history)
+    after = cli.model.net.dgm.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    test_rows = set(cli.datamodule.test_set.indices.tolist())
+    assert seen and not test_rows & set(seen)
+
+    famnet = build_cli(["--config", str(REPO / "experiments/base.yaml"), *tiny_args(tiny_synth, tmp_path / "cache"),
+                        "--trainer.fast_dev_run=1", f"--trainer.default_root_dir={tmp_path}",
+                        "--model.pretrain_steps=2"])
+    with pytest.raises(ValueError, match="needs a model with a displacement module"):
+        famnet.trainer.fit(famnet.model, datamodule=famnet.datamodule)

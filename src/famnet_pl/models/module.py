@@ -51,6 +51,10 @@ class FAMNetLitModule(L.LightningModule):
         scheduler: ``cosine`` (to 0 over ``trainer.max_epochs``, after ``warmup_epochs`` linear
             warm-up) or ``none``. The schedule depends only on the epoch count, never on a metric.
         warmup_epochs: linear warm-up length.
+        pretrain_steps: self-supervised pre-training steps of the model's displacement module
+            (FRL-DGT's ``dgm``) on this fold's *training* pairs (never the test subject), before the
+            classifier trains; 0: none (trained jointly from the start). With ``net.dgm_mode:
+            frozen`` the pre-trained module then stays fixed.
     """
 
     def __init__(
@@ -66,6 +70,7 @@ class FAMNetLitModule(L.LightningModule):
         weight_decay: float = 1e-4,
         scheduler: Literal["cosine", "none"] = "cosine",
         warmup_epochs: int = 0,
+        pretrain_steps: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -76,6 +81,32 @@ class FAMNetLitModule(L.LightningModule):
         self.train_metrics = _stage_metrics(num_classes, "train/")
         self.val_metrics = _stage_metrics(num_classes, "val/")
         self.test_metrics = _stage_metrics(num_classes, "test/")
+
+    def on_fit_start(self) -> None:
+        """Pre-train the displacement module (``pretrain_steps``); not when resuming from a
+        checkpoint, which holds the weights already."""
+        steps = self.hparams.pretrain_steps
+        if not steps or self.trainer.ckpt_path is not None:
+            return
+        from famnet_pl.models.components.frl_dgt import pretrain_displacement
+
+        dgm = getattr(self.net, "dgm", None)
+        if dgm is None:
+            raise ValueError(f"model.pretrain_steps={steps} needs a model with a displacement module (frl_dgt); "
+                             f"{self.hparams.model} has none")
+        train = self.trainer.datamodule.train_set
+        augment, train.augment = train.augment, None  # the pairs as they are: no augmentation draws
+        try:
+            x = torch.stack([train[j]["x2d"] for j in range(len(train))]).to(self.device)
+        finally:
+            train.augment = augment
+        frozen = not any(p.requires_grad for p in dgm.parameters())
+        dgm.requires_grad_(True)
+        options = getattr(self.net, "loss_options", {})
+        self.pretrain_history = pretrain_displacement(
+            dgm, x[:, 0:3], x[:, 3:6], flow=x[:, 6:8] if x.shape[1] >= 8 else None, steps=steps,
+            seed=self.trainer.datamodule.hparams.fold, **options)
+        dgm.requires_grad_(not frozen)
 
     def forward(self, x2d: Tensor | None = None, x3d: Tensor | None = None) -> dict[str, Tensor]:
         """Network outputs (see FAMNet.forward)."""
