@@ -53,7 +53,7 @@ def synth_manifest(tiny_synth):
 def _variants() -> list[tuple[str, object]]:
     """One changed value for every preprocessing field."""
     changed = {"image_size": 48, "clip_len": 6, "clip_size": 32, "flow_algorithm": "dis", "flow_size": 96,
-               "need_flow": False, "register": False, "need_clip": False, "face_detector": "center",
+               "need_flow": False, "need_onset": True, "register": False, "need_clip": False, "face_detector": "center",
                "face_margin": 0.3, "face_align": True, "face_size": 128, "flow_pair": "apex_offset",
                "clip_fps": 100.0}
     assert set(changed) == {f.name for f in dataclasses.fields(ViewConfig)}  # a new field needs a variant
