@@ -31,3 +31,22 @@ def test_gpu_config_fits_with_bf16_mixed(tiny_synth, tmp_path):
     cli = build_cli(args)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert cli.trainer.state.finished and cli.trainer.strategy.root_device.type == "cuda"
+
+
+@pytest.mark.parametrize("size, patch", [(112, 8), (224, 16)])
+def test_frl_dgt_bf16_forward_backward_at_face_sizes(size, patch):
+    net = create_model("frl_dgt", num_classes=5, num_aus=8, in_channels_2d=9, au_head=True, patch_size=patch,
+                       embed_dim=128).cuda()
+    x2d = torch.randn(16, 9, size, size, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = net(x2d=x2d)
+        loss = out["emotion"].float().logsumexp(1).mean() + sum(out["aux_losses"].values())
+    loss.backward()
+    assert torch.isfinite(loss) and out["displacement"].shape == (16, 2, size, size)
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
+
+
+def test_ststnet_on_cuda():
+    net = create_model("ststnet", num_classes=3, in_channels_2d=3).cuda()
+    out = net(x2d=torch.randn(32, 3, 28, 28, device="cuda"))
+    assert out["emotion"].shape == (32, 3)
