@@ -29,6 +29,8 @@ def test_every_config_smoke_runs_on_cpu(config, tiny_synth, tmp_path):
     own = yaml.safe_load(config.read_text())["model"]
     famnet = own["model"] in ("famnet_r18", "amnet2d_r18", "amnet3d_r18")
     tiny = [a for a in tiny_args(tiny_synth, tmp_path / "cache") if famnet or not a.startswith("--model.net.")]
+    if yaml.safe_load(config.read_text()).get("data", {}).get("val_subjects", 0) > 1:
+        tiny.append("--data.val_subjects=1")  # the tiny set has 2 training subjects per fold
     args = ["--config", str(REPO / "experiments" / "base.yaml"), "--config", str(config), *tiny,
             "--trainer.fast_dev_run=1", "--trainer.precision=32", f"--trainer.default_root_dir={tmp_path}"]
     cli = build_cli(args)

@@ -55,7 +55,7 @@ def _variants() -> list[tuple[str, object]]:
     changed = {"image_size": 48, "clip_len": 6, "clip_size": 32, "flow_algorithm": "dis", "flow_size": 96,
                "need_flow": False, "need_onset": True, "register": False, "need_clip": False, "face_detector": "center",
                "face_margin": 0.3, "face_align": True, "face_size": 128, "flow_pair": "apex_offset",
-               "clip_fps": 100.0}
+               "clip_fps": 100.0, "clip_view": "flow"}
     assert set(changed) == {f.name for f in dataclasses.fields(ViewConfig)}  # a new field needs a variant
     return list(changed.items())
 
@@ -261,3 +261,19 @@ def test_samples_without_a_face_are_reported_and_custom_detectors_run_in_process
     assert "registered in this process only" in caplog.text
     again = preprocess(synth_manifest.iloc[:3], tiny_synth, views, tmp_path, workers=2, progress=False)
     assert again.no_face == result.no_face and again.built == 0
+
+
+def test_clip_view_flow_is_the_motion_from_the_onset_to_each_frame(synth_manifest, tiny_synth):
+    row = dict(next(synth_manifest.itertuples(index=False))._asdict())
+    frames = preprocess_sample(row, tiny_synth, SMALL)["clip"]
+    flows = preprocess_sample(row, tiny_synth, dataclasses.replace(SMALL, clip_view="flow"))["clip"]
+    assert frames.dtype == np.uint8 and flows.dtype == np.float32 and flows.shape == frames.shape
+    magnitude = np.linalg.norm(flows[..., :2], axis=-1).mean(axis=(1, 2))
+    assert magnitude[0] < 0.1 * magnitude.max()  # the onset against itself
+    # The frame nearest the apex carries the most motion, as the 2D onset->apex flow says.
+    times = np.linspace(row["onset"], row["offset"], SMALL.clip_len)
+    apex_flow = preprocess_sample(row, tiny_synth, SMALL)["flow"]
+    nearest = int(np.argmin(np.abs(times - row["apex"])))
+    assert magnitude[nearest] > 0.5 * magnitude.max()
+    assert np.linalg.norm(apex_flow[..., :2], axis=-1).mean() * SMALL.clip_size / SMALL.image_size == pytest.approx(
+        magnitude.max(), rel=0.6)

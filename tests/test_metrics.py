@@ -64,3 +64,22 @@ def test_oracle_picks_best_test_epoch_per_fold_and_headline_is_last():
     assert s["loso_oracle/acc"] == pytest.approx(1.0)
     assert "test-subject selection" in s["oracle_note"]
     assert "loso_oracle/uf1" not in summarize(last, None, class_names=["a", "b"], au_vocab=[])
+
+
+def test_au_scores_only_where_an_au_head_was_trained():
+    import torch
+
+    from famnet_pl.losses import LossWeights
+    from famnet_pl.models.module import FAMNetLitModule
+
+    last = pd.DataFrame({"fold": [0, 0, 1, 1], "subject": ["s1", "s1", "s2", "s2"], "dataset": "d",
+                         "y_true": [0, 1, 0, 1], "y_pred": [0, 1, 1, 1],
+                         "au1_true": [1, 0, 1, 0], "au1_mask": 1, "au1_prob": np.nan})
+    assert "loso/au_f1" not in summarize(last, None, class_names=["a", "b"], au_vocab=[1])  # no head: no score
+    last["au1_prob"] = [0.9, 0.1, 0.2, 0.1]
+    assert summarize(last, None, class_names=["a", "b"], au_vocab=[1])["loso/au_f1"] == pytest.approx(2 / 3)
+    batch = {"x2d": torch.randn(2, 3, 32, 32), "index": torch.arange(2)}
+    for wau, width in ((0.5, 4), (0.0, 0)):  # wau=0: the head exists but is never trained
+        module = FAMNetLitModule(model="amnet2d_r18", num_classes=2, num_aus=4,
+                                 loss_weights=LossWeights(wau=wau), net={"width_2d": 4, "small_input_2d": True})
+        assert module.predict_step(batch)["au_probs"].shape == (2, width)

@@ -157,6 +157,8 @@ def summarize(last: pd.DataFrame, epochs: pd.DataFrame | None, *, class_names: l
         for name, part in last.groupby("dataset", sort=True):
             m = pooled_metrics(part["y_true"], part["y_pred"], c)
             summary[f"loso/{name}/uf1"], summary[f"loso/{name}/uar"] = m["uf1"], m["uar"]
+    # AU scores only where an AU head was trained: its probability columns hold numbers.
+    au_vocab = [a for a in au_vocab if f"au{a}_prob" in last and last[f"au{a}_prob"].notna().any()]
     if au_vocab:
         au = au_f1(last, au_vocab)
         summary["loso/au_f1"], summary["au_f1_per_au"] = au["mean"], au["per_au"]

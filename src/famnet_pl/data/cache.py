@@ -16,7 +16,11 @@ already cropped); frames are registered to the onset frame; then
 * ``apex``  uint8   (S, S, 3)     apex frame, RGB
 * ``flow``  float32 (S, S, 3)     onset->apex (or apex->offset) flow u, v and optical strain, pixels
                                   at size S (frames.onset_apex_flow documents the strain)
-* ``clip``  uint8   (T, s, s, 3)  T frames from onset to offset (frames.clip_times/sample_clip)
+* ``clip``  uint8   (T, s, s, 3)  T frames from onset to offset (frames.clip_times/sample_clip), or
+          float32 (T, s, s, 3)  with ``clip_view="flow"``: the flow sequence onset -> frame t (u, v,
+                                strain) of those T frames, computed at ``flow_size`` like the 2D flow
+                                (frames.flow_sequence): the motion survives at a clip side where
+                                0.5-3 px displacements at 128 px would be sub-pixel in the frames
 
 Precomputed-flow layouts (``flow_image``/``apex_image`` set, MEGC2019's STSTNet images) have no
 frames: ``apex`` is the apex crop, ``flow`` the stored image and no clip. The flow images were
@@ -54,13 +58,13 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from famnet_pl.data.frames import (FlowAlgorithm, FrameError, clip_times, onset_apex_flow, open_frames,
-                                   read_frame, register_to, resize, sample_clip)
+from famnet_pl.data.frames import (ClipView, FlowAlgorithm, FrameError, clip_times, flow_sequence, onset_apex_flow,
+                                   open_frames, read_frame, register_to, resize, sample_clip)
 from famnet_pl.data.protocols import get_dataset
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 VIEWS = ("onset", "apex", "flow", "clip")  # arrays packed for training (onset: the pair views only)
 
 
@@ -84,6 +88,8 @@ class ViewConfig:
         face_size: side of the face crop before the views are resized from it.
         flow_pair: ``onset_apex`` (the MER standard) or ``apex_offset``.
         clip_fps: None: time-normalised clips; else frames 1/clip_fps s apart at the dataset's fps.
+        clip_view: what the 3D view holds: ``frames`` (RGB) or ``flow`` (onset -> frame t flow and
+            strain for each of the T frames).
     """
 
     image_size: int = 64
@@ -101,6 +107,7 @@ class ViewConfig:
     face_size: int = 256
     flow_pair: str = "onset_apex"
     clip_fps: float | None = None
+    clip_view: ClipView = "frames"
 
 
 @dataclass
@@ -194,7 +201,11 @@ def preprocess_sample(row: dict, root: str | Path, views: ViewConfig, *,
     if views.need_clip:
         times = clip_times(onset_k, offset_k, views.clip_len, fps=get_dataset(row["dataset"]).fps,
                            clip_fps=views.clip_fps)
-        out["clip"] = sample_clip(lambda ks: [resize(f, c) for f in prepared(ks)], times)
+        if views.clip_view == "flow":  # flow from full-resolution frames, then resized to the clip side
+            out["clip"] = flow_sequence(sample_clip(prepared, times), algorithm=views.flow_algorithm,
+                                        flow_size=views.flow_size, out_size=c)
+        else:
+            out["clip"] = sample_clip(lambda ks: [resize(f, c) for f in prepared(ks)], times)
     return out
 
 

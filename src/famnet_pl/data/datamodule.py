@@ -14,7 +14,9 @@ Data flow::
 optical strain, 3 channels), ``both`` (6 channels), ``pair`` (onset and apex RGB, 6 channels) or
 ``pair_flow`` (onset, apex, flow: 9 channels). 3D view: ``clip_len`` frames sampled
 uniformly from onset to offset; ``clip_mode="diff"`` subtracts the first (onset) frame from every
-frame, which removes identity and keeps motion. Precomputed-flow datasets (``megc2019_flow``) have
+frame, which removes identity and keeps motion; ``clip_mode="flow"`` is the optical flow and strain
+from the onset to each of those frames (T x (u, v, strain)), computed at ``flow_size`` so that motion
+that is sub-pixel at the clip side survives. Precomputed-flow datasets (``megc2019_flow``) have
 no frames: their batches carry no ``x3d`` and models run their 2D branch alone.
 
 Folds are the groups (namespaced subjects such as ``samm/006``, or datasets) in sorted order;
@@ -73,10 +75,12 @@ class MERDataset(Dataset):
         return np.concatenate(parts, axis=-1)
 
     def view_3d(self, i: int) -> np.ndarray | None:
-        """Un-normalised clip ``(T, s, s, 3)`` float32 of manifest row ``i`` (None: no clips)."""
+        """Un-normalised clip ``(T, s, s, 3)`` float32 of manifest row ``i`` (None: no clips): RGB frames
+        in [0, 1], or the flow sequence (``clip_mode="flow"``) in pixels."""
         if "clip" not in self.arrays:
             return None
-        return self.arrays["clip"][i].astype(np.float32) / 255.0
+        clip = self.arrays["clip"][i]
+        return clip.astype(np.float32) / 255.0 if clip.dtype == np.uint8 else np.asarray(clip, dtype=np.float32)
 
     def __getitem__(self, item: int) -> dict[str, torch.Tensor]:
         i = int(self.indices[item])
@@ -87,7 +91,8 @@ class MERDataset(Dataset):
             x2d = self.augment(x2d, rgb=slice(0, n_rgb) if n_rgb else None,  # no fake motion between them
                                flow_u=3 * parts.index("flow") if "flow" in parts else None)
             if x3d is not None:
-                x3d = self.augment(x3d, rgb=slice(0, 3), flow_u=None)
+                flow = self.clip_mode == "flow"
+                x3d = self.augment(x3d, rgb=None if flow else slice(0, 3), flow_u=0 if flow else None)
         x2d = (x2d[0] - self.stats["mean_2d"]) / self.stats["std_2d"]
         item_out = {"x2d": torch.from_numpy(np.ascontiguousarray(x2d.transpose(2, 0, 1), dtype=np.float32))}
         if x3d is not None:
@@ -124,7 +129,8 @@ class MERDataModule(L.LightningDataModule):
         fold: index into the sorted group list; that group is the test set.
         input_2d: 2D view: ``apex``, ``flow``, ``both`` (apex + flow), ``pair`` (onset + apex RGB, for
             FRL-DGT) or ``pair_flow`` (onset + apex + flow).
-        clip_mode: 3D view: raw ``frames`` or ``diff`` (each frame minus the onset frame).
+        clip_mode: 3D view: raw ``frames``, ``diff`` (each frame minus the onset frame) or ``flow``
+            (flow + strain from the onset to each frame; own cache entry).
         image_size: side of the 2D view.
         clip_len: frames in the 3D view.
         clip_size: side of the 3D view.
@@ -175,7 +181,7 @@ class MERDataModule(L.LightningDataModule):
         split: Literal["subject", "dataset"] = "subject",
         fold: int = 0,
         input_2d: Literal["apex", "flow", "both", "pair", "pair_flow"] = "flow",
-        clip_mode: Literal["frames", "diff"] = "frames",
+        clip_mode: Literal["frames", "diff", "flow"] = "frames",
         image_size: int = 64,
         clip_len: int = 8,
         clip_size: int = 48,
@@ -279,7 +285,8 @@ class MERDataModule(L.LightningDataModule):
                           need_flow="flow" in VIEWS_2D[hp.input_2d], need_onset="onset" in VIEWS_2D[hp.input_2d],
                           register=hp.register, need_clip=self.protocol.has_clips,
                           face_detector=hp.face_detector, face_margin=hp.face_margin, face_align=hp.face_align,
-                          face_size=hp.face_size, flow_pair=hp.flow_pair, clip_fps=hp.clip_fps)
+                          face_size=hp.face_size, flow_pair=hp.flow_pair, clip_fps=hp.clip_fps,
+                          clip_view="flow" if hp.clip_mode == "flow" else "frames")
 
     def prepare(self) -> Prepared:
         """Preprocess every sample once (cached; parallel with ``preprocess_workers``) and keep the

@@ -29,6 +29,7 @@ import cv2
 import numpy as np
 
 FlowAlgorithm = Literal["tvl1", "farneback", "dis"]
+ClipView = Literal["frames", "flow"]
 
 
 class FrameError(OSError):
@@ -204,6 +205,20 @@ def onset_apex_flow(onset: np.ndarray, apex: np.ndarray, *, algorithm: FlowAlgor
     flow = _flow(grey[0], grey[1], algorithm)
     flow = cv2.resize(flow, (out_size, out_size), interpolation=cv2.INTER_AREA) * (out_size / flow_size)
     return np.dstack([flow, optical_strain(flow)]).astype(np.float32)
+
+
+def flow_sequence(clip: np.ndarray, *, algorithm: FlowAlgorithm = "tvl1", flow_size: int = 128,
+                  out_size: int = 32) -> np.ndarray:
+    """Per-frame motion of a clip: the flow and strain from its first (onset) frame to every frame.
+
+    ``clip`` is ``(T, H, W, 3)`` RGB uint8 at full resolution; returns float32 ``(T, out_size,
+    out_size, 3)`` (u, v, strain), each computed as :func:`onset_apex_flow` (at ``flow_size``, vectors
+    rescaled to ``out_size``); frame 0 is the onset against itself (near zero). Every step is measured
+    from the onset, not from the previous frame: the displacement grows with the expression instead of
+    being split into T sub-pixel increments.
+    """
+    return np.stack([onset_apex_flow(clip[0], frame, algorithm=algorithm, flow_size=flow_size, out_size=out_size)
+                     for frame in clip])
 
 
 def peak_motion_frame(source: FrameSource, onset: int, offset: int, *, size: int = 64, max_frames: int = 48) -> int:

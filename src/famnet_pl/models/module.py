@@ -19,11 +19,19 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassRecall
 
 from famnet_pl.losses import LossWeights, WeightedMultiTaskLoss
+from famnet_pl.metrics import fold_scores
+from famnet_pl.models.components.fusion import late_fusion
 from famnet_pl.models.registry import create_model
+
+
+def _uf1(pred: Tensor, label: Tensor) -> float:
+    """Macro F1 over the classes present in targets or predictions (as the per-stage metrics)."""
+    return fold_scores(label.cpu().numpy(), pred.cpu().numpy())["uf1"]
 
 
 def _stage_metrics(num_classes: int, prefix: str) -> MetricCollection:
@@ -55,6 +63,13 @@ class FAMNetLitModule(L.LightningModule):
             (FRL-DGT's ``dgm``) on this fold's *training* pairs (never the test subject), before the
             classifier trains; 0: none (trained jointly from the start). With ``net.dgm_mode:
             frozen`` the pre-trained module then stays fixed.
+        late_weight_from: FAMNet's late-fusion weight: ``config`` (``net.late_weight``) or ``val``
+            (no effect on single-branch models):
+            after every validation epoch, the weight in {0, 0.1, ..., 1} whose fused predictions
+            score the best inner-validation UF1 (ties: lowest validation NLL), so the fused
+            prediction is never worse on validation than the better branch (w = 0 and 1 are the
+            branches alone). Needs ``data.val_subjects >= 1``; the test subject is never read. The
+            weight is a buffer of the network, saved in checkpoints.
     """
 
     def __init__(
@@ -71,20 +86,37 @@ class FAMNetLitModule(L.LightningModule):
         scheduler: Literal["cosine", "none"] = "cosine",
         warmup_epochs: int = 0,
         pretrain_steps: int = 0,
+        late_weight_from: Literal["config", "val"] = "config",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.net = create_model(model, num_classes=num_classes, num_aus=num_aus,
                                 in_channels_2d=in_channels_2d, **(net or {}))
         self.criterion = WeightedMultiTaskLoss(loss_weights)
+        fusion = getattr(self.net, "fusion", None)
+        if late_weight_from == "val" and getattr(fusion, "mode", "late") != "late":
+            # Single-branch models have nothing to fuse: the option has no effect there (ablations).
+            raise ValueError(f"model.late_weight_from=val chooses the weight of late fusion, and net.fusion is "
+                             f"{fusion.mode}: set --model.late_weight_from=config or --model.net.fusion=late")
+        self._val_outputs: list[dict[str, Tensor]] = []
         # One metric object per stage: they reduce separately (lightning-hydra-template idiom).
         self.train_metrics = _stage_metrics(num_classes, "train/")
         self.val_metrics = _stage_metrics(num_classes, "val/")
         self.test_metrics = _stage_metrics(num_classes, "test/")
 
+    @property
+    def trains_au(self) -> bool:
+        """Whether an AU head exists and its loss term is on (``wau > 0``): only then are AU
+        probabilities predicted and scored (an untrained head's outputs mean nothing)."""
+        return self.hparams.num_aus > 0 and self.criterion.weights.wau > 0
+
     def on_fit_start(self) -> None:
         """Pre-train the displacement module (``pretrain_steps``); not when resuming from a
         checkpoint, which holds the weights already."""
+        if (self.hparams.late_weight_from == "val" and getattr(self.net, "fusion", None) is not None
+                and getattr(self.trainer.datamodule, "val_set", None) is None):
+            raise ValueError("model.late_weight_from=val needs inner-validation subjects: set "
+                             "--data.val_subjects=1 (or more)")
         steps = self.hparams.pretrain_steps
         if not steps or self.trainer.ckpt_path is not None:
             return
@@ -112,7 +144,7 @@ class FAMNetLitModule(L.LightningModule):
         """Network outputs (see FAMNet.forward)."""
         return self.net(x2d=x2d, x3d=x3d)
 
-    def _step(self, batch: dict[str, Tensor], stage: str, metrics: MetricCollection) -> Tensor:
+    def _step(self, batch: dict[str, Tensor], stage: str, metrics: MetricCollection, keep: bool = False):
         outputs = self(batch["x2d"], batch.get("x3d"))
         loss, parts = self.criterion(outputs, batch["label"], batch["au"], batch["au_mask"])
         batch_size = batch["label"].shape[0]
@@ -125,7 +157,7 @@ class FAMNetLitModule(L.LightningModule):
                      sync_dist=sync)
         metrics.update(outputs["emotion"].detach(), batch["label"])
         self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=batch_size)
-        return loss
+        return outputs if keep else loss
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         """One optimisation step on a training batch."""
@@ -133,7 +165,36 @@ class FAMNetLitModule(L.LightningModule):
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         """Inner validation (training subjects held out; never the test subject)."""
-        self._step(batch, "val", self.val_metrics)
+        outputs = self._step(batch, "val", self.val_metrics, keep=True)
+        self._val_outputs.append({"label": batch["label"], **{k: outputs[k].detach().float() for k in
+                                                               ("emotion_2d", "emotion_3d") if k in outputs}})
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_outputs = []
+
+    def on_validation_epoch_end(self) -> None:
+        """Per-branch inner-validation scores (``val/uf1_2d``, ``val/uf1_3d``) and, with
+        ``late_weight_from=val``, the late-fusion weight chosen on them (``val/late_weight``). Runs
+        before the epoch's test-subject predictions are recorded, so they use this weight."""
+        if not self._val_outputs:
+            return
+        cat = {k: torch.cat([o[k] for o in self._val_outputs]) for k in self._val_outputs[0]}
+        if self._trainer is not None and self.trainer.world_size > 1:  # every rank must choose the same weight
+            cat = {k: self.all_gather(v).flatten(0, 1) for k, v in cat.items()}
+        label = cat["label"]
+        for key in ("emotion_2d", "emotion_3d"):
+            if key in cat:
+                self.log(f"val/uf1_{key[-2:]}", _uf1(cat[key].argmax(1), label), batch_size=len(label))
+        if self.hparams.late_weight_from != "val" or not {"emotion_2d", "emotion_3d"} <= set(cat):
+            return
+        best = None
+        for w in torch.linspace(0, 1, 11).tolist():
+            fused = late_fusion(cat["emotion_2d"], cat["emotion_3d"], w)
+            score = (_uf1(fused.argmax(1), label), -F.nll_loss(fused, label).item())
+            if best is None or score > best[0]:
+                best = (score, w)
+        self.net.fusion.late_weight.fill_(best[1])
+        self.log("val/late_weight", best[1], batch_size=len(label))
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         """Test-subject metrics for `trainer.test` (per fold: noisy, monitoring only)."""
@@ -145,11 +206,11 @@ class FAMNetLitModule(L.LightningModule):
 
         Returns:
             ``{"probs": (B, C), "au_probs": (B, A), "index": (B,)}``. AU probabilities average the
-            branches that have an AU head.
+            branches that have an AU head; A = 0 when no AU head was trained (:attr:`trains_au`).
         """
         outputs = self(batch["x2d"], batch.get("x3d"))
-        au = [torch.sigmoid(outputs[k]) for k in ("au_2d", "au_3d") if k in outputs]
-        au_probs = torch.stack(au).mean(0) if au else outputs["emotion"].new_zeros((len(batch["label"]), 0))
+        au = [torch.sigmoid(outputs[k].float()) for k in ("au_2d", "au_3d") if k in outputs and self.trains_au]
+        au_probs = torch.stack(au).mean(0) if au else outputs["emotion"].new_zeros((len(batch["index"]), 0))
         return {"probs": torch.softmax(outputs["emotion"].float(), dim=1), "au_probs": au_probs,
                 "index": batch["index"]}
 

@@ -1,30 +1,35 @@
-"""Fusion of the 2D (apex image) and 3D (clip) branches.
+"""Fusion of the 2D (static view) and 3D (clip) branches of FAMNet.
 
-Implements two operators:
-    * :func:`late_fusion` (default): score-level fusion as in FAMNet
-      (arXiv 2508.13483), whose "late fusion module" merges the two branches'
-      score vectors before the final softmax. Data flow::
+FAMNet (arXiv 2508.13483) fuses the two branches' score vectors in a "late fusion module" before the
+final softmax; the operator and its weighting are left open. :class:`BranchFusion` offers four modes
+(``FAMNet(fusion=...)``). Data flow::
 
-          logits_a, logits_b -> softmax each -> w * p_a + (1 - w) * p_b -> log
+    late    logits_2d, logits_3d -> softmax each -> w * p_2d + (1 - w) * p_3d -> log     w: a number
+    learned                         (as late)                                           w = sigmoid(a), a trained
+    gated   (as late, with a per-sample w = sigmoid(Linear(concat(feat_2d, feat_3d))))
+    feature feat_2d, feat_3d -> concat -> Linear -> ReLU -> Dropout -> Linear -> logits
 
-      The exact operator is left open by the paper; a weighted mean of class
-      probabilities is the common choice. We return its log so it can be fed to
-      ``CrossEntropyLoss`` / ``argmax`` like ordinary logits.
-    * :class:`FeatureFusion` (alternative): feature-level fusion. Data flow::
-
-          feat_a, feat_b -> concat -> Linear -> ReLU -> Dropout -> Linear -> logits
+The weighted-mean modes return the *log* of the fused distribution, so it can be fed to
+``CrossEntropyLoss`` / ``argmax`` like ordinary logits. ``late``'s ``w`` is a buffer: it is saved with
+the weights, so the value chosen on inner validation (``MERLitModule(late_weight_from="val")``) is
+the one a checkpoint predicts with. Only ``late`` with a validation-chosen weight can *guarantee*
+(on the validation subjects) never to be worse than the better branch: its grid contains w = 0 and
+w = 1, the branches alone.
 """
 
 from __future__ import annotations
 
-import math
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+FusionMode = Literal["late", "learned", "gated", "feature"]
+FUSIONS: tuple[str, ...] = ("late", "learned", "gated", "feature")
 
-def late_fusion(logits_a: Tensor, logits_b: Tensor, weight: float = 0.5) -> Tensor:
+
+def late_fusion(logits_a: Tensor, logits_b: Tensor, weight: float | Tensor = 0.5) -> Tensor:
     """Fuse two logit tensors as the log of the weighted mean of their softmaxes.
 
     ``out = log(weight * softmax(logits_a) + (1 - weight) * softmax(logits_b))``,
@@ -36,24 +41,23 @@ def late_fusion(logits_a: Tensor, logits_b: Tensor, weight: float = 0.5) -> Tens
     Args:
         logits_a: (B, C) logits of the first branch (the 2D branch in FAMNet).
         logits_b: (B, C) logits of the second branch (the 3D branch).
-        weight: Weight of ``logits_a`` in [0, 1]; ``1 - weight`` goes to ``logits_b``.
+        weight: Weight of ``logits_a`` in [0, 1]: a number, a scalar tensor or a (B, 1) tensor
+            (per-sample weights); ``1 - weight`` goes to ``logits_b``.
 
     Returns:
         (B, C) fused log-probabilities, usable as logits.
 
     Raises:
-        ValueError: If the shapes differ or ``weight`` is outside [0, 1].
+        ValueError: If the shapes differ or a number ``weight`` is outside [0, 1].
     """
     if logits_a.shape != logits_b.shape:
         raise ValueError(f"late_fusion needs equal shapes, got {tuple(logits_a.shape)} and {tuple(logits_b.shape)}")
-    if not 0.0 <= weight <= 1.0:
+    if not isinstance(weight, Tensor) and not 0.0 <= weight <= 1.0:
         raise ValueError(f"late_fusion weight must be in [0, 1], got {weight}")
-    # log(0) = -inf is fine: logsumexp ignores that term and its gradient is 0.
-    log_w = math.log(weight) if weight > 0 else -math.inf
-    log_1mw = math.log1p(-weight) if weight < 1 else -math.inf
-    stacked = torch.stack(
-        [F.log_softmax(logits_a, dim=-1) + log_w, F.log_softmax(logits_b, dim=-1) + log_1mw], dim=0
-    )
+    w = torch.as_tensor(weight, dtype=torch.float32, device=logits_a.device)
+    # log(0) = -inf is fine: logsumexp ignores that term (w = 0 or 1 is one branch alone).
+    stacked = torch.stack([F.log_softmax(logits_a.float(), dim=-1) + torch.log(w),
+                           F.log_softmax(logits_b.float(), dim=-1) + torch.log1p(-w)], dim=0)
     return torch.logsumexp(stacked, dim=0)
 
 
@@ -80,3 +84,53 @@ class FeatureFusion(nn.Module):
     def forward(self, feat_a: Tensor, feat_b: Tensor) -> Tensor:
         """Return (B, num_classes) logits from (B, in_a) and (B, in_b) features."""
         return self.mlp(torch.cat([feat_a, feat_b], dim=1))
+
+
+class BranchFusion(nn.Module):
+    """The fused emotion logits of FAMNet's two branches (modes: module docstring).
+
+    Args:
+        mode: ``late``, ``learned``, ``gated`` or ``feature``.
+        features_2d: Pooled feature size of the 2D branch.
+        features_3d: Pooled feature size of the 3D branch.
+        num_classes: Emotion classes.
+        late_weight: ``late``: weight of the 2D branch; ``learned``: its initial value.
+        hidden: Hidden units of the ``feature`` MLP.
+        dropout: Dropout inside the ``feature`` MLP.
+
+    Raises:
+        ValueError: On an unknown mode or ``late_weight`` outside [0, 1] (``learned``: (0, 1)).
+    """
+
+    def __init__(self, mode: FusionMode, *, features_2d: int, features_3d: int, num_classes: int,
+                 late_weight: float = 0.5, hidden: int = 128, dropout: float = 0.0) -> None:
+        super().__init__()
+        if mode not in FUSIONS:
+            raise ValueError(f"fusion must be one of {list(FUSIONS)}, got {mode!r}")
+        if not 0.0 <= late_weight <= 1.0 or (mode == "learned" and late_weight in (0.0, 1.0)):
+            raise ValueError(f"late_weight must be in [0, 1] ((0, 1) for fusion=learned), got {late_weight}")
+        self.mode = mode
+        self.register_buffer("late_weight", torch.tensor(float(late_weight)))
+        if mode == "learned":
+            self.weight_logit = nn.Parameter(torch.logit(torch.tensor(float(late_weight))))
+        elif mode == "gated":
+            # Starts at w = late_weight for every sample (zero weights, bias at the logit).
+            self.gate = nn.Linear(features_2d + features_3d, 1)
+            nn.init.zeros_(self.gate.weight)
+            nn.init.constant_(self.gate.bias, torch.logit(torch.tensor(min(max(late_weight, 1e-3), 1 - 1e-3))).item())
+        elif mode == "feature":
+            self.feature = FeatureFusion(features_2d, features_3d, num_classes, hidden=hidden, dropout=dropout)
+
+    def weight_2d(self, feat_2d: Tensor | None = None, feat_3d: Tensor | None = None) -> Tensor:
+        """Weight of the 2D branch: a scalar, or (B, 1) for ``gated``; undefined for ``feature``."""
+        if self.mode == "learned":
+            return torch.sigmoid(self.weight_logit)
+        if self.mode == "gated":
+            return torch.sigmoid(self.gate(torch.cat([feat_2d, feat_3d], dim=1).float()))
+        return self.late_weight
+
+    def forward(self, logits_2d: Tensor, logits_3d: Tensor, feat_2d: Tensor, feat_3d: Tensor) -> Tensor:
+        """(B, num_classes) fused logits (log-probabilities for the weighted-mean modes)."""
+        if self.mode == "feature":
+            return self.feature(feat_2d, feat_3d)
+        return late_fusion(logits_2d, logits_3d, self.weight_2d(feat_2d, feat_3d))
