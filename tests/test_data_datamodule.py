@@ -113,3 +113,48 @@ def test_augmentation_is_seeded():
 def test_fold_out_of_range_is_a_clear_error(tiny_synth, tmp_path):
     with pytest.raises(ValueError, match="fold 9 out of range.*3 subjects"):
         _dm(tiny_synth, tmp_path, fold=9).setup("fit")
+
+
+def test_landmarks_travel_from_the_detector_to_frl_dgt_and_move_with_the_augmentation(tiny_synth, tmp_path):
+    from famnet_pl.data.face import FaceDetection, register_detector
+    from famnet_pl.data.transforms import FLIP_ORDER
+    from famnet_pl.models.module import FAMNetLitModule
+
+    points = ((18.0, 26.0), (42.0, 27.0), (31.0, 38.0), (23.0, 48.0), (41.0, 49.0))  # 64 px synthetic frames
+    register_detector("with_landmarks", lambda frame: FaceDetection(0, 0, 64, 64, eyes=points[:2], landmarks=points))
+    plain = _dm(tiny_synth, tmp_path, input_2d="pair", face_detector="with_landmarks", face_margin=0.0,
+                face_size=64, augment=False)
+    plain.setup("fit")
+    expected = (np.array(points) + 0.5) / 64
+    np.testing.assert_allclose(plain.train_set[0]["landmarks"].numpy(), expected, atol=1e-5)
+
+    augmented = _dm(tiny_synth, tmp_path, input_2d="pair", face_detector="with_landmarks", face_margin=0.0,
+                    face_size=64)
+    augmented.setup("fit")
+    flips = 0
+    for _ in range(8):
+        moved = augmented.train_set[0]["landmarks"].numpy()
+        mirrored = expected.copy()
+        mirrored[:, 0] = 1 - mirrored[:, 0]
+        mirrored = mirrored[list(FLIP_ORDER)]
+        # A translation moves every point alike; a flip mirrors them and swaps left and right.
+        shift_plain, shift_mirror = moved - expected, moved - mirrored
+        is_plain = np.allclose(shift_plain, shift_plain[0], atol=1e-5)
+        is_mirror = np.allclose(shift_mirror, shift_mirror[0], atol=1e-5)
+        assert is_plain or is_mirror, moved
+        assert moved[0, 0] < moved[1, 0]  # the image-left eye stays first after a flip
+        flips += is_mirror and not is_plain
+    assert flips > 0
+
+    batch = next(iter(plain.train_dataloader()))
+    assert batch["landmarks"].shape == (4, 5, 2)
+    module = FAMNetLitModule(model="frl_dgt", num_classes=4, in_channels_2d=6, net={"dgm_width": 4, "embed_dim": 16,
+                                                                                  "heads": 2})
+    torch.manual_seed(0)
+    boxes = module.net.region_boxes(batch["landmarks"], 4)
+    assert not torch.allclose(boxes, module.net.region_boxes(None, 4))  # placed from the data, not the template
+    batch["landmarks"][1] = float("nan")  # no face found for that sample: the template is used
+    torch.testing.assert_close(module.net.region_boxes(batch["landmarks"], 4)[1], module.net.region_boxes(None, 4)[1])
+    module.eval()
+    with_points = module(batch["x2d"], None, batch["landmarks"])["emotion"]
+    assert not torch.allclose(with_points, module(batch["x2d"])["emotion"])

@@ -21,6 +21,7 @@ from famnet_pl.data.face import (
     FaceBox,
     FaceDetection,
     crop_frames,
+    crop_landmarks,
     crop_matrix,
     detect_face,
     register_detector,
@@ -264,3 +265,34 @@ def test_align_levels_a_rotated_face(photo: np.ndarray, photo_box: FaceBox, degr
     assert again.found and abs(_roll_deg(again)) < 3.0
     unaligned = detect_face(crop_frames([rotated], box, size=160)[0])
     assert abs(_roll_deg(unaligned)) > 6.0
+
+
+# -- landmarks ------------------------------------------------------------------------------------
+
+
+@needs_mtcnn
+def test_mtcnn_gives_five_landmarks_that_land_on_the_face_in_the_crop(photo: np.ndarray, photo_box: FaceBox) -> None:
+    assert photo_box.landmarks is not None and len(photo_box.landmarks) == 5
+    assert photo_box.landmarks[:2] == photo_box.eyes  # same eyes, same (left-in-image first) order
+    for align in (False, True):
+        points = crop_landmarks(photo_box, align=align)
+        assert points.shape == (5, 2) and ((points > 0) & (points < 1)).all()
+        eye_l, eye_r, nose, mouth_l, mouth_r = points
+        assert eye_l[0] < nose[0] < eye_r[0] and mouth_l[0] < mouth_r[0]
+        assert max(eye_l[1], eye_r[1]) < nose[1] < min(mouth_l[1], mouth_r[1])  # eyes, nose, mouth downwards
+    # The normalised landmarks mark the same pixels in the crop at any output size.
+    crop = crop_frames([photo], photo_box, size=96)[0]
+    again = detect_face(crop, margin=0.0)
+    (ex, ey) = crop_landmarks(photo_box)[0] * 96 - 0.5
+    assert abs(again.landmarks[0][0] - ex) < 4 and abs(again.landmarks[0][1] - ey) < 4
+
+
+def test_crop_landmarks_follow_the_crop_and_the_alignment() -> None:
+    eyes = ((100.0, 120.0), (160.0, 140.0))
+    points = (*eyes, (130.0, 160.0), (110.0, 180.0), (150.0, 190.0))
+    box = FaceBox(60, 60, 200, 200, eyes=eyes, landmarks=points)
+    plain = crop_landmarks(box)
+    np.testing.assert_allclose(plain * 140 - 0.5, np.array(points) - 60, atol=1e-4)
+    aligned = crop_landmarks(box, align=True)
+    assert aligned[0, 1] == pytest.approx(aligned[1, 1], abs=1e-6)  # eyes level after alignment
+    assert crop_landmarks(FaceBox(60, 60, 200, 200, eyes=eyes)) is None

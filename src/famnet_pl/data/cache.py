@@ -22,6 +22,11 @@ already cropped); frames are registered to the onset frame; then
                                 (frames.flow_sequence): the motion survives at a clip side where
                                 0.5-3 px displacements at 128 px would be sub-pixel in the frames
 
+* ``landmarks`` float32 (5, 2)  with a face detector: its five landmarks (eyes, nose tip, mouth
+                                corners; face.Landmarks) in the aligned crop, xy normalised to [0, 1]
+                                (NaN when the detector gives none): FRL-DGT places its AU regions
+                                from them
+
 Precomputed-flow layouts (``flow_image``/``apex_image`` set, MEGC2019's STSTNet images) have no
 frames: ``apex`` is the apex crop, ``flow`` the stored image and no clip. The flow images were
 written by ``cv2.imwrite`` from a (u, v, strain) array (STSTNet/HTNet code), so OpenCV's own channel
@@ -65,7 +70,8 @@ from famnet_pl.data.protocols import get_dataset
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 3
-VIEWS = ("onset", "apex", "flow", "clip")  # arrays packed for training (onset: the pair views only)
+# Arrays packed for training (onset: the pair views only; landmarks: with a face detector).
+VIEWS = ("onset", "apex", "flow", "clip", "landmarks")
 
 
 @dataclass(frozen=True)
@@ -177,7 +183,7 @@ def preprocess_sample(row: dict, root: str | Path, views: ViewConfig, *,
     onset_k, apex_k, offset_k = int(row["onset"]), int(row["apex"]), int(row["offset"])
     source = open_frames(root, row["frame_dir"], row["frame_pattern"])
     onset_raw = source.read(onset_k)
-    crop, face_found = _face_crop(onset_raw, views)
+    crop, face_found, landmarks = _face_crop(onset_raw, views)
     onset = crop(onset_raw)
     done = {onset_k: onset}  # frame number -> cropped, registered frame: each frame decoded once
 
@@ -190,6 +196,8 @@ def preprocess_sample(row: dict, root: str | Path, views: ViewConfig, *,
 
     (apex,) = prepared([apex_k])
     out = {"apex": resize(apex, s), "face_found": np.array(face_found)}
+    if landmarks is not None:
+        out["landmarks"] = landmarks
     if views.need_onset:
         out["onset"] = resize(onset, s)
     if keep_frames:
@@ -210,14 +218,17 @@ def preprocess_sample(row: dict, root: str | Path, views: ViewConfig, *,
 
 
 def _face_crop(onset: np.ndarray, views: ViewConfig):
-    """The per-frame crop function of a clip, detected once on the onset frame, and whether a face
-    was found (False: the detector's fallback box; reported by :func:`preprocess`)."""
+    """The per-frame crop function of a clip, detected once on the onset frame, whether a face was
+    found (False: the detector's fallback box; reported by :func:`preprocess`) and the landmarks in
+    the crop (None without a detector; NaN when the detector gives none)."""
     if views.face_detector == "none":
-        return (lambda frame: frame), True
-    from famnet_pl.data.face import crop_frames, detect_face  # cv2.dnn models only when asked for
+        return (lambda frame: frame), True, None
+    from famnet_pl.data.face import crop_frames, crop_landmarks, detect_face  # cv2.dnn models only when asked
 
     box = detect_face(onset, detector=views.face_detector, margin=views.face_margin)
-    return (lambda frame: crop_frames([frame], box, size=views.face_size, align=views.face_align)[0]), box.found
+    landmarks = crop_landmarks(box, align=views.face_align)
+    return ((lambda frame: crop_frames([frame], box, size=views.face_size, align=views.face_align)[0]),
+            box.found, np.full((5, 2), np.nan, np.float32) if landmarks is None else landmarks)
 
 
 def _entry(cache_dir: Path, key: str) -> Path:

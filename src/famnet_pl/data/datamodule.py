@@ -8,7 +8,8 @@ Data flow::
                   optional inner validation = held-out *training* groups)
                   -> per-channel standardisation from training samples only
     batches:      {"x2d": (B, C2d, S, S), "x3d": (B, 3, T, s, s), "label": (B,),
-                   "au": (B, A), "au_mask": (B, A), "index": (B,)}
+                   "au": (B, A), "au_mask": (B, A), "index": (B,)
+                   [, "landmarks": (B, 5, 2) with a face detector: xy in [0, 1], NaN if none]}
 
 2D view (``input_2d``): ``apex`` (RGB apex frame, 3 channels), ``flow`` (onset->apex u, v and
 optical strain, 3 channels), ``both`` (6 channels), ``pair`` (onset and apex RGB, 6 channels) or
@@ -85,11 +86,14 @@ class MERDataset(Dataset):
     def __getitem__(self, item: int) -> dict[str, torch.Tensor]:
         i = int(self.indices[item])
         x2d, x3d = self.view_2d(i)[None], self.view_3d(i)
+        landmarks = np.array(self.arrays["landmarks"][i], np.float32) if "landmarks" in self.arrays else None
         if self.augment is not None:
             parts = VIEWS_2D[self.input_2d]
             n_rgb = 3 * sum(name != "flow" for name in parts)  # one photometric draw for onset and apex:
             x2d = self.augment(x2d, rgb=slice(0, n_rgb) if n_rgb else None,  # no fake motion between them
-                               flow_u=3 * parts.index("flow") if "flow" in parts else None)
+                               flow_u=3 * parts.index("flow") if "flow" in parts else None, points=landmarks)
+            if landmarks is not None:  # the landmarks move with the 2D view they locate regions in
+                x2d, landmarks = x2d
             if x3d is not None:
                 flow = self.clip_mode == "flow"
                 x3d = self.augment(x3d, rgb=None if flow else slice(0, 3), flow_u=0 if flow else None)
@@ -100,6 +104,8 @@ class MERDataset(Dataset):
             if self.clip_mode == "diff":
                 x3d = x3d - x3d[:1]
             item_out["x3d"] = torch.from_numpy(np.ascontiguousarray(x3d.transpose(3, 0, 1, 2), dtype=np.float32))
+        if landmarks is not None:
+            item_out["landmarks"] = torch.from_numpy(landmarks)
         return {
             **item_out,
             "label": torch.tensor(self.labels[i], dtype=torch.long),

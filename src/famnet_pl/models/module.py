@@ -2,7 +2,7 @@
 
 Data flow per step::
 
-    batch {"x2d", "x3d", "label", "au", "au_mask"} -> net(x2d, x3d) -> outputs dict
+    batch {"x2d", "x3d", "label", "au", "au_mask"[, "landmarks"]} -> net(x2d, x3d[, landmarks]) -> outputs
         -> WeightedMultiTaskLoss -> loss ; outputs["emotion"] -> per-stage torchmetrics
 
 The network comes from the model registry by name (``model: famnet_r18``), with its own options in
@@ -14,6 +14,7 @@ per-stage metrics are for monitoring only: LOSO results are recomputed from pred
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Literal
 
 import lightning as L
@@ -99,6 +100,7 @@ class FAMNetLitModule(L.LightningModule):
             raise ValueError(f"model.late_weight_from=val chooses the weight of late fusion, and net.fusion is "
                              f"{fusion.mode}: set --model.late_weight_from=config or --model.net.fusion=late")
         self._val_outputs: list[dict[str, Tensor]] = []
+        self._takes_landmarks = "landmarks" in inspect.signature(self.net.forward).parameters
         # One metric object per stage: they reduce separately (lightning-hydra-template idiom).
         self.train_metrics = _stage_metrics(num_classes, "train/")
         self.val_metrics = _stage_metrics(num_classes, "val/")
@@ -140,12 +142,16 @@ class FAMNetLitModule(L.LightningModule):
             seed=self.trainer.datamodule.hparams.fold, **options)
         dgm.requires_grad_(not frozen)
 
-    def forward(self, x2d: Tensor | None = None, x3d: Tensor | None = None) -> dict[str, Tensor]:
-        """Network outputs (see FAMNet.forward)."""
+    def forward(self, x2d: Tensor | None = None, x3d: Tensor | None = None,
+                landmarks: Tensor | None = None) -> dict[str, Tensor]:
+        """Network outputs (see FAMNet.forward); ``landmarks`` (the data's, with a face detector) go to
+        networks that place regions from them (FRL-DGT)."""
+        if landmarks is not None and self._takes_landmarks:
+            return self.net(x2d=x2d, x3d=x3d, landmarks=landmarks)
         return self.net(x2d=x2d, x3d=x3d)
 
     def _step(self, batch: dict[str, Tensor], stage: str, metrics: MetricCollection, keep: bool = False):
-        outputs = self(batch["x2d"], batch.get("x3d"))
+        outputs = self(batch["x2d"], batch.get("x3d"), batch.get("landmarks"))
         loss, parts = self.criterion(outputs, batch["label"], batch["au"], batch["au_mask"])
         batch_size = batch["label"].shape[0]
         trainer = self._trainer  # None when called outside a Trainer (unit tests)
@@ -208,7 +214,7 @@ class FAMNetLitModule(L.LightningModule):
             ``{"probs": (B, C), "au_probs": (B, A), "index": (B,)}``. AU probabilities average the
             branches that have an AU head; A = 0 when no AU head was trained (:attr:`trains_au`).
         """
-        outputs = self(batch["x2d"], batch.get("x3d"))
+        outputs = self(batch["x2d"], batch.get("x3d"), batch.get("landmarks"))
         au = [torch.sigmoid(outputs[k].float()) for k in ("au_2d", "au_3d") if k in outputs and self.trains_au]
         au_probs = torch.stack(au).mean(0) if au else outputs["emotion"].new_zeros((len(batch["index"]), 0))
         return {"probs": torch.softmax(outputs["emotion"].float(), dim=1), "au_probs": au_probs,

@@ -60,8 +60,11 @@ What the paper fixes, what it leaves open, and what we chose (and why):
   given): 6 boxes -- left/right brow (AU1, 2, 4), left/right eye (AU5, 6, 7), nose (AU9, 10), mouth
   and chin (AU12, 14, 15, 17, 25, 26) -- placed from 5 landmarks (MTCNN order: image-left eye,
   image-right eye, nose tip, image-left mouth corner, image-right mouth corner; xy normalised to
-  [0, 1]) in units of the inter-ocular distance (see :func:`region_boxes`). Without landmarks
-  (aligned face crops) the template :data:`TEMPLATE_LANDMARKS` is used: eyes (0.36, 0.45) and
+  [0, 1]) in units of the inter-ocular distance (see :func:`region_boxes`). With a face detector
+  the data carries the detector's five landmarks through the crop, alignment, cache and
+  augmentation into ``batch["landmarks"]`` (``data/face.py`` ``crop_landmarks``, ``data/cache.py``);
+  without landmarks (aligned face crops, the synthetic set; or a sample whose face was not found:
+  NaN) the template :data:`TEMPLATE_LANDMARKS` is used: eyes (0.36, 0.45) and
   (0.64, 0.45), nose (0.50, 0.60), mouth corners (0.39, 0.73) and (0.61, 0.73) -- between an
   MTCNN face box grown by our 15 % margin (eyes at ~0.42 of the height, estimated) and the
   synthetic faces (eyes at ~0.48).
@@ -641,11 +644,16 @@ class FRLDGT(nn.Module):
         self.register_buffer("template", torch.tensor(TEMPLATE_LANDMARKS), persistent=False)
 
     def region_boxes(self, landmarks: Tensor | None, batch: int) -> Tensor:
-        """(B, 6, 4) normalised region boxes from ``landmarks`` (B, 5, 2), or from the template."""
+        """(B, 6, 4) normalised region boxes from ``landmarks`` (B, 5, 2), or from the template (for
+        every sample when None, and for samples whose landmarks are NaN: no face was found)."""
+        template = self.template.expand(batch, -1, -1)
         if landmarks is None:
-            landmarks = self.template.expand(batch, -1, -1)
+            landmarks = template
         elif landmarks.shape[0] != batch:
             raise ValueError(f"landmarks batch {landmarks.shape[0]} != x2d batch {batch}")
+        elif landmarks.shape == template.shape:  # (other shapes: region_boxes says what it needs)
+            unknown = torch.isnan(landmarks).flatten(1).any(1)[:, None, None]
+            landmarks = torch.where(unknown, template.to(landmarks.dtype), landmarks)
         return region_boxes(landmarks.to(self.template.dtype))
 
     def _displacement(self, onset: Tensor, apex: Tensor) -> Tensor:
