@@ -128,3 +128,60 @@ def test_test_subject_evaluation_restores_the_global_rng(finished_run, two_subje
     table = LOSOCallback(str(tmp_path)).predict_test(cli.trainer, cli.model, epoch=0)
     assert torch.equal(torch.get_rng_state(), before)
     assert sorted(table["sample_id"]) == sorted(dm.manifest.iloc[dm.test_set.indices]["sample_id"])
+
+
+def test_a_nan_loss_stops_the_fold_names_it_and_fails_the_run(two_subjects, tmp_path, capsys):
+    from famnet_pl.cli import main
+
+    args = tiny_args(two_subjects, tmp_path / "cache", **{"model.lr": "1e30"})
+    code = main(["loso", "--exp", "nan", "--runs-dir", str(tmp_path / "runs"), "--wandb", "off", "--folds", "0",
+                 "--no-progress", *args])
+    err = capsys.readouterr().err
+    fold_dir = tmp_path / "runs" / "nan" / "synth" / "fold_00_synth-sub01"
+    assert code != 0 and not (fold_dir / "predictions.csv").exists()
+    line = next(x for x in err.splitlines() if "non-finite" in x)
+    assert "fold 0 (synth/sub01)" in line and "epoch 0, step " in line and "--model.lr" in line
+    failed = json.loads((fold_dir / "failed.json").read_text())
+    assert failed["fold"] == 0 and "non-finite" in failed["error"]
+    assert not list(fold_dir.glob("checkpoints/resume-*.ckpt"))  # a rerun starts the fold over
+
+
+@pytest.mark.parametrize("edit", ["delete_row", "truncate", "duplicate_row", "change_prob"])
+def test_aggregate_refuses_tampered_predictions(finished_run, tmp_path, capsys, edit):
+    from famnet_pl.cli import main
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run[0], run_dir)
+    path = run_dir / "fold_00_synth-sub01" / "predictions.csv"
+    assert main(["aggregate", str(run_dir)]) == 0
+    lines = path.read_text().splitlines(keepends=True)
+    if edit == "delete_row":
+        lines.pop(1)
+    elif edit == "truncate":
+        lines = ["".join(lines)[: len("".join(lines)) // 2]]
+    elif edit == "duplicate_row":
+        lines.append(lines[1])
+    else:
+        lines[1] = lines[1].replace(",0.", ",0.9", 1)
+    path.write_text("".join(lines))
+    capsys.readouterr()
+    assert main(["aggregate", str(run_dir)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(path) in err[0] and "FOLDS=0" in err[0]
+
+
+@pytest.mark.parametrize("edit", ["delete_row", "duplicate_row"])
+def test_aggregate_checks_counts_and_ids_without_a_checksum(finished_run, tmp_path, edit):
+    from famnet_pl.aggregate import PredictionsError, aggregate_run
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run[0], run_dir)
+    fold_dir = run_dir / "fold_01_synth-sub02"
+    meta = json.loads((fold_dir / "metrics.json").read_text())
+    del meta["predictions_sha256"]  # e.g. a run written before checksums existed
+    (fold_dir / "metrics.json").write_text(json.dumps(meta))
+    frame = pd.read_csv(fold_dir / "predictions.csv")
+    frame = frame.iloc[1:] if edit == "delete_row" else pd.concat([frame, frame.iloc[:1]])
+    frame.to_csv(fold_dir / "predictions.csv", index=False)
+    with pytest.raises(PredictionsError, match="appears twice|samples, but the fold predicted"):
+        aggregate_run(run_dir)

@@ -19,12 +19,14 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from famnet_pl.metrics import summarize
-from famnet_pl.utils.io import atomic_write_bytes, atomic_write_json
+from famnet_pl.utils.io import atomic_write_bytes, atomic_write_json, sha256_file
 
 SUMMARY_NAME = "loso_summary.json"
+FAILED_NAME = "failed.json"  # a fold that stopped on a non-finite loss or output: why and where
 
 
 def finished_folds(run_dir: str | Path) -> list[Path]:
@@ -56,20 +58,62 @@ def aggregate_run(run_dir: str | Path, *, expected_folds: int | None = None, ora
         if (other["class_names"], other["au_vocab"]) != (meta["class_names"], meta["au_vocab"]):
             raise ValueError(f"{f}: classes or AU vocabulary differ from {folds[0]}; folds of one run "
                              "must share them (delete the stray fold or use another run directory)")
-    last = pd.concat([pd.read_csv(f / "predictions.csv") for f in folds], ignore_index=True)
+    plan = json.loads((run_dir / "run.json").read_text()).get("folds", {}) if (run_dir / "run.json").is_file() else {}
+    last = pd.concat([_checked_predictions(f, m, plan) for f, m in zip(folds, metas)], ignore_index=True)
     epoch_files = [f / "predictions_epochs.csv" for f in folds if (f / "predictions_epochs.csv").is_file()]
     epochs = pd.concat([pd.read_csv(f) for f in epoch_files], ignore_index=True) if epoch_files else None
     summary = summarize(last, epochs, class_names=meta["class_names"], au_vocab=meta["au_vocab"],
                         oracle_by=oracle_by)
     done = sorted(int(m["fold"]) for m in metas)
+    failed = {str(f["fold"]): f["error"] for f in _failed_folds(run_dir)}
     summary.update({"protocol": meta["protocol"], "folds_done": done,
-                    "complete": expected_folds is None or len(done) == expected_folds})
+                    "complete": (expected_folds is None or len(done) == expected_folds) and not failed})
+    if failed:
+        summary["folds_failed"] = failed
     if expected_folds is not None:
         summary["folds_missing"] = sorted(set(range(expected_folds)) - set(done))
     if write:
         atomic_write_json(run_dir / SUMMARY_NAME, _finite(summary))
         atomic_write_bytes(run_dir / "confusion.png", confusion_png(summary))
     return summary
+
+
+class PredictionsError(ValueError):
+    """A fold's prediction file does not match what the fold recorded when it finished."""
+
+
+def _checked_predictions(fold_dir: Path, meta: dict, plan: dict) -> pd.DataFrame:
+    """A fold's ``predictions.csv``, checked against its ``metrics.json`` (checksum, sample ids, count)
+    and the run's plan (``run.json``: which subject fold k tests); every probability finite."""
+    path = fold_dir / "predictions.csv"
+
+    def bad(what: str) -> PredictionsError:
+        return PredictionsError(f"{path}: {what}; the file was changed after the fold finished: restore it, or "
+                                f"delete {fold_dir} and rerun the fold (FOLDS={meta['fold']})")
+
+    if "predictions_sha256" in meta and sha256_file(path) != meta["predictions_sha256"]:
+        raise bad("checksum differs from the one recorded in metrics.json")
+    try:
+        frame = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise bad(f"unreadable CSV ({type(exc).__name__})") from None
+    ids = frame["sample_id"].astype(str) if "sample_id" in frame else pd.Series(dtype=str)
+    if ids.duplicated().any():
+        raise bad(f"sample {ids[ids.duplicated()].iloc[0]} appears twice")
+    if len(frame) != meta["n_test"] or ("sample_ids" in meta and sorted(ids) != sorted(map(str, meta["sample_ids"]))):
+        raise bad(f"{len(frame)} samples, but the fold predicted {meta['n_test']}")
+    probs = frame[[c for c in frame.columns if c.startswith("prob_")]]
+    if probs.shape[1] != len(meta["class_names"]) or not np.isfinite(probs.to_numpy(dtype=float)).all():
+        raise bad("missing or non-finite class probabilities")
+    planned = plan.get(str(meta["fold"]))
+    if planned is not None and planned != meta["subject"]:
+        raise bad(f"fold {meta['fold']} tests {meta['subject']}, but run.json plans it for {planned}")
+    return frame
+
+
+def _failed_folds(run_dir: Path) -> list[dict]:
+    """Folds that stopped on a non-finite loss or output (``failed.json``; no predictions)."""
+    return [json.loads(p.read_text()) for p in sorted(run_dir.glob(f"fold_*/{FAILED_NAME}"))]
 
 
 def _finite(obj):
@@ -131,6 +175,8 @@ def format_summary(summary: dict) -> str:
     for name, row, rec in zip(names, summary["confusion"], summary["recall_per_class"]):
         lines.append(f"{name:{width}s}" + "".join(f"{v:9d}" for v in row)
                      + ("      n/a" if rec is None else f"{rec:9.3f}"))
+    for fold, error in summary.get("folds_failed", {}).items():
+        lines.append(f"  FAILED fold {fold}: {error}")
     if "au_f1_per_au" in summary:
         au = "  ".join(f"{k} {'n/a' if v is None or v != v else f'{v:.2f}'}"
                        for k, v in summary["au_f1_per_au"].items())

@@ -358,11 +358,13 @@ def main(argv: list[str] | None = None) -> int:
     from famnet_pl.data.protocols import ProtocolError
     from famnet_pl.data.frames import FrameError
     from famnet_pl.data.manifest import ManifestError
+    from famnet_pl.aggregate import PredictionsError
     from famnet_pl.models.components.resnet import PretrainedWeightsError
 
     try:
         return COMMANDS[argv[0]](argv[1:])
-    except (SheetError, ManifestError, FrameError, AUParseError, ProtocolError, PretrainedWeightsError) as exc:
+    except (SheetError, ManifestError, FrameError, AUParseError, ProtocolError, PretrainedWeightsError,
+            PredictionsError) as exc:
         # Bad input (or weights to fetch): one line naming the file/row and the fix, not a traceback.
         print(f"famnet-pl {argv[0]}: error: {exc}", file=sys.stderr)
         return 2

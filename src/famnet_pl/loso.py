@@ -46,8 +46,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from famnet_pl.aggregate import aggregate_run, finished_folds, format_summary
-from famnet_pl.callbacks.loso import LOSOCallback, fold_dir_name, resume_checkpoint
+from famnet_pl.aggregate import FAILED_NAME, aggregate_run, finished_folds, format_summary
+from famnet_pl.callbacks.loso import LOSOCallback, NonFiniteError, fold_dir_name, resume_checkpoint
 from famnet_pl.callbacks.progress import EpochProgress
 from famnet_pl.cli import build_cli
 from famnet_pl.utils.io import atomic_write_json
@@ -277,6 +277,11 @@ def run_fold(plan: LosoPlan, k: int, *, wandb: str = "offline", eval_every: int 
         # Our epoch-boundary checkpoint, never Lightning's mid-epoch SLURM one: a resumed fold ends
         # exactly as an uninterrupted one would.
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path, weights_only=False)
+    except NonFiniteError as exc:
+        if rank() == 0:  # no predictions; rerunning the fold starts it over (same config, same NaN)
+            resume.unlink(missing_ok=True)
+            atomic_write_json(fold_dir / FAILED_NAME, {"fold": k, "subject": plan.subjects[k], "error": str(exc)})
+        raise
     finally:
         _finish_logger(logger)
     if cli.trainer.interrupted:
@@ -338,13 +343,18 @@ def run_loso(cli_args: list[str], *, exp: str = "famnet", runs_dir: str = "runs"
                   f"FOLDS={k}", file=sys.stderr, flush=True)
         return None if failed else summary
     bar = tqdm(todo, desc="folds", position=0, disable=not progress or rank() != 0, dynamic_ncols=True)
+    failed = []
     for k in bar:
         bar.set_postfix_str(f"{plan.subjects[k]}")
         if k not in pending:
             log.info("fold %d (%s) already finished: skipped", k, plan.subjects[k])
             continue
-        run_fold(plan, k, wandb=wandb, eval_every=eval_every, progress=progress and rank() == 0,
-                 resume_every=resume_every)
+        try:
+            run_fold(plan, k, wandb=wandb, eval_every=eval_every, progress=progress and rank() == 0,
+                     resume_every=resume_every)
+        except NonFiniteError as exc:  # this fold only: the others still run, the exit code says it
+            failed.append(k)
+            bar.write(f"famnet-pl loso: error: {exc}", file=sys.stderr)
     bar.close()
     if rank() != 0:
         return None
@@ -352,4 +362,4 @@ def run_loso(cli_args: list[str], *, exp: str = "famnet", runs_dir: str = "runs"
     if summary is not None and not worker:
         print("\n" + format_summary(summary), flush=True)
         print(f"\nsummary: {plan.run_dir / 'loso_summary.json'}; confusion matrix: {plan.run_dir / 'confusion.png'}")
-    return summary
+    return None if failed else summary

@@ -19,6 +19,7 @@ checkpoint or schedule. The DataModule must expose ``manifest``, ``test_set``, `
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 from pathlib import Path
@@ -31,9 +32,13 @@ from lightning.pytorch.callbacks import Callback
 
 from famnet_pl.aggregate import aggregate_run
 from famnet_pl.metrics import fold_scores
-from famnet_pl.utils.io import atomic_write_csv, atomic_write_json
+from famnet_pl.utils.io import atomic_write_bytes, atomic_write_csv, atomic_write_json, csv_bytes
 
 log = logging.getLogger(__name__)
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced a NaN/inf loss or output: the fold stops and is marked failed."""
 
 
 def fold_dir_name(fold: int, subject: str) -> str:
@@ -103,6 +108,22 @@ class LOSOCallback(Callback):
         # Here, not in on_fit_start: a resume checkpoint restores ``rows`` between the two.
         self.rows = []
 
+    def _non_finite(self, trainer: L.Trainer, what: str) -> NonFiniteError:
+        dm = trainer.datamodule
+        return NonFiniteError(
+            f"fold {dm.hparams.fold} ({dm.test_subject}): non-finite {what} (NaN or inf) at epoch "
+            f"{trainer.current_epoch}, step {trainer.global_step}; the fold is stopped and gets no predictions: "
+            "lower the learning rate (--model.lr), train in 32-bit precision (--trainer.precision=32) or clip "
+            "gradients (--trainer.gradient_clip_val=1.0)")
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        # At the first bad step: a NaN trained through turns into NaN probabilities, argmax 0 for
+        # every sample and a plausible-looking (chance-level) score.
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is not None and not torch.isfinite(loss.detach()).all():
+            raise self._non_finite(trainer, "training loss")
+
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch
         last = bool(trainer.max_epochs and trainer.max_epochs > 0 and epoch + 1 >= trainer.max_epochs)
@@ -156,6 +177,8 @@ class LOSOCallback(Callback):
         pl_module.train(was_training)
         probs, au_probs = _cat(probs).numpy(), _cat(au_probs).numpy()
         index = _cat(index).numpy()
+        if not (np.isfinite(probs).all() and np.isfinite(au_probs).all()):
+            raise self._non_finite(trainer, "test-subject output")
         if world > 1:
             probs, au_probs, index = gather_shards(probs, au_probs, index, expected=len(dm.test_set))
         rows = dm.manifest.iloc[index]
@@ -191,14 +214,18 @@ class LOSOCallback(Callback):
         epochs = pd.concat(self.rows, ignore_index=True)
         last = self.rows[-1]
         atomic_write_csv(out / "predictions_epochs.csv", epochs)
+        predictions = csv_bytes(last)
+        # What aggregation checks the prediction file against: its bytes, its samples (the test
+        # subject's, each once), so an edited, truncated or duplicated file is an error, not a score.
         atomic_write_json(out / "metrics.json", {
             "fold": int(dm.hparams.fold), "subject": dm.test_subject, "protocol": dm.protocol.name,
             "class_names": list(dm.class_names), "au_vocab": list(dm.au_vocab),
             "epoch": int(last["epoch"].iloc[0]), "n_test": len(last), "split": dm.split,
             "config_hash": self.config_hash, "world_size": trainer.world_size,
+            "sample_ids": last["sample_id"].tolist(), "predictions_sha256": hashlib.sha256(predictions).hexdigest(),
             **{f"test/{k}": v for k, v in fold_scores(last["y_true"], last["y_pred"]).items()},
         })
-        atomic_write_csv(out / "predictions.csv", last)
+        atomic_write_bytes(out / "predictions.csv", predictions)
         # The fold is done: its resume points (ours, and Lightning's SLURM ones) are dead weight.
         for stale in [*out.glob("checkpoints/resume-*.ckpt"), *out.glob("hpc_ckpt_*.ckpt")]:
             stale.unlink(missing_ok=True)

@@ -6,6 +6,7 @@ temporary sibling, flush and fsync, then ``os.replace`` (atomic on POSIX within 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -41,6 +42,16 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def csv_bytes(frame: pd.DataFrame) -> bytes:
+    """The bytes a CSV is written as (float format fixed so identical results give identical bytes)."""
+    return frame.to_csv(index=False, float_format="%.6g").encode()
+
+
 def atomic_write_csv(path: str | Path, frame: pd.DataFrame) -> None:
-    """Write a CSV atomically (float format fixed so identical results give identical bytes)."""
-    atomic_write_text(path, frame.to_csv(index=False, float_format="%.6g"))
+    """Write a CSV atomically (:func:`csv_bytes`)."""
+    atomic_write_bytes(path, csv_bytes(frame))
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
