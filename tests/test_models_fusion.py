@@ -53,7 +53,8 @@ def test_weighted_modes_are_distributions_and_weights_zero_and_one_are_one_branc
 
 def _validation_epoch(module: FAMNetLitModule, emotion_2d, emotion_3d, label) -> float:
     module.on_validation_epoch_start()
-    module._val_outputs.append({"label": label, "emotion_2d": emotion_2d, "emotion_3d": emotion_3d})
+    module._val_outputs.append({"label": label, "index": torch.arange(len(label)), "emotion_2d": emotion_2d,
+                                "emotion_3d": emotion_3d})
     module.on_validation_epoch_end()
     return float(module.net.fusion.late_weight)
 
@@ -82,5 +83,23 @@ def test_late_weight_from_val_needs_late_fusion():
                      net={"width_2d": 8, "width_3d": 8, "fusion": "feature"})
     single = FAMNetLitModule(model="amnet3d_r18", num_classes=3, late_weight_from="val", net={"width_3d": 8})
     single.on_validation_epoch_start()  # a single branch: nothing to fuse, the option is a no-op
-    single._val_outputs.append({"label": torch.tensor([0, 1]), "emotion_3d": torch.randn(2, 3)})
+    single._val_outputs.append({"label": torch.tensor([0, 1]), "index": torch.arange(2), "emotion_3d": torch.randn(2, 3)})
     single.on_validation_epoch_end()
+
+
+@pytest.mark.parametrize("mode", ["learned", "gated"])
+def test_saturated_learned_and_gated_weights_keep_finite_gradients(mode):
+    fusion = BranchFusion(mode, features_2d=5, features_3d=7, num_classes=4)
+    with torch.no_grad():
+        if mode == "learned":
+            fusion.weight_logit.fill_(120.0)   # sigmoid == 1.0 exactly in float32
+        else:
+            fusion.gate.bias.fill_(-120.0)
+    a, b = torch.randn(3, 4, requires_grad=True), torch.randn(3, 4, requires_grad=True)
+    feats = torch.randn(3, 5, requires_grad=True), torch.randn(3, 7, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fusion(a, b, *feats)
+    F.cross_entropy(out, torch.tensor([0, 1, 2])).backward()
+    used = (a, b, *fusion.parameters(), *(feats if mode == "gated" else ()))
+    for tensor in used:
+        assert tensor.grad is not None and torch.isfinite(tensor.grad).all()

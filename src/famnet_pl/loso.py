@@ -50,7 +50,7 @@ from famnet_pl.aggregate import FAILED_NAME, aggregate_run, finished_folds, form
 from famnet_pl.callbacks.loso import LOSOCallback, NonFiniteError, fold_dir_name, resume_checkpoint
 from famnet_pl.callbacks.progress import EpochProgress
 from famnet_pl.cli import build_cli
-from famnet_pl.utils.io import atomic_write_json
+from famnet_pl.utils.io import atomic_write_json, csv_bytes
 
 log = logging.getLogger(__name__)
 
@@ -101,10 +101,14 @@ def _git_state() -> dict:
 
 def config_fingerprint(cli) -> str:
     """Hash of the resolved config, minus what differs between folds of one run (fold index,
-    fold directory, logger): a resumed run may only reuse folds trained with the same config."""
+    fold directory, logger), and of the validated manifest's content (every sample's label, frames,
+    AUs: an edited sheet, changed official lists or drops change it): a resumed run may only reuse
+    folds trained with the same config on the same annotations."""
     cfg = cli.config.clone()
     cfg.data.fold, cfg.trainer.default_root_dir, cfg.trainer.logger = 0, None, None
-    return hashlib.sha256(cli.parser.dump(cfg, skip_check=True).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(cli.parser.dump(cfg, skip_check=True).encode())
+    digest.update(csv_bytes(cli.datamodule.load_manifest()))
+    return digest.hexdigest()[:16]
 
 
 def _check_finished_folds(run_dir: Path, config_hash: str) -> None:
@@ -112,8 +116,9 @@ def _check_finished_folds(run_dir: Path, config_hash: str) -> None:
         theirs = json.loads((fold_dir / "metrics.json").read_text()).get("config_hash")
         if theirs != config_hash:
             raise SystemExit(
-                f"{fold_dir}: finished with a different config (hash {theirs} vs {config_hash} now); "
-                "its results cannot be reused: pick another EXP= (--exp) or delete that run directory")
+                f"{fold_dir}: finished with a different config or different annotations (sheet content, "
+                f"official lists, drops; hash {theirs} vs {config_hash} now); its results cannot be reused: "
+                "pick another EXP= (--exp) or delete that run directory")
 
 
 def worker_argv(cli_args: list[str], *, fold: str, exp: str, runs_dir: str, wandb: str, eval_every: int,

@@ -15,9 +15,11 @@ per-stage metrics are for monitoring only: LOSO results are recomputed from pred
 from __future__ import annotations
 
 import inspect
+import logging
 from typing import Any, Literal
 
 import lightning as L
+import numpy as np
 import torch
 from torch import Tensor
 from torch.nn import functional as F
@@ -28,6 +30,8 @@ from famnet_pl.losses import LossWeights, WeightedMultiTaskLoss
 from famnet_pl.metrics import fold_scores
 from famnet_pl.models.components.fusion import late_fusion
 from famnet_pl.models.registry import create_model
+
+log = logging.getLogger(__name__)
 
 
 def _uf1(pred: Tensor, label: Tensor) -> float:
@@ -69,7 +73,8 @@ class FAMNetLitModule(L.LightningModule):
             after every validation epoch, the weight in {0, 0.1, ..., 1} whose fused predictions
             score the best inner-validation UF1 (ties: lowest validation NLL), so the fused
             prediction is never worse on validation than the better branch (w = 0 and 1 are the
-            branches alone). Needs ``data.val_subjects >= 1``; the test subject is never read. The
+            branches alone). Needs ``data.val_subjects >= 1`` (without, ``net.late_weight`` is kept
+            and a warning says so) and validation every epoch; the test subject is never read. The
             weight is a buffer of the network, saved in checkpoints.
     """
 
@@ -117,8 +122,9 @@ class FAMNetLitModule(L.LightningModule):
         checkpoint, which holds the weights already."""
         if (self.hparams.late_weight_from == "val" and getattr(self.net, "fusion", None) is not None
                 and getattr(self.trainer.datamodule, "val_set", None) is None):
-            raise ValueError("model.late_weight_from=val needs inner-validation subjects: set "
-                             "--data.val_subjects=1 (or more)")
+            log.warning("model.late_weight_from=val but there are no inner-validation subjects "
+                        "(data.val_subjects=0): late fusion keeps net.late_weight=%.2f; set --data.val_subjects=1 "
+                        "(or more) to choose it", float(self.net.fusion.late_weight))
         steps = self.hparams.pretrain_steps
         if not steps or self.trainer.ckpt_path is not None:
             return
@@ -172,8 +178,9 @@ class FAMNetLitModule(L.LightningModule):
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         """Inner validation (training subjects held out; never the test subject)."""
         outputs = self._step(batch, "val", self.val_metrics, keep=True)
-        self._val_outputs.append({"label": batch["label"], **{k: outputs[k].detach().float() for k in
-                                                               ("emotion_2d", "emotion_3d") if k in outputs}})
+        self._val_outputs.append({"label": batch["label"], "index": batch["index"],
+                                  **{k: outputs[k].detach().float() for k in ("emotion_2d", "emotion_3d")
+                                     if k in outputs}})
 
     def on_validation_epoch_start(self) -> None:
         self._val_outputs = []
@@ -182,11 +189,15 @@ class FAMNetLitModule(L.LightningModule):
         """Per-branch inner-validation scores (``val/uf1_2d``, ``val/uf1_3d``) and, with
         ``late_weight_from=val``, the late-fusion weight chosen on them (``val/late_weight``). Runs
         before the epoch's test-subject predictions are recorded, so they use this weight."""
-        if not self._val_outputs:
-            return
+        if not self._val_outputs or (self._trainer is not None and self.trainer.sanity_checking):
+            return  # a sanity check's 2 batches must not replace a weight (e.g. one restored on resume)
         cat = {k: torch.cat([o[k] for o in self._val_outputs]) for k in self._val_outputs[0]}
         if self._trainer is not None and self.trainer.world_size > 1:  # every rank must choose the same weight
             cat = {k: self.all_gather(v).flatten(0, 1) for k, v in cat.items()}
+            # The DistributedSampler pads with repeated samples: score each validation sample once.
+            _, first = np.unique(cat.pop("index").cpu().numpy(), return_index=True)
+            cat = {k: v[torch.as_tensor(first, device=v.device)] for k, v in cat.items()}
+        cat.pop("index", None)
         label = cat["label"]
         for key in ("emotion_2d", "emotion_3d"):
             if key in cat:

@@ -55,9 +55,14 @@ def late_fusion(logits_a: Tensor, logits_b: Tensor, weight: float | Tensor = 0.5
     if not isinstance(weight, Tensor) and not 0.0 <= weight <= 1.0:
         raise ValueError(f"late_fusion weight must be in [0, 1], got {weight}")
     w = torch.as_tensor(weight, dtype=torch.float32, device=logits_a.device)
-    # log(0) = -inf is fine: logsumexp ignores that term (w = 0 or 1 is one branch alone).
-    stacked = torch.stack([F.log_softmax(logits_a.float(), dim=-1) + torch.log(w),
-                           F.log_softmax(logits_b.float(), dim=-1) + torch.log1p(-w)], dim=0)
+    # log(0) = -inf is fine here: logsumexp ignores that term (w = 0 or 1 is one branch alone).
+    return _mix(logits_a, logits_b, torch.log(w), torch.log1p(-w))
+
+
+def _mix(logits_a: Tensor, logits_b: Tensor, log_w: Tensor, log_1mw: Tensor) -> Tensor:
+    """``log(w * softmax(a) + (1 - w) * softmax(b))`` from the log-weights, in float32."""
+    stacked = torch.stack([F.log_softmax(logits_a.float(), dim=-1) + log_w,
+                           F.log_softmax(logits_b.float(), dim=-1) + log_1mw], dim=0)
     return torch.logsumexp(stacked, dim=0)
 
 
@@ -121,16 +126,21 @@ class BranchFusion(nn.Module):
         elif mode == "feature":
             self.feature = FeatureFusion(features_2d, features_3d, num_classes, hidden=hidden, dropout=dropout)
 
-    def weight_2d(self, feat_2d: Tensor | None = None, feat_3d: Tensor | None = None) -> Tensor:
-        """Weight of the 2D branch: a scalar, or (B, 1) for ``gated``; undefined for ``feature``."""
+    def weight_logit_2d(self, feat_2d: Tensor, feat_3d: Tensor) -> Tensor:
+        """``learned`` / ``gated``: logit of the 2D branch's weight (a scalar, or (B, 1) for ``gated``),
+        in float32 even under autocast (a bf16 sigmoid reaches exactly 1 at logit ~6)."""
         if self.mode == "learned":
-            return torch.sigmoid(self.weight_logit)
-        if self.mode == "gated":
-            return torch.sigmoid(self.gate(torch.cat([feat_2d, feat_3d], dim=1).float()))
-        return self.late_weight
+            return self.weight_logit.float()
+        with torch.autocast(device_type=feat_2d.device.type, enabled=False):
+            return self.gate(torch.cat([feat_2d, feat_3d], dim=1).float())
 
     def forward(self, logits_2d: Tensor, logits_3d: Tensor, feat_2d: Tensor, feat_3d: Tensor) -> Tensor:
         """(B, num_classes) fused logits (log-probabilities for the weighted-mean modes)."""
         if self.mode == "feature":
             return self.feature(feat_2d, feat_3d)
-        return late_fusion(logits_2d, logits_3d, self.weight_2d(feat_2d, feat_3d))
+        if self.mode == "late":
+            return late_fusion(logits_2d, logits_3d, self.late_weight)
+        # log(sigmoid(a)) and log(1 - sigmoid(a)) straight from the logit: finite gradients even where
+        # the sigmoid saturates to exactly 0 or 1 (log(w) there would give 0 * inf = NaN).
+        a = self.weight_logit_2d(feat_2d, feat_3d)
+        return _mix(logits_2d, logits_3d, F.logsigmoid(a), F.logsigmoid(-a))
