@@ -4,6 +4,7 @@ files, clip sampling."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 
 import cv2
@@ -74,7 +75,11 @@ def test_sample_key_changes_with_the_sample_and_its_frames(synth_manifest, tiny_
     shutil.copytree(tiny_synth, root)
     before = sample_key(rows[0], root, SMALL)
     folder = root / rows[0]["frame_dir"]
-    (folder / "extra.txt").write_text("a re-extracted folder changes its modification time")
+    (folder / "extra.txt").write_text("a file that is not a frame of the sample changes nothing")
+    assert sample_key(rows[0], root, SMALL) == before
+    frame = folder / rows[0]["frame_pattern"].format(k=rows[0]["apex"])
+    stat = frame.stat()
+    os.utime(frame, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))  # a frame re-extracted in place
     assert sample_key(rows[0], root, SMALL) != before
     moved = dict(rows[0], apex=rows[0]["apex"] + 1)
     assert sample_key(moved, root, SMALL) != sample_key(rows[0], root, SMALL)
@@ -277,3 +282,17 @@ def test_clip_view_flow_is_the_motion_from_the_onset_to_each_frame(synth_manifes
     assert magnitude[nearest] > 0.5 * magnitude.max()
     assert np.linalg.norm(apex_flow[..., :2], axis=-1).mean() * SMALL.clip_size / SMALL.image_size == pytest.approx(
         magnitude.max(), rel=0.6)
+
+
+def test_a_frame_truncated_in_place_is_not_served_from_the_cache(synth_manifest, tiny_synth, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(tiny_synth, root)
+    preprocess(synth_manifest, root, SMALL, tmp_path / "cache", strict=True, progress=False)
+    row = dict(next(synth_manifest.itertuples(index=False))._asdict())
+    folder = root / row["frame_dir"]
+    frame = folder / row["frame_pattern"].format(k=row["apex"])
+    folder_time = folder.stat().st_mtime_ns
+    frame.write_bytes(frame.read_bytes()[:-300])             # edited in place: the folder's time stays
+    os.utime(folder, ns=(folder_time, folder_time))
+    with pytest.raises(FrameError, match="truncated JPEG"):
+        preprocess(synth_manifest, root, SMALL, tmp_path / "cache", strict=True, progress=False)

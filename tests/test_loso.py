@@ -185,3 +185,21 @@ def test_aggregate_checks_counts_and_ids_without_a_checksum(finished_run, tmp_pa
     frame.to_csv(fold_dir / "predictions.csv", index=False)
     with pytest.raises(PredictionsError, match="appears twice|samples, but the fold predicted"):
         aggregate_run(run_dir)
+
+
+def test_a_relabelled_sheet_between_two_runs_of_one_experiment_is_refused(two_subjects, tmp_path):
+    import openpyxl
+
+    root = tmp_path / "data"
+    shutil.copytree(two_subjects, root)
+    args = tiny_args(root, tmp_path / "cache", **{"trainer.max_epochs": 1})
+    run_loso(args, exp="relabel", runs_dir=str(tmp_path / "runs"), folds=["0"], wandb="off", progress=False)
+    sheet = root / synthetic.SHEET_NAME
+    book = openpyxl.load_workbook(sheet)
+    rows = book.active
+    column = [c.value for c in rows[1]].index("Estimated Emotion") + 1
+    emotion = rows.cell(row=2, column=column)
+    emotion.value = "surprise" if emotion.value != "surprise" else "happiness"
+    book.save(sheet)
+    with pytest.raises(SystemExit, match="different annotations"):
+        run_loso(args, exp="relabel", runs_dir=str(tmp_path / "runs"), folds=["1"], wandb="off", progress=False)

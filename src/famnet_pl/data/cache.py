@@ -35,7 +35,8 @@ normalised to 0..255 per image; it is stored centred, ``value / 255 - 0.5``, so 
 horizontal flip augmentation) gives exactly the min-max normalisation of the mirrored flow.
 
 A sample key hashes everything that changes its arrays: the sample (id, frame source, frame
-range), the modification time of its frame folder or files, every ViewConfig field (detector,
+range), the size and modification time of every file it reads (its frames onset..offset, its
+video, its flow image), every ViewConfig field (detector,
 margin, alignment, flow algorithm and pair, sizes, clip sampling) and :data:`CACHE_VERSION` (bump
 it when preprocessing code changes). Files are written under temporary names and renamed into
 place, so a killed run never leaves an entry that looks complete and the next run resumes.
@@ -63,8 +64,8 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from famnet_pl.data.frames import (ClipView, FlowAlgorithm, FrameError, clip_times, flow_sequence, onset_apex_flow,
-                                   open_frames, read_frame, register_to, resize, sample_clip)
+from famnet_pl.data.frames import (VIDEO_SUFFIXES, ClipView, FlowAlgorithm, FrameError, clip_times, flow_sequence,
+                                   onset_apex_flow, open_frames, read_frame, register_to, resize, sample_clip)
 from famnet_pl.data.protocols import get_dataset
 
 log = logging.getLogger(__name__)
@@ -138,10 +139,28 @@ class Prepared:
     seconds: float = 0.0
 
 
-def _source_stamp(root: Path, row: dict) -> list[int | None]:
-    """Modification times of what a sample is read from (a re-extracted folder gets a new key)."""
-    targets = [row["frame_dir"]] if row["frame_dir"] else [row["flow_image"], row["apex_image"]]
-    return [os.stat(root / t).st_mtime_ns if (root / t).exists() else None for t in targets]
+def _source_files(root: Path, row: dict) -> list[Path]:
+    """The files a sample is read from: its frames onset..offset, its video, or its flow/apex images."""
+    if not row["frame_dir"]:
+        return [root / row["flow_image"], root / row["apex_image"]]
+    source = root / row["frame_dir"]
+    if row["frame_pattern"].startswith("@") or source.suffix.lower() in VIDEO_SUFFIXES:
+        return [source]
+    return [source / row["frame_pattern"].format(k=k) for k in range(int(row["onset"]), int(row["offset"]) + 1)]
+
+
+def _source_stamp(root: Path, row: dict) -> list[tuple[int, int] | None]:
+    """Size and modification time of every file a sample is read from: a frame edited, truncated or
+    replaced in place changes its key (the folder's own time does not change then)."""
+    stamps = []
+    for path in _source_files(root, row):
+        try:
+            st = os.stat(path)
+        except OSError:
+            stamps.append(None)
+            continue
+        stamps.append((st.st_size, st.st_mtime_ns))
+    return stamps
 
 
 _KEY_FIELDS = ("sample_id", "dataset", "frame_dir", "frame_pattern", "flow_image", "apex_image", "onset", "apex",
