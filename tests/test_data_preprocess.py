@@ -296,3 +296,23 @@ def test_a_frame_truncated_in_place_is_not_served_from_the_cache(synth_manifest,
     os.utime(folder, ns=(folder_time, folder_time))
     with pytest.raises(FrameError, match="truncated JPEG"):
         preprocess(synth_manifest, root, SMALL, tmp_path / "cache", strict=True, progress=False)
+
+
+@pytest.mark.parametrize("where", ["entry", "pack"])
+def test_disk_full_in_the_cache_names_the_path_and_leaves_no_temp_file(synth_manifest, tiny_synth, tmp_path,
+                                                                       monkeypatch, where):
+    import errno
+
+    from famnet_pl.utils.io import DiskFullError
+
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if (where == "entry") == str(dst).endswith(".npz"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr("famnet_pl.data.cache.os.replace", replace)
+    with pytest.raises(DiskFullError, match="no space left on device for .*MB are free"):
+        preprocess(synth_manifest, tiny_synth, SMALL, tmp_path, progress=False)
+    assert not [p for p in tmp_path.rglob("*") if ".tmp-" in p.name]

@@ -203,3 +203,43 @@ def test_a_relabelled_sheet_between_two_runs_of_one_experiment_is_refused(two_su
     book.save(sheet)
     with pytest.raises(SystemExit, match="different annotations"):
         run_loso(args, exp="relabel", runs_dir=str(tmp_path / "runs"), folds=["1"], wandb="off", progress=False)
+
+
+def test_disk_full_at_a_checkpoint_is_one_line_and_leaves_no_temp_file(two_subjects, tmp_path, capsys, monkeypatch):
+    import errno
+    import os
+
+    from famnet_pl.cli import main
+
+    real_replace = os.replace
+
+    def replace(src, dst):  # the disk fills up exactly when a checkpoint is renamed into place
+        if str(dst).endswith(".ckpt"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr("famnet_pl.utils.io.os.replace", replace)
+    runs = tmp_path / "runs"
+    code = main(["loso", "--exp", "full", "--runs-dir", str(runs), "--wandb", "off", "--folds", "0", "--no-progress",
+                 *tiny_args(two_subjects, tmp_path / "cache")])
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert code == 1 and len(err) == 1
+    assert "no space left on device for " in err[0] and ".ckpt: it needs " in err[0] and "MB are free" in err[0]
+    fold_dir = runs / "full" / "synth" / "fold_00_synth-sub01"
+    assert not list(fold_dir.rglob("*.tmp")) and not list(fold_dir.rglob("*.ckpt"))
+    assert not (fold_dir / "predictions.csv").exists()
+
+
+def test_an_unreadable_resume_checkpoint_is_set_aside_and_the_fold_starts_over(two_subjects, tmp_path, caplog):
+    from famnet_pl.callbacks.loso import resume_checkpoint, fold_dir_name
+    from famnet_pl.loso import plan_loso
+
+    args, runs = tiny_args(two_subjects, tmp_path / "cache"), str(tmp_path / "runs")
+    plan = plan_loso(args, exp="corrupt", runs_dir=runs)
+    resume = resume_checkpoint(plan.run_dir / fold_dir_name(0, plan.subjects[0]), plan.config_hash)
+    resume.parent.mkdir(parents=True)
+    resume.write_bytes(b"PK\x03\x04 cut short by a full disk")
+    summary = run_loso(args, exp="corrupt", runs_dir=runs, folds=["0"], wandb="off", progress=False)
+    assert summary is not None and summary["folds_done"] == [0]
+    corrupt = plan.run_dir / f"fold_00_synth-sub01-{resume.name}.corrupt"
+    assert corrupt.is_file() and "does not load" in caplog.text and "set aside" in caplog.text

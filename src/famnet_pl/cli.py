@@ -15,6 +15,7 @@ sweeps pass their parameters (``--model.loss_weights.wau=0.3``).
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -27,9 +28,12 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
+from lightning.fabric.plugins import CheckpointIO  # noqa: E402
+
 from famnet_pl.data.datamodule import MERDataModule  # noqa: E402
 from famnet_pl.data.protocols import ALIASES, PROTOCOLS, get_protocol  # noqa: E402
 from famnet_pl.models.module import FAMNetLitModule  # noqa: E402
+from famnet_pl.utils.checkpoint_io import AtomicCheckpointIO  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -73,12 +77,19 @@ class FamNetCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         if self._logger is not None:
             kwargs["logger"] = self._logger
-        plugins = _submitit_plugins({**self._get(self.config_init, "trainer", default={})}.get("plugins"))
-        if plugins is not None:
-            kwargs["plugins"] = plugins
+        configured = {**self._get(self.config_init, "trainer", default={})}.get("plugins")
+        plugins = _submitit_plugins(configured)
+        plugins = _as_list(configured if plugins is None else plugins)
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            plugins.append(AtomicCheckpointIO())  # same-folder temp file + rename (utils/checkpoint_io.py)
+        kwargs["plugins"] = plugins
         trainer = super().instantiate_trainer(**kwargs)
         trainer.callbacks.extend(self._extra_callbacks)
         return trainer
+
+
+def _as_list(plugins) -> list:
+    return [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
 
 
 def _submitit_plugins(configured) -> list | None:
@@ -91,8 +102,7 @@ def _submitit_plugins(configured) -> list | None:
 
     if os.environ.get("SUBMITIT_EXECUTOR") != "slurm" or not SLURMEnvironment.detect():
         return None
-    configured = [] if configured is None else list(configured) if isinstance(configured, (list, tuple)) \
-        else [configured]
+    configured = _as_list(configured)
     if any(isinstance(p, ClusterEnvironment) for p in configured):
         return None  # the config chose its own cluster environment
     return [*configured, SLURMEnvironment(auto_requeue=False)]
@@ -359,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     from famnet_pl.data.frames import FrameError
     from famnet_pl.data.manifest import ManifestError
     from famnet_pl.aggregate import PredictionsError
+    from famnet_pl.utils.io import DiskFullError
     from famnet_pl.models.components.resnet import PretrainedWeightsError
 
     try:
@@ -368,6 +379,12 @@ def main(argv: list[str] | None = None) -> int:
         # Bad input (or weights to fetch): one line naming the file/row and the fix, not a traceback.
         print(f"famnet-pl {argv[0]}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        message = exc.strerror if isinstance(exc, DiskFullError) else f"no space left on device ({exc})"
+        print(f"famnet-pl {argv[0]}: error: {message}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

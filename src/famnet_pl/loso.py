@@ -253,11 +253,28 @@ def _external_launcher() -> bool:
     return SLURMEnvironment.detect() or TorchElasticEnvironment.detect()
 
 
+def _set_aside_if_unreadable(checkpoint: Path, corrupt: Path, fold: str) -> None:
+    """A resume checkpoint that does not load (cut short by a full disk or a crash on another
+    filesystem) is renamed ``*.corrupt`` beside the fold (which then starts over), not retried forever."""
+    import torch
+
+    try:
+        torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as exc:  # torch's zip reader, unpickling and EOF errors alike
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        os.replace(checkpoint, corrupt)
+        log.warning("%s: resume checkpoint %s does not load (%s: %s); set aside as %s, the fold starts over",
+                    fold, checkpoint, type(exc).__name__, detail, corrupt)
+
+
 def run_fold(plan: LosoPlan, k: int, *, wandb: str = "offline", eval_every: int = 1, progress: bool = False,
              resume_every: int = 1) -> None:
     """Train fold ``k`` (or continue it from its resume checkpoint) and write its predictions."""
     fold_dir = plan.run_dir / fold_dir_name(k, plan.subjects[k])
     resume = resume_checkpoint(fold_dir, plan.config_hash)
+    if resume.is_file() and rank() == 0:
+        _set_aside_if_unreadable(resume, plan.run_dir / f"{fold_dir.name}-{resume.name}.corrupt",
+                                 f"fold {k} ({plan.subjects[k]})")
     ckpt_path = str(resume) if resume.is_file() else None
     # Lightning's mid-epoch SLURM checkpoints are never resumed from; with ckpt_path=None under SLURM
     # it would pick one up on its own, so every rank removes them first (all ranks then agree).

@@ -226,9 +226,14 @@ class LOSOCallback(Callback):
             **{f"test/{k}": v for k, v in fold_scores(last["y_true"], last["y_pred"]).items()},
         })
         atomic_write_bytes(out / "predictions.csv", predictions)
-        # The fold is done: its resume points (ours, and Lightning's SLURM ones) are dead weight.
-        for stale in [*out.glob("checkpoints/resume-*.ckpt"), *out.glob("hpc_ckpt_*.ckpt")]:
-            stale.unlink(missing_ok=True)
+        # The fold is done: its resume points (ours, and Lightning's SLURM ones) are dead weight, and
+        # so is a checkpoint a killed first part of the fold saved (this run's ModelCheckpoint does
+        # not know it).
+        saved = trainer.checkpoint_callback
+        keep = {str(Path(p)) for p in (saved.best_model_path, saved.last_model_path) if p} if saved else set()
+        for stale in [*out.glob("checkpoints/*.ckpt"), *out.glob("hpc_ckpt_*.ckpt")]:
+            if str(stale) not in keep:
+                stale.unlink(missing_ok=True)
         self.summary = aggregate_run(self.run_dir, expected_folds=self.n_folds, oracle_by=self.oracle_by)
         # Pooled metrics are logged once, by the fold that completes the run (earlier partial
         # pools under the same keys would read as final numbers in W&B).

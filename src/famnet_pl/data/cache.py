@@ -47,6 +47,7 @@ into the result's ``failures`` and the pack leaves the sample out, unless ``stri
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -67,6 +68,7 @@ from tqdm.auto import tqdm
 from famnet_pl.data.frames import (VIDEO_SUFFIXES, ClipView, FlowAlgorithm, FrameError, clip_times, flow_sequence,
                                    onset_apex_flow, open_frames, read_frame, register_to, resize, sample_clip)
 from famnet_pl.data.protocols import get_dataset
+from famnet_pl.utils.io import DiskFullError, disk_full
 
 log = logging.getLogger(__name__)
 
@@ -266,9 +268,20 @@ def _build_entry(row: dict, root: str, views: ViewConfig, path: str) -> str | No
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f"{target.stem}.tmp-{_unique()}.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, target)
+    try:
+        np.savez(tmp, **arrays)
+        os.replace(tmp, target)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        _raise_disk_full(exc, target, sum(a.nbytes for a in arrays.values()))
+        raise
     return None
+
+
+def _raise_disk_full(exc: BaseException, path: Path, needed: int) -> None:
+    """ENOSPC while writing ``path``: the one-line :class:`DiskFullError` instead."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC and not isinstance(exc, DiskFullError):
+        raise disk_full(path, needed) from None
 
 
 def _unique() -> str:
@@ -383,22 +396,28 @@ def _pack(entries: list[tuple[str, Path]], pack: Path, meta: dict) -> list[str]:
     with np.load(entries[0][1]) as first:
         names = [n for n in first.files if n in VIEWS]
         shapes, dtypes = {n: first[n].shape for n in names}, {n: first[n].dtype for n in names}
-    outs = {n: np.lib.format.open_memmap(tmp / f"{n}.npy", mode="w+", dtype=dtypes[n],
-                                         shape=(len(entries), *shapes[n])) for n in names}
-    for i, (sample_id, entry) in enumerate(entries):
-        with np.load(entry) as arrays:
-            for n in names:
-                outs[n][i] = arrays[n]
-            if "face_found" in arrays.files and not bool(arrays["face_found"]):
-                no_face.append(sample_id)
-    for array in outs.values():
-        array.flush()
-    (tmp / "meta.json").write_text(json.dumps({**meta, "no_face": no_face}))
+    try:
+        outs = {n: np.lib.format.open_memmap(tmp / f"{n}.npy", mode="w+", dtype=dtypes[n],
+                                             shape=(len(entries), *shapes[n])) for n in names}
+        for i, (sample_id, entry) in enumerate(entries):
+            with np.load(entry) as arrays:
+                for n in names:
+                    outs[n][i] = arrays[n]
+                if "face_found" in arrays.files and not bool(arrays["face_found"]):
+                    no_face.append(sample_id)
+        for array in outs.values():
+            array.flush()
+        (tmp / "meta.json").write_text(json.dumps({**meta, "no_face": no_face}))
+    except BaseException as exc:  # a full disk (or a kill) leaves no half-written pack behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        _raise_disk_full(exc, pack, sum(len(entries) * int(np.prod(shapes[n])) * dtypes[n].itemsize for n in names))
+        raise
     try:
         os.replace(tmp, pack)
-    except OSError:  # another process (a parallel fold) finished the same pack first
+    except OSError as exc:  # another process (a parallel fold) finished the same pack first
         shutil.rmtree(tmp, ignore_errors=True)
         if not (pack / "meta.json").is_file():
+            _raise_disk_full(exc, pack, 0)
             raise
     return no_face
 

@@ -1,14 +1,19 @@
 """Atomic file writes: a crash or kill leaves either the old file or the new one, never half.
 
-Every result file (predictions, metrics, summaries) goes through these helpers: write to a
-temporary sibling, flush and fsync, then ``os.replace`` (atomic on POSIX within one filesystem).
+Every result file (predictions, metrics, summaries, and the fold checkpoints through
+:class:`~famnet_pl.utils.checkpoint_io.AtomicCheckpointIO`) goes through these helpers: write to a
+temporary sibling, flush and fsync, then ``os.replace`` (atomic on POSIX within one filesystem). A
+full disk is one :class:`DiskFullError` naming the file and the space it needs; the temporary file
+is removed.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -16,8 +21,24 @@ from typing import Any
 import pandas as pd
 
 
+class DiskFullError(OSError):
+    """No space left on the device for a file: the message names it and the space it needs."""
+
+
+def disk_full(path: str | Path, needed: int) -> DiskFullError:
+    """The one-line error for ENOSPC while writing ``needed`` bytes at ``path``."""
+    path = Path(path)
+    folder = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    free = shutil.disk_usage(folder).free
+    return DiskFullError(errno.ENOSPC, f"no space left on device for {path}: it needs {needed / 1e6:.1f} MB, "
+                                       f"{free / 1e6:.1f} MB are free there; free space (or move --runs-dir / "
+                                       "--data.cache_dir) and rerun: finished work is kept, nothing half-written "
+                                       "is left")
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically."""
+    """Write ``data`` to ``path`` atomically: a temporary file in the same folder, fsync, rename.
+    A full disk raises :class:`DiskFullError` and leaves no temporary file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -27,8 +48,10 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC and not isinstance(exc, DiskFullError):
+            raise disk_full(path, len(data)) from None
         raise
 
 
