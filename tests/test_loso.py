@@ -243,3 +243,24 @@ def test_an_unreadable_resume_checkpoint_is_set_aside_and_the_fold_starts_over(t
     assert summary is not None and summary["folds_done"] == [0]
     corrupt = plan.run_dir / f"fold_00_synth-sub01-{resume.name}.corrupt"
     assert corrupt.is_file() and "does not load" in caplog.text and "set aside" in caplog.text
+
+
+def test_a_sample_left_out_at_preprocessing_is_in_every_record_and_the_table(two_subjects, tmp_path):
+    from famnet_pl.aggregate import format_summary
+    from famnet_pl.data.manifest import build_manifest
+
+    root = tmp_path / "data"
+    shutil.copytree(two_subjects, root)
+    row = build_manifest(protocol="synth_4cls", root=root)[0].iloc[0]  # a sample of sub01, fold 0's test subject
+    (root / row["frame_dir"] / row["frame_pattern"].format(k=int(row["apex"]))).write_bytes(b"not a jpeg")
+    summary = run_loso(tiny_args(root, tmp_path / "cache", **{"trainer.max_epochs": 1}), exp="drop",
+                       runs_dir=str(tmp_path / "runs"), wandb="off", progress=False)
+    run_dir = tmp_path / "runs" / "drop" / "synth"
+    for record in (json.loads((run_dir / "run.json").read_text()), summary,
+                   json.loads((run_dir / "fold_00_synth-sub01" / "metrics.json").read_text())):
+        (dropped,) = record["dropped"]
+        assert dropped["sample_id"] == row["sample_id"] and dropped["subject"] == "synth/sub01"
+        assert str(root / row["frame_dir"]) in dropped["error"]
+    assert summary["n_samples"] == 7
+    table = format_summary(summary)
+    assert "1 samples left out at preprocessing" in table and row["sample_id"] in table

@@ -83,3 +83,13 @@ def test_au_scores_only_where_an_au_head_was_trained():
         module = FAMNetLitModule(model="amnet2d_r18", num_classes=2, num_aus=4,
                                  loss_weights=LossWeights(wau=wau), net={"width_2d": 4, "small_input_2d": True})
         assert module.predict_step(batch)["au_probs"].shape == (2, width)
+
+
+def test_a_class_missing_from_the_pooled_targets_is_a_warning_in_the_table():
+    from famnet_pl.aggregate import format_summary
+
+    last = pd.DataFrame({"fold": [0, 0, 1], "subject": ["s1", "s1", "s2"], "dataset": "d",
+                         "y_true": [0, 2, 0], "y_pred": [0, 2, 1]})
+    summary = summarize(last, None, class_names=["a", "b", "c"], au_vocab=[])
+    summary.update(protocol="p", complete=True)
+    assert "WARNING: class b has no sample in the pooled test predictions" in format_summary(summary)

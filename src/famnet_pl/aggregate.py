@@ -70,6 +70,8 @@ def aggregate_run(run_dir: str | Path, *, expected_folds: int | None = None, ora
                     "complete": (expected_folds is None or len(done) == expected_folds) and not failed})
     if failed:
         summary["folds_failed"] = failed
+    dropped = {d["sample_id"]: d for m in metas for d in m.get("dropped", [])}
+    summary["dropped"] = [dropped[k] for k in sorted(dropped)]
     if expected_folds is not None:
         summary["folds_missing"] = sorted(set(range(expected_folds)) - set(done))
     if write:
@@ -177,6 +179,13 @@ def format_summary(summary: dict) -> str:
                      + ("      n/a" if rec is None else f"{rec:9.3f}"))
     for fold, error in summary.get("folds_failed", {}).items():
         lines.append(f"  FAILED fold {fold}: {error}")
+    for c in summary.get("absent_classes", []):
+        lines.append(f"  WARNING: class {names[c]} has no sample in the pooled test predictions "
+                     "(UF1/UAR average the other classes)")
+    if summary.get("dropped"):
+        lines.append(f"  {len(summary['dropped'])} samples left out at preprocessing (in no fold's training or test "
+                     "set; restore their frames or drop them with --data.drop):")
+        lines += [f"    {d['sample_id']} ({d['subject']}): {d['error']}" for d in summary["dropped"]]
     if "au_f1_per_au" in summary:
         au = "  ".join(f"{k} {'n/a' if v is None or v != v else f'{v:.2f}'}"
                        for k, v in summary["au_f1_per_au"].items())

@@ -203,8 +203,9 @@ class LosoPlan:
     datamodule: object = field(repr=False)
     devices: int = 1
 
-    def record(self) -> None:
-        """Write ``run.json`` (the plan, the args, the git state); rank 0 only."""
+    def record(self, dropped: list[dict] | None = None) -> None:
+        """Write ``run.json`` (the plan, the args, the git state, and once preprocessing has run the
+        samples it left out); rank 0 only."""
         if rank() != 0:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -212,6 +213,7 @@ class LosoPlan:
             "exp": self.exp, "protocol": self.protocol, "args": self.cli_args, "argv": sys.argv,
             "config_hash": self.config_hash, "n_folds": len(self.subjects), "oracle_by": self.oracle_by,
             "folds": {k: s for k, s in enumerate(self.subjects)}, "git": _git_state(),
+            **({"dropped": dropped} if dropped is not None else {}),
         })
 
     def pending(self, folds: list[str] | None = None) -> list[int]:
@@ -353,8 +355,11 @@ def run_loso(cli_args: list[str], *, exp: str = "famnet", runs_dir: str = "runs"
     # DDP inside a fold (--trainer.devices N): Lightning starts the other ranks by re-running this
     # command line, so each fold gets a process of its own whose argv names that one fold.
     ddp_parent = plan.devices > 1 and not worker and not _external_launcher()
+    if pending and not worker and rank() == 0:
+        # One preprocessing pass here (not one per fold process), and the samples it left out are
+        # part of the run's record.
+        plan.record(dropped=plan.datamodule.dropped())
     if (jobs > 1 or gpus or ddp_parent) and pending:
-        plan.datamodule.prepare()  # one preprocessing pass here, not one per fold process
         failed = _run_parallel(plan, pending, wandb=wandb, eval_every=eval_every, jobs=jobs, gpus=gpus,
                                jobs_per_gpu=jobs_per_gpu, threads=threads, resume_every=resume_every)
         summary = aggregate_run(plan.run_dir, expected_folds=len(plan.subjects), oracle_by=oracle_by)

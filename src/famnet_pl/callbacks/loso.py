@@ -223,6 +223,7 @@ class LOSOCallback(Callback):
             "epoch": int(last["epoch"].iloc[0]), "n_test": len(last), "split": dm.split,
             "config_hash": self.config_hash, "world_size": trainer.world_size,
             "sample_ids": last["sample_id"].tolist(), "predictions_sha256": hashlib.sha256(predictions).hexdigest(),
+            "dropped": dm.dropped(),
             **{f"test/{k}": v for k, v in fold_scores(last["y_true"], last["y_pred"]).items()},
         })
         atomic_write_bytes(out / "predictions.csv", predictions)

@@ -312,6 +312,13 @@ class MERDataModule(L.LightningDataModule):
             self.manifest = validated[self.prepared.ok].reset_index(drop=True)
         return self.prepared
 
+    def dropped(self) -> list[dict]:
+        """Samples left out at preprocessing (frames missing or unreadable): id, subject and the error
+        naming the file; recorded with every fold and in the run's summary."""
+        prepared, validated = self.prepare(), self.load_manifest()
+        subject = dict(zip(validated["sample_id"], validated["subject"]))
+        return [{"sample_id": k, "subject": subject.get(k), "error": v} for k, v in sorted(prepared.failures.items())]
+
     @property
     def group_column(self) -> str:
         """Manifest column whose values are the folds."""
