@@ -47,6 +47,10 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export HF_HUB_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
+# An unknown DATASET= / MODEL= is one line naming the choices, not the CLI's usage dump.
+need_config = @test -f experiments/$(1)/$(2).yaml || { echo "make: unknown $(3)=$(2); choose one of: \
+	$$(ls experiments/$(1) | sed 's/\.yaml$$//' | tr '\n' ' ')" >&2; exit 2; }
+
 .PHONY: help install loso loso-slurm ablation sweep agent sweep-offline data manifests fabricate aggregate test \
 	test-full test-gpu test-slurm bench clean distclean
 
@@ -69,6 +73,8 @@ $(STAMP): setup.cfg pyproject.toml
 install: $(STAMP) ## Create .venv and install famnet_pl with its pinned dependencies
 
 loso: $(STAMP) ## LOSO run [DATASET=synth] [PROTOCOL=] [MODEL=famnet_cpu] [EXP=] [DATA_ROOT=] [WANDB=offline|online|off] [FOLDS=0,3] [JOBS=1] [THREADS=] [GPUS=0,1 JOBS_PER_GPU=2] [ARGS=]
+	$(call need_config,data,$(DATASET),DATASET)
+	$(call need_config,model,$(MODEL),MODEL)
 	$(BIN)/famnet-pl loso --exp $(EXP) --wandb $(WANDB) $(if $(FOLDS),--folds $(FOLDS)) --jobs $(JOBS) \
 		$(if $(GPUS),--gpus $(GPUS) --jobs-per-gpu $(JOBS_PER_GPU)) $(if $(THREADS),--threads $(THREADS)) \
 		--config experiments/base.yaml --config experiments/data/$(DATASET).yaml \
@@ -76,6 +82,8 @@ loso: $(STAMP) ## LOSO run [DATASET=synth] [PROTOCOL=] [MODEL=famnet_cpu] [EXP=]
 		$(if $(PROTOCOL),--data.protocol=$(PROTOCOL)) $(ARGS)
 
 loso-slurm: $(STAMP) ## LOSO as a SLURM job array (one pending fold per task) + aggregation job [same as loso] [PARALLEL=8] [SLURM_ARGS="--slurm-partition gpu --slurm-gpus-per-task 1"] [SBATCH_ARGS=] [PREPROCESS=job|here|no]
+	$(call need_config,data,$(DATASET),DATASET)
+	$(call need_config,model,$(MODEL),MODEL)
 	PYTHON=$(BIN)/python SBATCH_ARGS="$(SBATCH_ARGS)" PREPROCESS=$(PREPROCESS) experiments/slurm/submit.sh \
 		--exp $(EXP) --wandb $(WANDB) $(if $(FOLDS),--folds $(FOLDS)) $(if $(THREADS),--threads $(THREADS)) \
 		$(if $(PARALLEL),--slurm-parallelism $(PARALLEL)) $(SLURM_ARGS) \

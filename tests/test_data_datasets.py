@@ -461,3 +461,15 @@ def test_ststnet_runs_on_the_flow_image_layout_and_frl_dgt_refuses_it(trees, tmp
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no onset or apex frames" in err[0] and "megc2019_3cls" in err[0]
 
+
+
+def test_megc2019_flow_reads_the_layout_as_published(trees, tmp_path):
+    """The release puts both image folders under datasets/ (the CSV stays at the root)."""
+    root = tmp_path / "megc2019_flow"
+    shutil.copytree(trees["megc2019_flow"], root)
+    (root / "datasets").mkdir()
+    for folder in ("STSNet_whole_norm_u_v_os", "combined_datasets_whole"):
+        shutil.move(root / folder, root / "datasets" / folder)
+    manifest, _ = build_manifest(protocol="megc2019_flow_3cls", root=root)
+    flat, _ = build_manifest(protocol="megc2019_flow_3cls", root=trees["megc2019_flow"])
+    assert len(manifest) == len(flat) and manifest["flow_image"].str.startswith("datasets/").all()

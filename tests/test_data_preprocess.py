@@ -316,3 +316,18 @@ def test_disk_full_in_the_cache_names_the_path_and_leaves_no_temp_file(synth_man
     with pytest.raises(DiskFullError, match="no space left on device for .*MB are free"):
         preprocess(synth_manifest, tiny_synth, SMALL, tmp_path, progress=False)
     assert not [p for p in tmp_path.rglob("*") if ".tmp-" in p.name]
+
+
+def test_an_unreadable_frame_is_reported_as_such_not_as_missing(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    frame = tmp_path / "img1.jpg"
+    frame.write_bytes(b"\xff\xd8 jpeg \xff\xd9")
+
+    def denied(self):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_bytes", denied)  # root reads any file: chmod 000 would not do it
+    with pytest.raises(FrameError, match="permission denied") as info:
+        read_frame(frame)
+    assert "missing" not in str(info.value) and str(frame) in str(info.value)

@@ -264,3 +264,12 @@ def test_a_sample_left_out_at_preprocessing_is_in_every_record_and_the_table(two
     assert summary["n_samples"] == 7
     table = format_summary(summary)
     assert "1 samples left out at preprocessing" in table and row["sample_id"] in table
+
+
+def test_bad_fold_selection_is_one_line_and_exit_2(finished_run, tmp_path, capsys):
+    from famnet_pl.cli import main
+
+    _, args, _ = finished_run
+    assert main(["loso", "--exp", "x", "--runs-dir", str(tmp_path), "--folds", "7", "--no-progress", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("famnet-pl loso: error: --folds: fold 7 out of range")

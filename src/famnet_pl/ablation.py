@@ -30,6 +30,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from famnet_pl.utils.errors import BadInput
 from famnet_pl.utils.io import atomic_write_csv, atomic_write_text
 
 METRICS = {"uf1": "loso/uf1", "uar": "loso/uar", "oracle_uf1": "loso_oracle/uf1", "oracle_uar": "loso_oracle/uar"}
@@ -45,10 +46,10 @@ def load_variants(spec: str | Path) -> tuple[list[int], list[dict]]:
         variants = [{"name": str(v["name"]), "model": str(v["model"]), "args": [*common, *v.get("args", [])]}
                     for v in data["variants"]]
     except (KeyError, TypeError, ValueError) as exc:
-        raise SystemExit(f"{spec}: expected 'seeds: [..]' and 'variants: [{{name, model, args}}]' ({exc!r})")
+        raise BadInput(f"{spec}: expected 'seeds: [..]' and 'variants: [{{name, model, args}}]' ({exc!r})")
     names = [v["name"] for v in variants]
     if len(set(names)) != len(names):
-        raise SystemExit(f"{spec}: variant names must be unique: {names}")
+        raise BadInput(f"{spec}: variant names must be unique: {names}")
     return seeds, variants
 
 
@@ -100,7 +101,7 @@ def run_ablation(*, dataset: str, spec: str = "experiments/ablation.yaml", exper
     seeds = seeds or spec_seeds
     unknown = set(variants or []) - {v["name"] for v in spec_variants}
     if unknown:
-        raise SystemExit(f"{spec}: no variant named {sorted(unknown)}; variants: {[v['name'] for v in spec_variants]}")
+        raise BadInput(f"{spec}: no variant named {sorted(unknown)}; variants: {[v['name'] for v in spec_variants]}")
     chosen = [v for v in spec_variants if not variants or v["name"] in variants]
     exp_dir = Path(experiments)
     out = Path(runs_dir) / "ablation" / dataset
@@ -121,8 +122,8 @@ def run_ablation(*, dataset: str, spec: str = "experiments/ablation.yaml", exper
                                progress=progress, jobs=jobs, threads=threads)
             seconds = time.perf_counter() - start
             if summary is None or not summary.get("complete"):
-                raise SystemExit(f"ablation {variant['name']} seed {seed}: the LOSO run did not finish; rerun "
-                                 "the same command to complete it (finished folds are kept)")
+                raise BadInput(f"ablation {variant['name']} seed {seed}: the LOSO run did not finish; rerun "
+                               "the same command to complete it (finished folds are kept)")
             before = previous[(previous["variant"] == variant["name"]) & (previous["seed"] == seed)]
             if finished_before and len(before):
                 seconds = float(before["seconds"].iloc[0])  # only re-checked now: keep the real run's time

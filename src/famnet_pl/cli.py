@@ -369,14 +369,19 @@ def main(argv: list[str] | None = None) -> int:
     from famnet_pl.data.frames import FrameError
     from famnet_pl.data.manifest import ManifestError
     from famnet_pl.aggregate import PredictionsError
+    from famnet_pl.utils.errors import BadInput
     from famnet_pl.utils.io import DiskFullError
     from famnet_pl.models.components.resnet import PretrainedWeightsError
+    from famnet_pl.models.registry import UnknownModelError
 
     try:
         return COMMANDS[argv[0]](argv[1:])
     except (SheetError, ManifestError, FrameError, AUParseError, ProtocolError, PretrainedWeightsError,
-            PredictionsError) as exc:
+            PredictionsError, UnknownModelError) as exc:
         # Bad input (or weights to fetch): one line naming the file/row and the fix, not a traceback.
+        print(f"famnet-pl {argv[0]}: error: {exc}", file=sys.stderr)
+        return 2
+    except BadInput as exc:  # bad arguments or state (a SystemExit with code 2)
         print(f"famnet-pl {argv[0]}: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:

@@ -50,6 +50,7 @@ from famnet_pl.aggregate import FAILED_NAME, aggregate_run, finished_folds, form
 from famnet_pl.callbacks.loso import LOSOCallback, NonFiniteError, fold_dir_name, resume_checkpoint
 from famnet_pl.callbacks.progress import EpochProgress
 from famnet_pl.cli import build_cli
+from famnet_pl.utils.errors import BadInput
 from famnet_pl.utils.io import atomic_write_json, csv_bytes
 
 log = logging.getLogger(__name__)
@@ -115,7 +116,7 @@ def _check_finished_folds(run_dir: Path, config_hash: str) -> None:
     for fold_dir in finished_folds(run_dir):
         theirs = json.loads((fold_dir / "metrics.json").read_text()).get("config_hash")
         if theirs != config_hash:
-            raise SystemExit(
+            raise BadInput(
                 f"{fold_dir}: finished with a different config or different annotations (sheet content, "
                 f"official lists, drops; hash {theirs} vs {config_hash} now); its results cannot be reused: "
                 "pick another EXP= (--exp) or delete that run directory")
@@ -178,12 +179,12 @@ def _select(folds: list[str] | None, subjects: list[str]) -> list[int]:
     for f in folds:
         if f.isdigit():
             if int(f) >= len(subjects):
-                raise SystemExit(f"--folds: fold {f} out of range: this protocol has folds 0..{len(subjects) - 1}")
+                raise BadInput(f"--folds: fold {f} out of range: this protocol has folds 0..{len(subjects) - 1}")
             chosen.append(int(f))
         else:
             matches = [k for k, s in enumerate(subjects) if s == f or s.split("/")[-1] == f]
             if not matches:
-                raise SystemExit(f"--folds: no subject {f!r}; subjects: {', '.join(subjects)}")
+                raise BadInput(f"--folds: no subject {f!r}; subjects: {', '.join(subjects)}")
             chosen.extend(matches)
     return sorted(set(chosen))
 

@@ -44,6 +44,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from famnet_pl.utils.errors import BadInput
+
 # Kept light: ``plan``/``aggregate`` start fast; torch and Lightning load only where a fold runs.
 
 JOBS_FILE = "slurm_jobs.txt"  # ids of the last submission's jobs, in the run dir (resubmission guard)
@@ -97,17 +99,17 @@ def _refuse_ddp(plan) -> None:
     """One fold per single-task array job: DDP inside a fold (``--trainer.devices N``) would need
     ``--ntasks-per-node=N`` per task, which neither path sets up yet."""
     if plan.devices > 1:
-        raise SystemExit(f"{plan.devices} devices per fold (--trainer.devices/num_nodes): the SLURM paths run one "
-                         "single-device task per fold; drop --trainer.devices (run folds in parallel instead) "
-                         "or use DDP locally (make loso ARGS=--trainer.devices=N)")
+        raise BadInput(f"{plan.devices} devices per fold (--trainer.devices/num_nodes): the SLURM paths run one "
+                       "single-device task per fold; drop --trainer.devices (run folds in parallel instead) "
+                       "or use DDP locally (make loso ARGS=--trainer.devices=N)")
 
 
 def require_slurm() -> None:
     """One clear line instead of a FileNotFoundError deep inside submitit or a shell script."""
     missing = [exe for exe in ("sbatch", "squeue", "scontrol") if shutil.which(exe) is None]
     if missing:
-        raise SystemExit(f"famnet-pl: {', '.join(missing)} not found: install the SLURM client (Debian: apt "
-                         "install slurm-client) and its config, or submit from a cluster login node")
+        raise BadInput(f"{', '.join(missing)} not found: install the SLURM client (Debian: apt "
+                       "install slurm-client) and its config, or submit from a cluster login node")
 
 
 def queued_jobs(run_dir: Path) -> list[str]:
@@ -124,9 +126,9 @@ def queued_jobs(run_dir: Path) -> list[str]:
 
 def _refuse_if_queued(run_dir: Path) -> None:
     if jobs := queued_jobs(run_dir):
-        raise SystemExit(f"famnet-pl: {run_dir}: jobs {', '.join(jobs)} of an earlier submission are "
-                         f"still queued or running (squeue -j {','.join(jobs)}); wait for them or scancel "
-                         "them, then submit again")
+        raise BadInput(f"{run_dir}: jobs {', '.join(jobs)} of an earlier submission are "
+                       f"still queued or running (squeue -j {','.join(jobs)}); wait for them or scancel "
+                       "them, then submit again")
 
 
 def task_states(array_job: str) -> dict[str, str]:
@@ -483,4 +485,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except BadInput as exc:
+        print(f"python -m famnet_pl.slurm: error: {exc}", file=sys.stderr)
+        sys.exit(2)

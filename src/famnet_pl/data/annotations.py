@@ -336,8 +336,11 @@ def _unique(rows: pd.DataFrame, key: list[str], path: Path) -> pd.DataFrame:
     """A sample list whose keys are unique (a duplicate row is an error naming it)."""
     duplicated = rows.duplicated(key)
     if duplicated.any():
-        raise SheetError(f"{path}: row {rows.loc[duplicated.idxmax(), 'sheet_row']}: sample listed twice; "
-                         "remove the duplicate row")
+        again = rows.loc[duplicated.idxmax()]
+        same = (rows[key] == again[key]).all(axis=1)
+        first = rows.loc[same.idxmax(), "sheet_row"]
+        raise SheetError(f"{path}: rows {first} and {again['sheet_row']} list the same sample "
+                         f"({', '.join(str(again[k]) for k in key)}); remove the duplicate row")
     return rows
 
 

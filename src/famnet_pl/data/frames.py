@@ -41,8 +41,14 @@ def read_frame(path: str | Path) -> np.ndarray:
     path = Path(path)
     try:
         data = path.read_bytes()
-    except OSError:
+    except FileNotFoundError:
         raise FrameError(f"{path}: frame missing; restore the file or fix the sample's frame range") from None
+    except PermissionError:
+        raise FrameError(f"{path}: frame not readable (permission denied); fix the file's permissions "
+                         "(chmod a+r)") from None
+    except OSError as exc:
+        raise FrameError(f"{path}: frame cannot be read ({exc.strerror or type(exc).__name__}); restore the file "
+                         "from the dataset") from None
     # A JPEG ends with the EOI marker; libjpeg decodes a cut-short file with only a warning.
     if path.suffix.lower() in (".jpg", ".jpeg") and b"\xff\xd9" not in data.rstrip(b"\x00 \r\n")[-64:]:
         raise FrameError(f"{path}: truncated JPEG (no end-of-image marker); restore the file from the dataset")

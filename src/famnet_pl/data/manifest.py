@@ -337,8 +337,9 @@ def build_manifest(
     duplicated = manifest[manifest["sample_id"].duplicated(keep=False)]
     if len(duplicated):
         first = duplicated.iloc[0]
-        raise ManifestError(f"{first.dataset} sheet: row {first.sheet_row}: sample {first.sample_id} appears "
-                            "more than once; remove the duplicate row")
+        rows = duplicated.loc[duplicated["sample_id"] == first.sample_id, "sheet_row"].tolist()
+        raise ManifestError(f"{report.sheets.get(first.dataset, first.dataset + ' sheet')}: rows "
+                            f"{' and '.join(map(str, rows))} are both sample {first.sample_id}; remove the duplicate row")
     if listed is not None:
         _check_list_covered(listed, manifest, proto, report)
     unused = sorted(set(drop or []) - report.dropped_ids)
@@ -348,8 +349,12 @@ def build_manifest(
     if report.dropped_by_rule or report.fixed:
         log.warning("protocol %s: %d fixes, %d samples dropped by rule, %d flags (the manifest report lists "
                     "each)", proto.name, len(report.fixed), len(report.dropped_by_rule), len(report.flagged))
+    if not len(manifest):
+        raise ManifestError(f"protocol {proto.name}: no sample in {', '.join(report.sheets.values()) or 'its sheets'}: "
+                            "the sheet has no data rows, or every row was dropped (the manifest report says why); "
+                            "check the sheet and the data root")
     empty = [c for i, c in enumerate(proto.classes) if not (manifest["label"] == i).any()]
-    if empty and len(manifest):
+    if empty:
         raise ManifestError(f"protocol {proto.name}: class(es) {empty} have no sample in "
                             f"{', '.join(report.sheets.values())}; the sheet lacks them (see the protocol's "
                             "description) or the frame tree is incomplete")

@@ -224,8 +224,11 @@ DATASETS: dict[str, DatasetSpec] = {
         name="megc2019_flow", read_sheet=sheets.read_megc_flow_csv, emotions=MEGC_CLASSES, fps=0,
         au_vocab=(), au_coded=(), kind="flow_images",
         # {flow_name} is "<sub>_<filename_o> .png" (with the space), {imagename} the apex crop.
+        # "published": the release as distributed, the CSV at the root and both image folders under datasets/.
         layouts=(Layout("raw", flow_image="STSNet_whole_norm_u_v_os/{flow_name}",
-                        apex_image="combined_datasets_whole/{imagename}"),),
+                        apex_image="combined_datasets_whole/{imagename}"),
+                 Layout("published", flow_image="datasets/STSNet_whole_norm_u_v_os/{flow_name}",
+                        apex_image="datasets/combined_datasets_whole/{imagename}")),
     ),
     # The built-in synthetic set is written in CASME II's format and read by CASME II's reader.
     "synth": DatasetSpec(

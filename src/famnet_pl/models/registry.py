@@ -75,9 +75,17 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
         The constructed model.
 
     Raises:
-        KeyError: If ``name`` is not registered; the message lists the names.
+        UnknownModelError: (a KeyError) if ``name`` is not registered; the message lists the names.
     """
     _import_builtins()
     if name not in _REGISTRY:
-        raise KeyError(f"Unknown model {name!r}; registered models: {sorted(_REGISTRY)}")
+        raise UnknownModelError(f"unknown model {name!r} (--model.model); registered models: "
+                                f"{', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name](**kwargs)
+
+
+class UnknownModelError(KeyError):
+    """A model name that is not registered (a KeyError whose message reads as a sentence)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
