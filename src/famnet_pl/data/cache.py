@@ -269,7 +269,10 @@ def _build_entry(row: dict, root: str, views: ViewConfig, path: str) -> str | No
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f"{target.stem}.tmp-{_unique()}.npz")
     try:
-        np.savez(tmp, **arrays)
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, target)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
@@ -408,6 +411,9 @@ def _pack(entries: list[tuple[str, Path]], pack: Path, meta: dict) -> list[str]:
         for array in outs.values():
             array.flush()
         (tmp / "meta.json").write_text(json.dumps({**meta, "no_face": no_face}))
+        for path in tmp.iterdir():  # on disk before the pack is renamed into place
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
     except BaseException as exc:  # a full disk (or a kill) leaves no half-written pack behind
         shutil.rmtree(tmp, ignore_errors=True)
         _raise_disk_full(exc, pack, sum(len(entries) * int(np.prod(shapes[n])) * dtypes[n].itemsize for n in names))

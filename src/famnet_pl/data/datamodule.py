@@ -337,11 +337,11 @@ class MERDataModule(L.LightningDataModule):
         arrays = self.prepare().arrays
         manifest, subjects = self.manifest, self.subjects()
         if not 0 <= hp.fold < len(subjects):
-            raise ValueError(f"fold {hp.fold} out of range: protocol {self.protocol.name} has "
+            raise ProtocolError(f"fold {hp.fold} out of range: protocol {self.protocol.name} has "
                              f"{len(subjects)} subjects (folds 0..{len(subjects) - 1})")
         self.test_subject = subjects[hp.fold]
         if not (manifest[self.group_column] == self.test_subject).any():
-            raise ValueError(f"fold {hp.fold}: every sample of {self.test_subject} was left out in preprocessing "
+            raise ProtocolError(f"fold {hp.fold}: every sample of {self.test_subject} was left out in preprocessing "
                              "(see the warning above); restore its frames or drop the subject")
         # Composites: an AU a sample's dataset never codes is masked, not read as "absent".
         coded = [get_dataset(d).au_coded for d in manifest["dataset"]] if self.protocol.composite else None
@@ -353,7 +353,7 @@ class MERDataModule(L.LightningDataModule):
         test_idx = np.flatnonzero(subject_of == self.test_subject)
         train_subjects = [s for s in subjects if s != self.test_subject]
         if not 0 <= hp.val_subjects < len(train_subjects):
-            raise ValueError(f"val_subjects={hp.val_subjects}: needs 0 <= val_subjects < "
+            raise ProtocolError(f"data.val_subjects={hp.val_subjects}: needs 0 <= val_subjects < "
                              f"{len(train_subjects)} (the training subjects of this fold)")
         rng = np.random.default_rng([hp.seed, hp.fold])
         val_subjects = (sorted(rng.choice(train_subjects, size=hp.val_subjects, replace=False).tolist())
