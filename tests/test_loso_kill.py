@@ -18,7 +18,7 @@ from tests.conftest import tiny_args
 
 def _cmd(root, cache, runs):
     return [sys.executable, "-m", "famnet_pl.cli", "loso", "--exp", "k", "--runs-dir", str(runs), "--no-progress",
-            "--wandb", "off", *tiny_args(root, cache, **{"trainer.max_epochs": 4})]
+            "--wandb", "off", *tiny_args(root, cache, **{"trainer.max_epochs": 4, "trainer.enable_checkpointing": "true"})]
 
 
 def test_killed_run_resumes_from_its_checkpoint_to_the_same_summary(tiny_synth, tmp_path):
@@ -47,6 +47,8 @@ def test_killed_run_resumes_from_its_checkpoint_to_the_same_summary(tiny_synth, 
     assert "fold 1 (synth/sub02): resuming from" in rerun.stderr    # continued, not restarted
     assert first.stat().st_mtime_ns == done_before                   # the finished fold was not redone
     assert not list(run_dir.glob("fold_*/checkpoints/resume-*.ckpt"))  # removed once the fold finished
+    # Lightning's own checkpoint: the final one only, not also the one the killed part saved.
+    assert [p.name for p in second.glob("checkpoints/*.ckpt")] == ["epoch=3-step=8.ckpt"]
     assert (second / "metrics.csv").is_file() and (second / "resumed_1" / "metrics.csv").is_file()  # both logs kept
     ours = json.loads((run_dir / SUMMARY_NAME).read_text())
     ref = json.loads((reference / "k" / "synth" / SUMMARY_NAME).read_text())
