@@ -158,3 +158,19 @@ def test_landmarks_travel_from_the_detector_to_frl_dgt_and_move_with_the_augment
     module.eval()
     with_points = module(batch["x2d"], None, batch["landmarks"])["emotion"]
     assert not torch.allclose(with_points, module(batch["x2d"])["emotion"])
+
+
+def test_augmented_landmarks_mark_the_same_pixel_as_before():
+    """A bright pixel at a landmark is found where the augmented landmark says (flip and shift)."""
+    aug = ClipAugment(seed=3, translate=0.1)
+    y, x = 14, 9
+    image = np.zeros((1, 32, 32, 3), np.float32)
+    image[0, y, x] = 1.0
+    points = np.tile([[(x + 0.5) / 32, (y + 0.5) / 32]], (5, 1)).astype(np.float32)
+    seen_flip = False
+    for _ in range(12):
+        out, moved = aug(image, rgb=None, flow_u=None, points=points)
+        found_y, found_x = np.unravel_index(out[0, ..., 0].argmax(), (32, 32))
+        np.testing.assert_allclose(moved[0] * 32 - 0.5, [found_x, found_y], atol=1e-4)
+        seen_flip |= found_x > 16
+    assert seen_flip

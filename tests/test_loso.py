@@ -3,6 +3,7 @@
 import json
 import shutil
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -273,3 +274,27 @@ def test_bad_fold_selection_is_one_line_and_exit_2(finished_run, tmp_path, capsy
     assert main(["loso", "--exp", "x", "--runs-dir", str(tmp_path), "--folds", "7", "--no-progress", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("famnet-pl loso: error: --folds: fold 7 out of range")
+
+
+def test_the_fusion_weight_chosen_on_validation_is_the_one_the_test_predictions_and_checkpoint_use(
+        tiny_synth, tmp_path):
+    import torch
+
+    from famnet_pl.cli import build_cli
+    from famnet_pl.models.module import FAMNetLitModule
+
+    args = tiny_args(tiny_synth, tmp_path / "cache", **{"trainer.enable_checkpointing": "true",
+                                                       "model.late_weight_from": "val", "data.val_subjects": 1})
+    run_loso(args, exp="w", runs_dir=str(tmp_path / "runs"), folds=["0"], wandb="off", progress=False)
+    fold_dir = tmp_path / "runs" / "w" / "synth" / "fold_00_synth-sub01"
+    logged = pd.read_csv(fold_dir / "metrics.csv").dropna(subset=["val/late_weight"])["val/late_weight"]
+    (ckpt,) = fold_dir.glob("checkpoints/*.ckpt")
+    module = FAMNetLitModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=False).eval()
+    assert float(module.net.fusion.late_weight) == pytest.approx(logged.iloc[-1])
+    dm = build_cli([*args, "--data.fold=0"]).datamodule
+    dm.setup("test")
+    batch = next(iter(dm.test_dataloader()))
+    with torch.no_grad():
+        probs = module.predict_step(batch)["probs"].numpy()
+    recorded = pd.read_csv(fold_dir / "predictions.csv")
+    np.testing.assert_allclose(recorded[[c for c in recorded if c.startswith("prob_")]].to_numpy(), probs, atol=2e-6)
