@@ -24,8 +24,8 @@ from famnet_pl.data.manifest import build_manifest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {
-    "demo (synth.yaml: farneback, 48 px, clips 8x32)": ViewConfig(image_size=48, clip_len=8, clip_size=32,
-                                                                  flow_algorithm="farneback", flow_size=128),
+    "demo (synth.yaml: farneback, 48 px, flow-sequence clips 8x32)": ViewConfig(
+        image_size=48, clip_len=8, clip_size=32, flow_algorithm="farneback", flow_size=128, clip_view="flow"),
     "default (tvl1, 64 px, clips 8x48)": ViewConfig(),
 }
 
