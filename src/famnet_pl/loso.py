@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 from famnet_pl.aggregate import FAILED_NAME, aggregate_run, finished_folds, format_summary
 from famnet_pl.callbacks.loso import LOSOCallback, NonFiniteError, fold_dir_name, resume_checkpoint
 from famnet_pl.callbacks.progress import EpochProgress
-from famnet_pl.cli import build_cli
+from famnet_pl.config import build_cli
 from famnet_pl.utils.errors import BadInput
 from famnet_pl.utils.io import atomic_write_json, csv_bytes
 

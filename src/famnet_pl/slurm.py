@@ -398,7 +398,7 @@ def plan_shell(argv: list[str]) -> str:
     options of ``famnet-pl loso`` (``--exp``, ``--folds``, ``--threads``, ``--slurm-*``, ...) and
     the LightningCLI arguments. Writes ``run.json``; refuses while an earlier submission of this run
     is still queued."""
-    from famnet_pl.cli import loso_parser
+    from famnet_pl.config import loso_parser
     from famnet_pl.loso import plan_loso, worker_argv
 
     parser = loso_parser()
@@ -443,7 +443,7 @@ def plan_shell(argv: list[str]) -> str:
 
 def prepare(argv: list[str]) -> None:
     """The preprocessing job: fill the cache of the run's config once before the folds start."""
-    from famnet_pl.cli import loso_parser
+    from famnet_pl.config import loso_parser
     from famnet_pl.loso import plan_loso
 
     opts, cli_args = loso_parser().parse_known_args(argv)

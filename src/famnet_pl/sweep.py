@@ -164,7 +164,7 @@ def _config_args(tokens: Sequence[str]) -> list[str]:
 def check_param_names(spec: Mapping, spec_path: str | Path, extra: Sequence[str] = ()) -> None:
     """Every swept parameter must be a key of the resolved LightningCLI config of the spec's command
     (a misspelt name would otherwise fail every trial, or silently sweep nothing)."""
-    from famnet_pl.cli import FamNetCLI
+    from famnet_pl.config import FamNetCLI
     from famnet_pl.data.datamodule import MERDataModule
     from famnet_pl.models.module import FAMNetLitModule
 

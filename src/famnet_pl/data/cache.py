@@ -47,7 +47,6 @@ into the result's ``failures`` and the pack leaves the sample out, unless ``stri
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging
@@ -68,7 +67,7 @@ from tqdm.auto import tqdm
 from famnet_pl.data.frames import (VIDEO_SUFFIXES, ClipView, FlowAlgorithm, FrameError, clip_times, flow_sequence,
                                    onset_apex_flow, open_frames, read_frame, register_to, resize, sample_clip)
 from famnet_pl.data.protocols import get_dataset
-from famnet_pl.utils.io import DiskFullError, disk_full
+from famnet_pl.utils.io import raise_if_disk_full
 
 log = logging.getLogger(__name__)
 
@@ -276,15 +275,10 @@ def _build_entry(row: dict, root: str, views: ViewConfig, path: str) -> str | No
         os.replace(tmp, target)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
-        _raise_disk_full(exc, target, sum(a.nbytes for a in arrays.values()))
+        raise_if_disk_full(exc, target, sum(a.nbytes for a in arrays.values()))
         raise
     return None
 
-
-def _raise_disk_full(exc: BaseException, path: Path, needed: int) -> None:
-    """ENOSPC while writing ``path``: the one-line :class:`DiskFullError` instead."""
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC and not isinstance(exc, DiskFullError):
-        raise disk_full(path, needed) from None
 
 
 def _unique() -> str:
@@ -416,14 +410,14 @@ def _pack(entries: list[tuple[str, Path]], pack: Path, meta: dict) -> list[str]:
                 os.fsync(fh.fileno())
     except BaseException as exc:  # a full disk (or a kill) leaves no half-written pack behind
         shutil.rmtree(tmp, ignore_errors=True)
-        _raise_disk_full(exc, pack, sum(len(entries) * int(np.prod(shapes[n])) * dtypes[n].itemsize for n in names))
+        raise_if_disk_full(exc, pack, sum(len(entries) * int(np.prod(shapes[n])) * dtypes[n].itemsize for n in names))
         raise
     try:
         os.replace(tmp, pack)
     except OSError as exc:  # another process (a parallel fold) finished the same pack first
         shutil.rmtree(tmp, ignore_errors=True)
         if not (pack / "meta.json").is_file():
-            _raise_disk_full(exc, pack, 0)
+            raise_if_disk_full(exc, pack, 0)
             raise
     return no_face
 

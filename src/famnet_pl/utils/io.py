@@ -50,9 +50,15 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         os.replace(tmp, path)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC and not isinstance(exc, DiskFullError):
-            raise disk_full(path, len(data)) from None
+        raise_if_disk_full(exc, path, len(data))
         raise
+
+
+def raise_if_disk_full(exc: BaseException, path: str | Path, needed: int) -> None:
+    """Turn ENOSPC while writing ``needed`` bytes at ``path`` into the one-line :class:`DiskFullError`
+    (call it in the ``except`` that has removed the temporary file)."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC and not isinstance(exc, DiskFullError):
+        raise disk_full(path, needed) from None
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
