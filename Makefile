@@ -97,7 +97,7 @@ ablation: $(STAMP) ## Ablation table, every variant x seed a full LOSO [DATASET=
 		$(if $(DATA_ROOT),--data.data_root=$(DATA_ROOT)) $(ARGS)
 
 sweep: $(STAMP) ## Create a W&B sweep (needs network; prints its id) [SPEC=experiments/sweeps/loss_weights_bayes.yaml]
-	$(BIN)/python -m famnet_pl.sweep check $(SPEC)
+	$(BIN)/famnet-pl sweep check $(SPEC)
 	$(BIN)/wandb sweep --project $(WANDB_PROJECT) $(if $(WANDB_ENTITY),--entity $(WANDB_ENTITY)) $(SPEC)
 
 agent: $(STAMP) ## Run trials of a W&B sweep (needs network): make agent SWEEP=entity/project/id [COUNT=n]
@@ -106,7 +106,7 @@ agent: $(STAMP) ## Run trials of a W&B sweep (needs network): make agent SWEEP=e
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/wandb agent $(if $(COUNT),--count $(COUNT)) $(SWEEP)
 
 sweep-offline: $(STAMP) ## Sweep without network (local engine, W&B offline, resumable) [SPEC=] [COUNT=8] [SEED=0] [OUT=]
-	WANDB_MODE=offline $(BIN)/python -m famnet_pl.sweep offline $(SPEC) $(if $(COUNT),--count $(COUNT)) --seed $(SEED) \
+	WANDB_MODE=offline $(BIN)/famnet-pl sweep offline $(SPEC) $(if $(COUNT),--count $(COUNT)) --seed $(SEED) \
 		$(if $(OUT),--out $(OUT)) -- $(if $(DATA_ROOT),--data.data_root=$(DATA_ROOT)) $(ARGS)
 
 data: $(STAMP) ## Write the synthetic dataset to data/synth (make loso does this when needed)

@@ -19,8 +19,8 @@ from pathlib import Path
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 from famnet_pl.data import synthetic  # noqa: E402
-from famnet_pl.data.cache import ViewConfig, preprocess  # noqa: E402
 from famnet_pl.data.manifest import build_manifest  # noqa: E402
+from famnet_pl.data.preprocess import ViewConfig, preprocess  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {

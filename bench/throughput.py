@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     opts, extra = parser.parse_known_args(argv)
 
-    from famnet_pl.cli import build_cli
+    from famnet_pl.config import build_cli
 
     device = torch.device("cuda" if opts.device == "auto" and torch.cuda.is_available()
                           else "cpu" if opts.device == "auto" else opts.device)

@@ -1,10 +1,13 @@
-"""MERDataModule: subject-disjoint folds, views, AU targets, clip-consistent augmentation."""
+"""MERDataModule: subject-disjoint folds, views, AU targets, clip-consistent augmentation; the
+per-dataset DataModules (CASME2DataModule...): their protocols, and nothing else changed."""
 
 import numpy as np
 import pytest
 import torch
 
+from famnet_pl.data import datamodule as dm_module
 from famnet_pl.data.datamodule import MERDataModule
+from famnet_pl.data.protocols import ALIASES, PROTOCOLS, ProtocolError
 from famnet_pl.data.transforms import ClipAugment
 
 
@@ -118,7 +121,7 @@ def test_fold_out_of_range_is_a_clear_error(tiny_synth, tmp_path):
 def test_landmarks_travel_from_the_detector_to_frl_dgt_and_move_with_the_augmentation(tiny_synth, tmp_path):
     from famnet_pl.data.face import FaceDetection, register_detector
     from famnet_pl.data.transforms import FLIP_ORDER
-    from famnet_pl.models.module import FAMNetLitModule
+    from famnet_pl.models.module import MERLitModule
 
     points = ((18.0, 26.0), (42.0, 27.0), (31.0, 38.0), (23.0, 48.0), (41.0, 49.0))  # 64 px synthetic frames
     register_detector("with_landmarks", lambda frame: FaceDetection(0, 0, 64, 64, eyes=points[:2], landmarks=points))
@@ -148,8 +151,8 @@ def test_landmarks_travel_from_the_detector_to_frl_dgt_and_move_with_the_augment
 
     batch = next(iter(plain.train_dataloader()))
     assert batch["landmarks"].shape == (4, 5, 2)
-    module = FAMNetLitModule(model="frl_dgt", num_classes=4, in_channels_2d=6, net={"dgm_width": 4, "embed_dim": 16,
-                                                                                  "heads": 2})
+    module = MERLitModule(model="frl_dgt", num_classes=4, in_channels_2d=6,
+                          net={"dgm_width": 4, "embed_dim": 16, "heads": 2})
     torch.manual_seed(0)
     boxes = module.net.region_boxes(batch["landmarks"], 4)
     assert not torch.allclose(boxes, module.net.region_boxes(None, 4))  # placed from the data, not the template
@@ -174,3 +177,54 @@ def test_augmented_landmarks_mark_the_same_pixel_as_before():
         np.testing.assert_allclose(moved[0] * 32 - 0.5, [found_x, found_y], atol=1e-4)
         seen_flip |= found_x > 16
     assert seen_flip
+
+
+# --- one DataModule per dataset ----------------------------------------------------------------------
+
+# class -> its default protocol (that of its experiments/data/*.yaml: tests/test_cli.py)
+PER_DATASET = {
+    dm_module.CASME2DataModule: "casme2_5cls", dm_module.SAMMDataModule: "samm_5cls",
+    dm_module.MMEWDataModule: "mmew_6cls", dm_module.CASME3DataModule: "casme3_4cls",
+    dm_module.SMICDataModule: "smic_3cls", dm_module.MEGC2019DataModule: "megc2019_3cls",
+    dm_module.SynthDataModule: "synth_4cls",
+}
+
+
+@pytest.mark.parametrize("cls", PER_DATASET, ids=lambda c: c.__name__)
+def test_dataset_datamodule_takes_its_protocols_and_refuses_others_in_one_line(cls):
+    assert cls().hparams.protocol == PER_DATASET[cls] and PER_DATASET[cls] in cls.protocols
+    for protocol in cls.protocols:                          # all of its own: no data needed to build one
+        assert cls(protocol=protocol).protocol.name == PROTOCOLS[ALIASES.get(protocol, protocol)].name
+    other = next(p for p in [*PROTOCOLS, *ALIASES] if p not in cls.protocols)
+    with pytest.raises(ValueError, match=f"{cls.__name__}: protocol '{other}' is not one of") as error:
+        cls(protocol=other)
+    assert isinstance(error.value, ProtocolError) and "\n" not in str(error.value)
+    assert all(p in str(error.value) for p in cls.protocols)
+
+
+def test_every_protocol_has_one_datamodule_and_composites_keep_merdatamodule():
+    owners = {}
+    for cls in PER_DATASET:
+        for protocol in cls.protocols:
+            owners.setdefault(protocol, []).append(cls.__name__)
+    assert all(len(names) == 1 for names in owners.values()), owners
+    assert set(owners) | {"famnet_3cls"} == {*PROTOCOLS, *ALIASES}     # FAMNet's composite: MERDataModule
+    with pytest.raises(ProtocolError, match="use SAMMDataModule for it"):
+        dm_module.CASME2DataModule(protocol="samm_5cls")
+    with pytest.raises(ProtocolError, match="use MERDataModule for it"):
+        dm_module.MEGC2019DataModule(protocol="famnet_3cls")
+    assert MERDataModule(protocol="famnet_3cls").protocol.composite       # MERDataModule takes any
+
+
+def test_synth_datamodule_is_merdatamodule_on_the_synthetic_protocol(tiny_synth, tmp_path):
+    """Same hyperparameters, same batches: the subclass only fixes the dataset."""
+    options = dict(data_root=str(tiny_synth), cache_dir=str(tmp_path), image_size=32, clip_len=4,
+                   clip_size=24, flow_size=64, flow_algorithm="farneback", batch_size=4, val_subjects=1,
+                   fold=1)
+    synth, plain = dm_module.SynthDataModule(**options), MERDataModule(protocol="synth_4cls", **options)
+    assert dict(synth.hparams) == dict(plain.hparams)
+    for dm in (synth, plain):
+        dm.setup("fit")
+    assert synth.split == plain.split
+    for a, b in zip(synth.train_dataloader(), plain.train_dataloader()):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -265,7 +265,7 @@ def test_leave_one_dataset_out_summary_has_one_fold_per_dataset(trees, tmp_path)
 
 
 def test_flow_images_have_no_3d_view_and_famnet_runs_2d(trees, tmp_path, caplog):
-    from famnet_pl.cli import build_cli
+    from famnet_pl.config import build_cli
 
     args = tiny_args(trees["megc2019_flow"], tmp_path / "cache", **{"data.protocol": "megc2019_flow_3cls",
                                                                      "data.input_2d": "both"})
@@ -344,7 +344,7 @@ def test_flow_images_are_read_in_opencv_channel_order(trees, tmp_path):
     """cv2.imwrite of (u, v, strain) -> channel 0 is u, centred (value / 255 - 0.5)."""
     import cv2
 
-    from famnet_pl.data.cache import ViewConfig, preprocess
+    from famnet_pl.data.preprocess import ViewConfig, preprocess
 
     root = trees["megc2019_flow"]
     manifest, _ = build_manifest(protocol="megc2019_flow_3cls", root=root)

@@ -11,9 +11,9 @@ import cv2
 import numpy as np
 import pytest
 
-from famnet_pl.data.cache import ViewConfig, preprocess, preprocess_sample, sample_key
 from famnet_pl.data.frames import FrameError, FrameSource, clip_times, onset_apex_flow, read_frame, sample_clip
 from famnet_pl.data.manifest import build_manifest
+from famnet_pl.data.preprocess import ViewConfig, preprocess, preprocess_sample, sample_key
 from famnet_pl.data.synthetic import displacement_pair
 
 SMALL = ViewConfig(image_size=32, clip_len=4, clip_size=24, flow_algorithm="farneback", flow_size=64)
@@ -312,7 +312,7 @@ def test_disk_full_in_the_cache_names_the_path_and_leaves_no_temp_file(synth_man
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_replace(src, dst)
 
-    monkeypatch.setattr("famnet_pl.data.cache.os.replace", replace)
+    monkeypatch.setattr("famnet_pl.data.preprocess.os.replace", replace)
     with pytest.raises(DiskFullError, match="no space left on device for .*MB are free"):
         preprocess(synth_manifest, tiny_synth, SMALL, tmp_path, progress=False)
     assert not [p for p in tmp_path.rglob("*") if ".tmp-" in p.name]

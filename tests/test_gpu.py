@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from famnet_pl.cli import build_cli
+from famnet_pl.config import build_cli
 from famnet_pl.models.registry import create_model
 from tests.conftest import REPO, tiny_args
 

@@ -7,9 +7,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from famnet_pl.aggregate import SUMMARY_NAME
+from famnet_pl.loso.rundir import SUMMARY as SUMMARY_NAME
 from famnet_pl.data import synthetic
-from famnet_pl.loso import run_loso
+from famnet_pl.loso.runner import run_loso
 from tests.conftest import tiny_args
 
 
@@ -116,8 +116,8 @@ def test_test_subject_evaluation_restores_the_global_rng(finished_run, two_subje
     import torch
     from torch.utils.data import DataLoader
 
-    from famnet_pl.callbacks.loso import LOSOCallback
-    from famnet_pl.cli import build_cli
+    from famnet_pl.loso.callback import LOSOCallback
+    from famnet_pl.config import build_cli
 
     cli = build_cli([*tiny_args(two_subjects, tmp_path / "cache"), "--trainer.max_epochs=1",
                      f"--trainer.default_root_dir={tmp_path}"])
@@ -126,7 +126,7 @@ def test_test_subject_evaluation_restores_the_global_rng(finished_run, two_subje
     dm.test_dataloader = lambda: DataLoader(dm.test_set, batch_size=2, shuffle=True)  # global RNG
     torch.manual_seed(123)
     before = torch.get_rng_state()
-    table = LOSOCallback(str(tmp_path)).predict_test(cli.trainer, cli.model, epoch=0)
+    table = LOSOCallback(tmp_path, fold=0).predict_test(cli.trainer, cli.model, epoch=0)
     assert torch.equal(torch.get_rng_state(), before)
     assert sorted(table["sample_id"]) == sorted(dm.manifest.iloc[dm.test_set.indices]["sample_id"])
 
@@ -173,7 +173,7 @@ def test_aggregate_refuses_tampered_predictions(finished_run, tmp_path, capsys, 
 
 @pytest.mark.parametrize("edit", ["delete_row", "duplicate_row"])
 def test_aggregate_checks_counts_and_ids_without_a_checksum(finished_run, tmp_path, edit):
-    from famnet_pl.aggregate import PredictionsError, aggregate_run
+    from famnet_pl.loso.aggregate import PredictionsError, aggregate_run
 
     run_dir = tmp_path / "run"
     shutil.copytree(finished_run[0], run_dir)
@@ -232,8 +232,8 @@ def test_disk_full_at_a_checkpoint_is_one_line_and_leaves_no_temp_file(two_subje
 
 
 def test_an_unreadable_resume_checkpoint_is_set_aside_and_the_fold_starts_over(two_subjects, tmp_path, caplog):
-    from famnet_pl.callbacks.loso import resume_checkpoint, fold_dir_name
-    from famnet_pl.loso import plan_loso
+    from famnet_pl.loso.rundir import fold_dir_name, resume_checkpoint
+    from famnet_pl.loso.plan import plan_loso
 
     args, runs = tiny_args(two_subjects, tmp_path / "cache"), str(tmp_path / "runs")
     plan = plan_loso(args, exp="corrupt", runs_dir=runs)
@@ -247,7 +247,7 @@ def test_an_unreadable_resume_checkpoint_is_set_aside_and_the_fold_starts_over(t
 
 
 def test_a_sample_left_out_at_preprocessing_is_in_every_record_and_the_table(two_subjects, tmp_path):
-    from famnet_pl.aggregate import format_summary
+    from famnet_pl.loso.aggregate import format_summary
     from famnet_pl.data.manifest import build_manifest
 
     root = tmp_path / "data"
@@ -280,8 +280,8 @@ def test_the_fusion_weight_chosen_on_validation_is_the_one_the_test_predictions_
         tiny_synth, tmp_path):
     import torch
 
-    from famnet_pl.cli import build_cli
-    from famnet_pl.models.module import FAMNetLitModule
+    from famnet_pl.config import build_cli
+    from famnet_pl.models.module import MERLitModule
 
     args = tiny_args(tiny_synth, tmp_path / "cache", **{"trainer.enable_checkpointing": "true",
                                                        "model.late_weight_from": "val", "data.val_subjects": 1})
@@ -289,7 +289,7 @@ def test_the_fusion_weight_chosen_on_validation_is_the_one_the_test_predictions_
     fold_dir = tmp_path / "runs" / "w" / "synth" / "fold_00_synth-sub01"
     logged = pd.read_csv(fold_dir / "metrics.csv").dropna(subset=["val/late_weight"])["val/late_weight"]
     (ckpt,) = fold_dir.glob("checkpoints/*.ckpt")
-    module = FAMNetLitModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=False).eval()
+    module = MERLitModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=False).eval()
     assert float(module.net.fusion.late_weight) == pytest.approx(logged.iloc[-1])
     dm = build_cli([*args, "--data.fold=0"]).datamodule
     dm.setup("test")

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from famnet_pl.loso import run_loso
+from famnet_pl.loso.runner import run_loso
 from famnet_pl.data.manifest import build_manifest
 
 from tests.conftest import tiny_args

@@ -12,7 +12,7 @@ import time
 
 import pandas as pd
 
-from famnet_pl.aggregate import SUMMARY_NAME
+from famnet_pl.loso.rundir import SUMMARY as SUMMARY_NAME
 from tests.conftest import tiny_args
 
 

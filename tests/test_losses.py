@@ -1,5 +1,6 @@
-"""Weighted multi-task loss: weights, skipped terms, AU masking."""
+"""Weighted multi-task loss: weights, skipped terms, AU masking, model aux terms."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -41,3 +42,29 @@ def test_masked_entries_do_not_contribute():
     torch.testing.assert_close(masked_bce(logits, targets, mask), masked_bce(logits, garbage, mask))
     torch.testing.assert_close(masked_bce(logits, targets, mask),
                                F.binary_cross_entropy_with_logits(logits[[0, 2]], targets[[0, 2]]))
+
+
+def test_aux_terms_are_weighted_by_their_loss_weights_field():
+    """A model's aux terms come unweighted; LossWeights.<name> weighs them (0: dropped), parts stay
+    unweighted, and a term with no LossWeights field is an error, not a silent drop."""
+    out, label = _outputs(("2d",)), torch.tensor([0, 1, 2, 3, 0])
+    photo, smooth, flow = torch.tensor(0.8, requires_grad=True), torch.tensor(0.4), torch.tensor(1.5)
+    out["aux_losses"] = {"dgm_photo": photo, "dgm_smooth": smooth, "dgm_flow": flow}
+    w = LossWeights(w2d=0.3, wau=0.0, dgm_photo=0.7, dgm_smooth=0.2, dgm_flow=0.0)
+    total, parts = WeightedMultiTaskLoss(w)(out, label)
+    ce = F.cross_entropy(out["emotion_2d"], label)
+    assert torch.equal(total, 0.3 * ce + 0.7 * photo + 0.2 * smooth)  # same operations, same order
+    assert set(parts) == {"ce_2d", "dgm_photo", "dgm_smooth"}
+    assert parts["dgm_photo"] is photo and parts["dgm_smooth"] is smooth
+    total.backward()
+    assert photo.grad == 0.7
+    out["aux_losses"] = {"dgm_warp": photo}
+    with pytest.raises(KeyError, match="dgm_warp"):
+        WeightedMultiTaskLoss(w)(out, label)
+
+
+def test_aux_weight_names_only_aux_fields():
+    w = LossWeights()
+    assert [w.aux_weight(name) for name in ("dgm_photo", "dgm_smooth", "dgm_flow")] == [1.0, 0.1, 0.1]
+    with pytest.raises(KeyError, match="w2d"):
+        w.aux_weight("w2d")  # an emotion weight is not an aux weight

@@ -70,7 +70,7 @@ def test_au_scores_only_where_an_au_head_was_trained():
     import torch
 
     from famnet_pl.losses import LossWeights
-    from famnet_pl.models.module import FAMNetLitModule
+    from famnet_pl.models.module import MERLitModule
 
     last = pd.DataFrame({"fold": [0, 0, 1, 1], "subject": ["s1", "s1", "s2", "s2"], "dataset": "d",
                          "y_true": [0, 1, 0, 1], "y_pred": [0, 1, 1, 1],
@@ -80,13 +80,13 @@ def test_au_scores_only_where_an_au_head_was_trained():
     assert summarize(last, None, class_names=["a", "b"], au_vocab=[1])["loso/au_f1"] == pytest.approx(2 / 3)
     batch = {"x2d": torch.randn(2, 3, 32, 32), "index": torch.arange(2)}
     for wau, width in ((0.5, 4), (0.0, 0)):  # wau=0: the head exists but is never trained
-        module = FAMNetLitModule(model="amnet2d_r18", num_classes=2, num_aus=4,
-                                 loss_weights=LossWeights(wau=wau), net={"width_2d": 4, "small_input_2d": True})
+        module = MERLitModule(model="amnet2d_r18", num_classes=2, num_aus=4,
+                              loss_weights=LossWeights(wau=wau), net={"width_2d": 4, "small_input_2d": True})
         assert module.predict_step(batch)["au_probs"].shape == (2, width)
 
 
 def test_a_class_missing_from_the_pooled_targets_is_a_warning_in_the_table():
-    from famnet_pl.aggregate import format_summary
+    from famnet_pl.loso.aggregate import format_summary
 
     last = pd.DataFrame({"fold": [0, 0, 1], "subject": ["s1", "s1", "s2"], "dataset": "d",
                          "y_true": [0, 2, 0], "y_pred": [0, 2, 1]})

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from famnet_pl.losses import LossWeights
 from famnet_pl.models.components.frl_dgt import (
     FRLDGT,
     REGION_NAMES,
@@ -23,8 +24,10 @@ from famnet_pl.models.components.frl_dgt import (
     warp,
 )
 from famnet_pl.models.components.ststnet import STSTNet
-from famnet_pl.models.frl_dgt import frl_dgt, ststnet
-from famnet_pl.models.registry import create_model
+from famnet_pl.models.frl_dgt import MOVED_TO_LOSS_WEIGHTS, frl_dgt
+from famnet_pl.models.module import MERLitModule
+from famnet_pl.models.registry import ModelOptionError, create_model
+from famnet_pl.models.ststnet import ststnet
 
 NUM_CLASSES = 4
 NUM_AUS = 5
@@ -114,15 +117,46 @@ def test_displacement_losses_terms() -> None:
     onset = torch.randn(2, 3, 16, 16)
     d = torch.randn(2, 2, 16, 16)
     flow = -3.0 * d + 0.5  # d ~ -flow up to a per-channel affine map: perfect guidance
-    terms = displacement_losses(onset, warp(onset, d), d, flow=flow, flow_weight=0.1)
-    assert set(terms) == {"dgm_photo", "dgm_smooth", "dgm_flow"}
+    terms = displacement_losses(onset, warp(onset, d), d, flow=flow)
+    assert list(terms) == ["dgm_photo", "dgm_smooth", "dgm_flow"]  # the order they are summed in
     assert terms["dgm_photo"] < 1e-2
-    assert terms["dgm_flow"] < 1e-4
-    opposite = displacement_losses(onset, onset, d, flow=d, flow_weight=0.1)["dgm_flow"]
-    torch.testing.assert_close(opposite, torch.tensor(0.2), atol=1e-4, rtol=0.0)
-    scaled = displacement_losses(onset, onset, d, flow=-d / 2, flow_weight=1.0, flow_scale=2.0)["dgm_flow"]
+    assert terms["dgm_flow"] < 1e-3
+    # Unweighted: 1 - Pearson of opposite fields is 2.
+    opposite = displacement_losses(onset, onset, d, flow=d)["dgm_flow"]
+    torch.testing.assert_close(opposite, torch.tensor(2.0), atol=1e-3, rtol=0.0)
+    scaled = displacement_losses(onset, onset, d, flow=-d / 2, flow_scale=2.0)["dgm_flow"]
     assert scaled < 2e-3
-    assert "dgm_flow" not in displacement_losses(onset, onset, d, flow=None, flow_weight=0.1)
+    assert "dgm_flow" not in displacement_losses(onset, onset, d, flow=None)
+    # Only the terms asked for are computed (a zero-weight term costs nothing).
+    assert list(displacement_losses(onset, onset, d, flow=flow, terms=("dgm_smooth",))) == ["dgm_smooth"]
+    assert displacement_losses(onset, onset, d, flow=flow, terms=()) == {}
+    with pytest.raises(ValueError, match="dgm_warp"):
+        displacement_losses(onset, onset, d, terms=("dgm_warp",))
+
+
+def test_pretraining_weights_are_the_loss_weights() -> None:
+    """pretrain_displacement sums weight * term like the training loss; its default has no flow term."""
+    gen = torch.Generator().manual_seed(0)
+    onset, apex = _shifted_pairs(4, 16, gen)
+    flow = torch.randn(4, 2, 16, 16, generator=gen)
+
+    def first_loss(**kwargs) -> float:
+        torch.manual_seed(0)
+        generator = DisplacementGenerator(width=4, levels=2)
+        return pretrain_displacement(generator, onset, apex, flow=flow, steps=1, batch_size=4, **kwargs)[0]
+
+    torch.manual_seed(0)
+    generator = DisplacementGenerator(width=4, levels=2)
+    terms = displacement_losses(onset, apex, generator(onset, apex), flow=flow)
+    weights = {"dgm_photo": 0.5, "dgm_smooth": 0.3, "dgm_flow": 0.2}
+    # (the sampled batch is a permutation of the 4 pairs: the means are those of the full set)
+    expected = sum(w * terms[k] for k, w in weights.items()).item()
+    assert first_loss(weights=weights) == pytest.approx(expected, rel=1e-5)
+    default = (1.0 * terms["dgm_photo"] + 0.1 * terms["dgm_smooth"]).item()
+    assert first_loss() == pytest.approx(default, rel=1e-5)
+    assert first_loss(weights={"dgm_photo": 1.0, "dgm_smooth": 0.1, "dgm_flow": 0.0}) == first_loss()
+    with pytest.raises(ValueError, match="dgm_warp"):
+        first_loss(weights={"dgm_warp": 1.0})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -295,6 +329,61 @@ def test_frl_dgt_token_inputs_from_yaml_list() -> None:
     assert model(x2d=torch.randn(2, 9, 48, 48))["emotion"].shape == (2, NUM_CLASSES)
 
 
+SMALL = {"dgm_width": 4, "dgm_levels": 2, "embed_dim": 16, "heads": 2}
+
+
+@pytest.mark.parametrize("channels", [6, 9])
+def test_loss_weights_weigh_the_unweighted_dgm_terms(channels: int) -> None:
+    """model.loss_weights.dgm_* weigh FRL-DGT's aux terms: the net returns them unweighted and computes
+    only those with a non-zero weight; the total is the documented weighted sum, exactly."""
+    weights = LossWeights(w2d=1.0, w3d=0.0, wfuse=0.0, wau=0.0, dgm_photo=0.5, dgm_smooth=0.3, dgm_flow=0.2)
+    module = MERLitModule(model="frl_dgt", net=SMALL, num_classes=NUM_CLASSES, in_channels_2d=channels,
+                          loss_weights=weights)
+    assert module.net.active_aux_losses == ("dgm_photo", "dgm_smooth", "dgm_flow")
+    assert module.aux_loss_weights() == {"dgm_photo": 0.5, "dgm_smooth": 0.3, "dgm_flow": 0.2}
+    x, label = torch.randn(2, channels, 32, 32), torch.tensor([0, 1])
+    out = module(x)
+    aux = out["aux_losses"]
+    assert set(aux) == {"dgm_photo", "dgm_smooth"} | ({"dgm_flow"} if channels == 9 else set())
+    unweighted = displacement_losses(x[:, 0:3], x[:, 3:6], out["displacement"],
+                                     flow=x[:, 6:8] if channels == 9 else None, **module.net.loss_options)
+    for name, term in aux.items():
+        torch.testing.assert_close(term, unweighted[name], rtol=0.0, atol=0.0)
+    total, parts = module.criterion(out, label)
+    expected = F.cross_entropy(out["emotion"], label)
+    for name in aux:
+        expected = expected + getattr(weights, name) * aux[name]
+    assert torch.equal(total, expected)
+    assert {k: parts[k] for k in aux} == aux  # logged train/loss_dgm_*: the unweighted terms
+
+
+def test_zero_loss_weight_terms_are_not_computed() -> None:
+    weights = LossWeights(dgm_photo=0.0, dgm_smooth=0.1, dgm_flow=0.0)
+    module = MERLitModule(model="frl_dgt", net=SMALL, num_classes=NUM_CLASSES, in_channels_2d=9,
+                          loss_weights=weights)
+    assert module.net.active_aux_losses == ("dgm_smooth",)
+    out = module(torch.randn(2, 9, 32, 32))
+    assert set(out["aux_losses"]) == {"dgm_smooth"}
+    _, parts = module.criterion(out, torch.tensor([0, 1]))
+    assert "dgm_photo" not in parts and "dgm_flow" not in parts
+    # A model on its own computes every term (its default); weights of 0 then drop them from the loss.
+    standalone = FRLDGT(num_classes=NUM_CLASSES, in_channels=9, **SMALL)
+    out = standalone(x2d=torch.randn(2, 9, 32, 32))
+    assert set(out["aux_losses"]) == {"dgm_photo", "dgm_smooth", "dgm_flow"}
+    total, parts = module.criterion(out, torch.tensor([0, 1]))
+    assert set(parts) == {"ce_2d", "dgm_smooth"}
+    assert torch.equal(total, 1.0 * parts["ce_2d"] + 0.1 * parts["dgm_smooth"])
+
+
+@pytest.mark.parametrize(("old", "new"), sorted(MOVED_TO_LOSS_WEIGHTS.items()))
+def test_old_net_loss_weight_options_stop_naming_the_new_key(old: str, new: str) -> None:
+    """An old config with a loss weight among the network options stops (one line naming the new key)
+    instead of training with the default weight."""
+    with pytest.raises(ModelOptionError, match=rf"^net\.{old} moved to model\.loss_weights\.{new} "
+                                         rf"\(--model\.loss_weights\.{new}=0\.25\)$"):
+        MERLitModule(model="frl_dgt", net={**SMALL, old: 0.25}, num_classes=NUM_CLASSES, in_channels_2d=9)
+
+
 # --------------------------------------------------------------------------------------------------
 # STSTNet
 # --------------------------------------------------------------------------------------------------
@@ -337,13 +426,15 @@ def test_ststnet_wrong_channels() -> None:
 def test_displacement_module_is_pretrained_per_fold_on_training_pairs(tiny_synth, tmp_path):
     """``model.pretrain_steps``: the DGM trains self-supervised on the fold's training pairs before the
     classifier (the test subject's frames are never used); a model without a DGM refuses it."""
-    from famnet_pl.cli import build_cli
+    from famnet_pl.config import build_cli
     from tests.conftest import REPO, tiny_args
 
     tiny = [a for a in tiny_args(tiny_synth, tmp_path / "cache") if not a.startswith("--model.net.")]
     args = ["--config", str(REPO / "experiments/base.yaml"), "--config", str(REPO / "experiments/model/frl_dgt.yaml"),
             *tiny, "--trainer.fast_dev_run=1", f"--trainer.default_root_dir={tmp_path}", "--model.pretrain_steps=4"]
     cli = build_cli(args)
+    # The pre-training reads the loss weights of the joint training (experiments/model/frl_dgt.yaml).
+    assert cli.model.aux_loss_weights() == {"dgm_photo": 1.0, "dgm_smooth": 0.1, "dgm_flow": 0.1}
     before = {k: v.clone() for k, v in cli.model.net.dgm.state_dict().items()}
     seen = []
     from famnet_pl.data.datamodule import MERDataset

@@ -7,7 +7,7 @@ import torch
 from torch.nn import functional as F
 
 from famnet_pl.models.components.fusion import BranchFusion, late_fusion
-from famnet_pl.models.module import FAMNetLitModule
+from famnet_pl.models.module import MERLitModule
 from famnet_pl.models.registry import create_model
 
 CI = {"num_classes": 3, "num_aus": 2, "width_2d": 8, "width_3d": 8, "small_input_2d": True}
@@ -51,7 +51,7 @@ def test_weighted_modes_are_distributions_and_weights_zero_and_one_are_one_branc
         BranchFusion("sum", features_2d=5, features_3d=7, num_classes=4)  # type: ignore[arg-type]
 
 
-def _validation_epoch(module: FAMNetLitModule, emotion_2d, emotion_3d, label) -> float:
+def _validation_epoch(module: MERLitModule, emotion_2d, emotion_3d, label) -> float:
     module.on_validation_epoch_start()
     module._val_outputs.append({"label": label, "index": torch.arange(len(label)), "emotion_2d": emotion_2d,
                                 "emotion_3d": emotion_3d})
@@ -61,8 +61,8 @@ def _validation_epoch(module: FAMNetLitModule, emotion_2d, emotion_3d, label) ->
 
 @pytest.mark.filterwarnings("ignore:.*self.log.*")
 def test_late_weight_from_val_picks_the_better_branch_and_never_scores_below_it():
-    module = FAMNetLitModule(model="famnet_r18", num_classes=3, num_aus=0, late_weight_from="val",
-                          net={"width_2d": 8, "width_3d": 8, "small_input_2d": True})
+    module = MERLitModule(model="famnet_r18", num_classes=3, num_aus=0, late_weight_from="val",
+                       net={"width_2d": 8, "width_3d": 8, "small_input_2d": True})
     label = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
     right = F.one_hot(label, 3).float() * 4          # a branch that is right on every sample
     wrong = F.one_hot((label + 1) % 3, 3).float() * 4  # a confidently wrong one
@@ -79,9 +79,9 @@ def test_late_weight_from_val_picks_the_better_branch_and_never_scores_below_it(
 
 def test_late_weight_from_val_needs_late_fusion():
     with pytest.raises(ValueError, match="fusion=late"):
-        FAMNetLitModule(model="famnet_r18", num_classes=3, late_weight_from="val",
-                     net={"width_2d": 8, "width_3d": 8, "fusion": "feature"})
-    single = FAMNetLitModule(model="amnet3d_r18", num_classes=3, late_weight_from="val", net={"width_3d": 8})
+        MERLitModule(model="famnet_r18", num_classes=3, late_weight_from="val",
+                  net={"width_2d": 8, "width_3d": 8, "fusion": "feature"})
+    single = MERLitModule(model="amnet3d_r18", num_classes=3, late_weight_from="val", net={"width_3d": 8})
     single.on_validation_epoch_start()  # a single branch: nothing to fuse, the option is a no-op
     single._val_outputs.append({"label": torch.tensor([0, 1]), "index": torch.arange(2), "emotion_3d": torch.randn(2, 3)})
     single.on_validation_epoch_end()

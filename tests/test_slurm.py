@@ -30,9 +30,10 @@ from pathlib import Path
 
 import pytest
 
-from famnet_pl.aggregate import SUMMARY_NAME
-from famnet_pl.callbacks.loso import fold_dir_name
-from famnet_pl.slurm import JOBS_FILE, array_log
+from famnet_pl.loso.rundir import SUMMARY as SUMMARY_NAME
+from famnet_pl.loso.rundir import fold_dir_name
+from famnet_pl.loso.rundir import JOBS_FILE
+from famnet_pl.loso.slurm import array_log
 from tests.conftest import REPO, tiny_args
 
 SCRIPTS = REPO / "tests" / "slurm"
@@ -119,7 +120,7 @@ def reference(args, tmp_path_factory) -> dict:
     (the thread count changes float summation order, hence the predictions)."""
     import torch
 
-    from famnet_pl.loso import run_loso
+    from famnet_pl.loso.runner import run_loso
 
     threads = torch.get_num_threads()
     runs = tmp_path_factory.mktemp("slurm-local")
@@ -226,7 +227,7 @@ def test_sbatch_array_equals_local_run_and_resubmits_nothing(slurm_env, args, re
     partial = tmp_path / "partial"
     shutil.copytree(run_dir, partial)
     shutil.rmtree(partial / fold_dir_name(1, "synth/sub02"))
-    done = _run([sys.executable, "-m", "famnet_pl.slurm", "aggregate", str(partial), "--array-job", array,
+    done = _run([sys.executable, "-m", "famnet_pl.cli", "slurm", "aggregate", str(partial), "--array-job", array,
                  "--folds", "0,1,2"], slurm_env, check=False)
     assert done.returncode == 1 and "INCOMPLETE" in done.stdout
     assert (f"fold 1 (synth/sub02) missing: task {array}_1: COMPLETED (exit 0:0, 0 restarts); "
@@ -295,7 +296,7 @@ def test_submitit_jobs_leave_requeueing_to_submitit(monkeypatch, tiny_synth, tmp
     in plain sbatch jobs and outside SLURM the trainer is left as configured. No cluster needed."""
     from lightning.fabric.plugins.environments import SLURMEnvironment
 
-    from famnet_pl.cli import _submitit_plugins, build_cli
+    from famnet_pl.config import _submitit_plugins, build_cli
 
     monkeypatch.setenv("SLURM_NTASKS", "1")                      # what srun sets in a task
     monkeypatch.setenv("SLURM_JOB_NAME", "loso-x")

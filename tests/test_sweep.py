@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from famnet_pl import sweep
+from famnet_pl.studies import sweep
 from tests.conftest import REPO, tiny_args
 
 SPECS = REPO / "experiments" / "sweeps"
@@ -88,20 +88,20 @@ def test_spec_validates_and_the_agent_command_reaches_the_fold_hparams(name, tin
     else:
         assert len(proposals) == 10 and all(0.5 <= p["model.loss_weights.wfuse"] <= 2.0 for p in proposals)
 
-    # Exactly what `wandb agent` runs: /usr/bin/env python -m famnet_pl.sweep trial ... --name=value
+    # Exactly what `wandb agent` runs: /usr/bin/env python -m famnet_pl.cli sweep trial ... --name=value
     params = proposals[-1]
     command = sweep.expand_command(spec, params)
-    assert command[:5] == ["/usr/bin/env", "python", "-m", "famnet_pl.sweep", "trial"]
+    assert command[:6] == ["/usr/bin/env", "python", "-m", "famnet_pl.cli", "sweep", "trial"]
     assert command[-4:] == [f"--{k}={v}" for k, v in params.items()]
-    opts, loso_args = sweep._trial_parser().parse_known_args(command[5:])
+    opts, loso_args = sweep._trial_parser().parse_known_args(command[6:])
     assert opts.trial is None and opts.wandb == "auto"
     # The fold's CLI, as run_fold builds it from the trial's LOSO arguments.
-    from famnet_pl.cli import build_cli
+    from famnet_pl.config import build_cli
 
     cli = build_cli([*loso_args, *tiny_args(tiny_synth, tmp_path / "cache"), "--data.fold=0",
                      f"--trainer.default_root_dir={tmp_path}"])
     expected = {w: params[f"model.loss_weights.{w}"] for w in WEIGHTS}
-    assert dict(cli.model.hparams.loss_weights) == expected                          # logged hparams
+    assert {w: cli.model.hparams.loss_weights[w] for w in WEIGHTS} == expected         # logged hparams
     assert {w: getattr(cli.model.criterion.weights, w) for w in WEIGHTS} == expected  # what the loss uses
 
 
@@ -243,7 +243,10 @@ def test_agent_command_runs_like_under_wandb_agent(tiny_synth, tmp_path, monkeyp
     run_id, sweep_id = "agentrun1", "swp0001"
     param_file = tmp_path / "wandb" / f"sweep-{sweep_id}" / f"config-{run_id}.yaml"
     save_config_file_from_dict(str(param_file), {k: {"value": v} for k, v in params.items()})
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_RUN_ID": run_id, "WANDB_SWEEP_ID": sweep_id,
+    # Not this process's wandb-core service: an in-process W&B run of an earlier test leaves it in
+    # os.environ, and a trial joining it would have its run written after this test reads it.
+    inherited = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    env = {**inherited, "WANDB_MODE": "offline", "WANDB_RUN_ID": run_id, "WANDB_SWEEP_ID": sweep_id,
            "WANDB_SWEEP_PARAM_PATH": str(param_file), "WANDB_DIR": str(tmp_path), "WANDB_PROJECT": "famnet_pl",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     command = sweep.expand_command(spec, params)

@@ -9,7 +9,7 @@
 #       --config experiments/base.yaml --config experiments/data/casme2.yaml \
 #       --config experiments/model/famnet.yaml [--data.data_root=/data/CASME2 ...]
 #
-# Takes the options of `famnet-pl loso` (the plan comes from `python -m famnet_pl.slurm plan`,
+# Takes the options of `famnet-pl loso` (the plan comes from `python -m famnet_pl.cli slurm plan`,
 # which reads them with the same parser), so a run submitted here and one run locally write the
 # same runs/<exp>/<dataset>/. Only folds without predictions.csv are submitted: run it again after
 # failures, preemptions or a changed --folds; it refuses while this run's previous jobs are queued.
@@ -32,7 +32,7 @@ case $PREPROCESS in job|here|no) ;; *) echo "submit.sh: PREPROCESS=$PREPROCESS: 
 
 # Sets RUN_DIR N_FOLDS PENDING JOB_NAME LOG_DIR ARRAY_LOG JOBS_FILE PARALLEL and the arrays
 # FOLD_FLAGS JOB_FLAGS WORKER PREPARE AGGREGATE (shell-quoted by Python); writes run.json.
-plan=$("$PYTHON" -m famnet_pl.slurm plan "$@")
+plan=$("$PYTHON" -m famnet_pl.cli slurm plan "$@")
 eval "$plan"
 if [ -z "$PENDING" ]; then
   echo "no pending fold: the selected folds of $RUN_DIR ($N_FOLDS in all) are finished; aggregating here"

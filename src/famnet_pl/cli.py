@@ -1,8 +1,14 @@
 """Command line: ``famnet-pl {loso,fit,aggregate,manifest,synth,fabricate,preprocess,show,sweep,ablation}``.
 
-The commands dispatch to the runners (``loso``, ``slurm``, ``sweep``, ``ablation``), which build
-their LightningCLI from :mod:`famnet_pl.config`; nothing below imports this module. Configs
-stack, later files win::
+Argument parsing and dispatch only; the work happens below this module, which nothing imports::
+
+    cli -> studies (sweep, ablation) -> loso (options, plan, runner, slurm, aggregate) -> config
+        -> models, data -> losses, metrics, utils
+
+Every process the framework starts re-enters through ``python -m famnet_pl.cli CMD``: fold workers
+(``worker RUN_DIR --fold k``, which read the plan from ``run.json``), SLURM jobs (``slurm
+plan|prepare|aggregate``), sweep trials (``sweep trial``) and their LOSO runs. Configs stack,
+later files win::
 
     famnet-pl loso --config experiments/base.yaml --config experiments/data/synth.yaml \\
                    --config experiments/model/famnet_cpu.yaml --exp demo [--trainer.max_epochs=5 ...]
@@ -23,64 +29,67 @@ from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-# build_cli, FamNetCLI and loso_parser live in config.py (imported by the runners below this module);
-# they stay importable from here.
-from famnet_pl.config import FamNetCLI, _submitit_plugins, build_cli, loso_parser  # noqa: E402, F401
 from famnet_pl.data.protocols import ALIASES, PROTOCOLS, get_protocol  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 
 def _loso(argv: list[str]) -> int:
-    from famnet_pl.loso import run_loso
+    from famnet_pl.loso.options import LosoOptions, loso_parser
 
     parser = loso_parser()
     opts, cli_args = parser.parse_known_args(argv)
+    options = LosoOptions.from_args(opts)
     if opts.launcher == "slurm":
-        if opts.worker or opts.jobs != 1 or opts.gpus:
+        if opts.jobs != 1 or opts.gpus:
             parser.error("--launcher slurm runs one fold per SLURM task: drop --jobs/--gpus")
-        from famnet_pl.slurm import SlurmOptions, submit_loso
+        from famnet_pl.loso.slurm import SlurmOptions, submit_loso
 
-        return submit_loso(cli_args, exp=opts.exp, runs_dir=opts.runs_dir,
-                           folds=opts.folds.split(",") if opts.folds else None, wandb=opts.wandb,
-                           eval_every=opts.eval_every, oracle_by=opts.oracle_by, threads=opts.threads,
-                           resume_every=opts.resume_every, slurm=SlurmOptions.from_args(opts), wait=opts.wait)
-    summary = run_loso(cli_args, exp=opts.exp, runs_dir=opts.runs_dir,
-                       folds=opts.folds.split(",") if opts.folds else None, wandb=opts.wandb,
-                       eval_every=opts.eval_every, oracle_by=opts.oracle_by, progress=not opts.no_progress,
-                       jobs=opts.jobs, gpus=opts.gpus.split(",") if opts.gpus else None,
-                       jobs_per_gpu=opts.jobs_per_gpu, threads=opts.threads, worker=opts.worker,
-                       resume_every=opts.resume_every)
+        return submit_loso(cli_args, options, slurm=SlurmOptions.from_args(opts), wait=opts.wait)
+    from famnet_pl.loso.plan import rank
+    from famnet_pl.loso.runner import run_loso
+
+    summary = run_loso(cli_args, options)
     # A deliberate subset (--folds) that finished is a success; the table says INCOMPLETE. DDP ranks
     # other than 0 report nothing and exit 0 (a non-zero exit would make Lightning kill rank 0).
-    from famnet_pl.loso import rank
-
     return 0 if summary is not None or rank() != 0 else 1
 
 
+def _worker(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="famnet-pl worker", description="run (or resume) one fold of a "
+                                     "planned LOSO run, as recorded in its run.json (started by famnet-pl loso "
+                                     "--jobs N, SLURM array tasks and DDP ranks)")
+    parser.add_argument("run_dir", help="runs/<exp>/<dataset> with its run.json")
+    parser.add_argument("--fold", type=int, required=True)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: the run's --threads)")
+    opts = parser.parse_args(argv)
+    from famnet_pl.loso.runner import run_worker
+
+    return run_worker(opts.run_dir, opts.fold, threads=opts.threads)
+
+
 def _fit(argv: list[str]) -> int:
+    from famnet_pl.config import build_cli
+
     cli = build_cli(argv)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     return 0
 
 
 def _aggregate(argv: list[str]) -> int:
-    from famnet_pl.aggregate import aggregate_run, format_summary
+    from famnet_pl.loso.aggregate import aggregate_run, print_summary
+    from famnet_pl.loso.rundir import read_plan
 
     parser = argparse.ArgumentParser(prog="famnet-pl aggregate")
     parser.add_argument("run_dir", help="runs/<exp>/<dataset>")
     parser.add_argument("--oracle-by", choices=["acc", "uf1"], default=None,
                         help="default: the criterion the run used (run.json)")
     opts = parser.parse_args(argv)
-    run = Path(opts.run_dir) / "run.json"
-    plan = json.loads(run.read_text()) if run.is_file() else {}
+    plan = read_plan(opts.run_dir)
     summary = aggregate_run(opts.run_dir, expected_folds=plan.get("n_folds"),
                             oracle_by=opts.oracle_by or plan.get("oracle_by", "acc"))
-    if summary is None:
-        print(f"{opts.run_dir}: no finished fold (no fold_*/predictions.csv)", file=sys.stderr)
-        return 1
-    print(format_summary(summary))
-    return 0
+    print_summary(summary, opts.run_dir)
+    return 0 if summary is not None else 1
 
 
 def _manifest(argv: list[str]) -> int:
@@ -141,6 +150,8 @@ def _data_module(dataset: str, experiments: str, data_root: str | None, extra: l
     config = Path(dataset) if dataset.endswith(".yaml") else exp / "data" / f"{dataset}.yaml"
     args = ["--config", str(exp / "base.yaml"), "--config", str(config),
             *([f"--data.data_root={data_root}"] if data_root else []), *extra]
+    from famnet_pl.config import build_cli
+
     return build_cli(args).datamodule
 
 
@@ -207,15 +218,21 @@ def _fabricate(argv: list[str]) -> int:
 
 
 def _sweep(argv: list[str]) -> int:
-    from famnet_pl.sweep import main as sweep_main
+    from famnet_pl.studies.sweep import main as sweep_main
 
     return sweep_main(argv)
 
 
 def _ablation(argv: list[str]) -> int:
-    from famnet_pl.ablation import main as ablation_main
+    from famnet_pl.studies.ablation import main as ablation_main
 
     return ablation_main(argv)
+
+
+def _slurm(argv: list[str]) -> int:
+    from famnet_pl.loso.slurm import main as slurm_main
+
+    return slurm_main(argv)
 
 
 def _synth(argv: list[str]) -> int:
@@ -226,12 +243,14 @@ def _synth(argv: list[str]) -> int:
 
 COMMANDS = {"loso": _loso, "fit": _fit, "aggregate": _aggregate, "manifest": _manifest, "synth": _synth,
             "fabricate": _fabricate, "preprocess": _preprocess, "show": _show, "sweep": _sweep, "ablation": _ablation}
+# Started by the framework itself (fold processes, SLURM jobs), not listed in the usage line.
+INTERNAL = {"worker": _worker, "slurm": _slurm}
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``famnet-pl``."""
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in COMMANDS:
+    if not argv or argv[0] not in {**COMMANDS, **INTERNAL}:
         print(f"usage: famnet-pl {{{','.join(COMMANDS)}}} [options]  (famnet-pl CMD --help)", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -240,16 +259,16 @@ def main(argv: list[str] | None = None) -> int:
     from famnet_pl.data.protocols import ProtocolError
     from famnet_pl.data.frames import FrameError
     from famnet_pl.data.manifest import ManifestError
-    from famnet_pl.aggregate import PredictionsError
+    from famnet_pl.loso.aggregate import PredictionsError
     from famnet_pl.utils.errors import BadInput
     from famnet_pl.utils.io import DiskFullError
     from famnet_pl.models.components.resnet import PretrainedWeightsError
-    from famnet_pl.models.registry import UnknownModelError
+    from famnet_pl.models.registry import ModelOptionError, UnknownModelError
 
     try:
-        return COMMANDS[argv[0]](argv[1:])
+        return {**COMMANDS, **INTERNAL}[argv[0]](argv[1:])
     except (SheetError, ManifestError, FrameError, AUParseError, ProtocolError, PretrainedWeightsError,
-            PredictionsError, UnknownModelError) as exc:
+            PredictionsError, UnknownModelError, ModelOptionError) as exc:
         # Bad input (or weights to fetch): one line naming the file/row and the fix, not a traceback.
         print(f"famnet-pl {argv[0]}: error: {exc}", file=sys.stderr)
         return 2

@@ -20,6 +20,12 @@ from the onset to each of those frames (T x (u, v, strain)), computed at ``flow_
 that is sub-pixel at the clip side survives. Precomputed-flow datasets (``megc2019_flow``) have
 no frames: their batches carry no ``x3d`` and models run their 2D branch alone.
 
+One DataModule per dataset (``CASME2DataModule``, ``SAMMDataModule``, ``MMEWDataModule``,
+``CASME3DataModule``, ``SMICDataModule``, ``MEGC2019DataModule``, ``SynthDataModule``) fixes the
+dataset: it takes that dataset's protocols only (default: the one of experiments/data/<name>.yaml)
+and every other option of MERDataModule unchanged. MERDataModule itself takes any protocol
+(composites such as ``famnet_3cls``).
+
 Folds are the groups (namespaced subjects such as ``samm/006``, or datasets) in sorted order;
 ``fold`` indexes them. The test group never contributes to normalisation statistics, augmentation,
 or validation. In a composite, AUs a sample's dataset does not code are masked in its AU loss.
@@ -31,7 +37,7 @@ import functools
 import json
 import logging
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import lightning as L
 import numpy as np
@@ -41,10 +47,10 @@ from torch.utils.data import DataLoader, Dataset, Subset, get_worker_info
 
 from famnet_pl.data import synthetic
 from famnet_pl.data.au import au_targets, parse_au_set
-from famnet_pl.data.cache import Prepared, ViewConfig, preprocess
 from famnet_pl.data.frames import FlowAlgorithm
 from famnet_pl.data.manifest import ApexFix, ManifestError, build_manifest, part_root, part_sheet
-from famnet_pl.data.protocols import ProtocolError, get_dataset, get_protocol
+from famnet_pl.data.preprocess import Prepared, ViewConfig, preprocess
+from famnet_pl.data.protocols import PROTOCOLS, ProtocolError, dataset_protocols, get_dataset, get_protocol
 from famnet_pl.data.transforms import ClipAugment
 
 log = logging.getLogger(__name__)
@@ -172,6 +178,9 @@ class MERDataModule(L.LightningDataModule):
         seed: seed of the augmentation stream and of the inner-validation draw.
     """
 
+    #: Protocols this class accepts (empty: every protocol); set by the per-dataset subclasses.
+    protocols: ClassVar[tuple[str, ...]] = ()
+
     def __init__(
         self,
         protocol: str = "synth_4cls",
@@ -215,6 +224,7 @@ class MERDataModule(L.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
+        self.check_protocol(protocol)
         self.save_hyperparameters()
         self.protocol = get_protocol(protocol, datasets=datasets, label_maps=label_maps, classes=classes)
         self.au_vocab = tuple(au_vocab) if au_vocab is not None else self.protocol.vocab
@@ -229,6 +239,16 @@ class MERDataModule(L.LightningDataModule):
         self.test_subject: str | None = None
         self._resume_state: dict = {}  # from a resume checkpoint (load_state_dict)
         self._shuffle_generator: torch.Generator | None = None
+
+    @classmethod
+    def check_protocol(cls, protocol: str) -> None:
+        """ProtocolError, one line naming the allowed protocols, unless this class takes ``protocol``."""
+        if not cls.protocols or protocol in cls.protocols:
+            return
+        owner = next((c.__name__ for c in MERDataModule.__subclasses__() if protocol in c.protocols),
+                     "MERDataModule" if protocol in PROTOCOLS else None)
+        raise ProtocolError(f"{cls.__name__}: protocol {protocol!r} is not one of {', '.join(cls.protocols)}"
+                            + (f"; use {owner} for it" if owner else ""))
 
     # Static facts, known before setup, linked into the model config by the CLI.
     @property
@@ -419,6 +439,82 @@ class MERDataModule(L.LightningDataModule):
             return self._loader(self.test_set, shuffle=False)
         rank, world = shard
         return self._loader(Subset(self.test_set, range(rank, len(self.test_set), world)), shuffle=False)
+
+
+# --- one DataModule per dataset ----------------------------------------------------------------
+# Each fixes its dataset (the protocols it accepts, defaults for protocol and root) and takes every
+# other MERDataModule option unchanged (LightningCLI reads them through ``**kwargs``):
+#   data: {class_path: famnet_pl.data.datamodule.CASME2DataModule, init_args: {data_root: ...}}
+# or ``--data CASME2DataModule`` on the command line.
+
+
+class CASME2DataModule(MERDataModule):
+    """CASME II (experiments/data/casme2.yaml): ``casme2_5cls`` (default), ``casme2_5cls_2019``,
+    ``casme2_3cls`` or ``casme2`` (every sample); see :class:`MERDataModule` for the other options."""
+
+    protocols = dataset_protocols("casme2")
+
+    def __init__(self, protocol: str = "casme2_5cls", data_root: str = "data/CASME2", **kwargs) -> None:
+        super().__init__(protocol=protocol, data_root=data_root, **kwargs)
+
+
+class SAMMDataModule(MERDataModule):
+    """SAMM (experiments/data/samm.yaml): ``samm_5cls`` (default), ``samm_3cls`` or ``samm``."""
+
+    protocols = dataset_protocols("samm")
+
+    def __init__(self, protocol: str = "samm_5cls", data_root: str = "data/SAMM", **kwargs) -> None:
+        super().__init__(protocol=protocol, data_root=data_root, **kwargs)
+
+
+class MMEWDataModule(MERDataModule):
+    """MMEW (experiments/data/mmew.yaml): ``mmew_6cls`` (default; alias ``mmew``), ``mmew_5cls``,
+    ``mmew_4cls`` or ``mmew_3cls``."""
+
+    protocols = dataset_protocols("mmew")
+
+    def __init__(self, protocol: str = "mmew_6cls", data_root: str = "data/MMEW", **kwargs) -> None:
+        super().__init__(protocol=protocol, data_root=data_root, **kwargs)
+
+
+class CASME3DataModule(MERDataModule):
+    """CAS(ME)^3 Part A (experiments/data/casme3.yaml): ``casme3_4cls`` (default), ``casme3_7cls``
+    (alias ``casme3``), ``casme3_3cls`` or ``casme3_3cls_687``."""
+
+    protocols = dataset_protocols("casme3")
+
+    def __init__(self, protocol: str = "casme3_4cls", data_root: str = "data/CASME3", **kwargs) -> None:
+        super().__init__(protocol=protocol, data_root=data_root, **kwargs)
+
+
+class SMICDataModule(MERDataModule):
+    """SMIC-HS (experiments/data/smic.yaml): ``smic_3cls`` (alias ``smic``)."""
+
+    protocols = dataset_protocols("smic")
+
+    def __init__(self, protocol: str = "smic_3cls", data_root: str = "data/SMIC", **kwargs) -> None:
+        super().__init__(protocol=protocol, data_root=data_root, **kwargs)
+
+
+class MEGC2019DataModule(MERDataModule):
+    """The MEGC2019 composite benchmark (CASME II + SAMM + SMIC, the official 442 samples) in either
+    release: ``megc2019_3cls`` (default; the datasets' frames, experiments/data/megc2019.yaml) or
+    ``megc2019_flow_3cls`` (precomputed flow images, no 3D view; experiments/data/megc2019_flow.yaml)."""
+
+    protocols = ("megc2019_3cls", *dataset_protocols("megc2019_flow"))
+
+    def __init__(self, protocol: str = "megc2019_3cls", data_root: str = "data/megc2019", **kwargs) -> None:
+        super().__init__(protocol=protocol, data_root=data_root, **kwargs)
+
+
+class SynthDataModule(MERDataModule):
+    """The built-in synthetic set (experiments/data/synth.yaml, the default run): ``synth_4cls``,
+    generated into ``data_root`` on first use."""
+
+    protocols = dataset_protocols("synth")
+
+    def __init__(self, protocol: str = "synth_4cls", data_root: str = "data/synth", **kwargs) -> None:
+        super().__init__(protocol=protocol, data_root=data_root, **kwargs)
 
 
 @functools.lru_cache(maxsize=8)

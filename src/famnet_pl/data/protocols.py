@@ -338,6 +338,13 @@ for _name, _sheet in {"casme2": CASME2_2014, "samm": SAMM_SHEET}.items():
 ALIASES = {"mmew": "mmew_6cls", "casme3": "casme3_7cls", "smic": "smic_3cls"}
 
 
+def dataset_protocols(dataset: str) -> tuple[str, ...]:
+    """The protocols over ``dataset`` alone, then their aliases (``mmew`` for ``mmew_6cls``), in
+    :data:`PROTOCOLS` order: what a per-dataset DataModule accepts."""
+    names = [name for name, proto in PROTOCOLS.items() if proto.datasets == (dataset,)]
+    return (*names, *[alias for alias, name in ALIASES.items() if name in names])
+
+
 def get_dataset(name: str) -> DatasetSpec:
     """Look up a dataset layout by name (KeyError lists the known ones)."""
     try:

@@ -14,7 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from famnet_pl.data.cache import ViewConfig, preprocess_sample
+from famnet_pl.data.preprocess import ViewConfig, preprocess_sample
 from famnet_pl.utils.plot import figure_png, pyplot
 
 

@@ -1,15 +1,23 @@
-"""FAMNetLitModule: training logic around a registered network (FAMNet and its branches).
+"""MERLitModule: training logic around any registered network (FAMNet and its branches, FRL-DGT,
+STSTNet, ...).
 
 Data flow per step::
 
     batch {"x2d", "x3d", "label", "au", "au_mask"[, "landmarks"]} -> net(x2d, x3d[, landmarks]) -> outputs
-        -> WeightedMultiTaskLoss -> loss ; outputs["emotion"] -> per-stage torchmetrics
+        -> WeightedMultiTaskLoss(model.loss_weights) -> loss ; outputs["emotion"] -> per-stage torchmetrics
 
 The network comes from the model registry by name (``model: famnet_r18``), with its own options in
 ``net`` (widths, attention, fusion...; see ``famnet_pl.models.famnet.FAMNet``). ``num_classes``,
 ``num_aus`` and ``in_channels_2d`` are linked from the DataModule by the CLI, so a config states
-them once. Metric objects are separate per stage (correct reduction across processes). Logged
-per-stage metrics are for monitoring only: LOSO results are recomputed from prediction files.
+them once. Every loss weight is in ``loss_weights``, a model's self-supervised terms included
+(FRL-DGT's ``dgm_*``): the network returns those unweighted and computes only the ones whose weight
+is non-zero, which this module tells it. Metric objects are separate per stage (correct reduction
+across processes). Logged per-stage metrics are for monitoring only: LOSO results are recomputed
+from prediction files.
+
+``FAMNetLitModule`` is the former name, kept as an alias of the same class: configs with
+``class_path: famnet_pl.models.module.FAMNetLitModule`` and ``FAMNetLitModule.load_from_checkpoint``
+keep working.
 """
 
 from __future__ import annotations
@@ -47,8 +55,9 @@ def _stage_metrics(num_classes: int, prefix: str) -> MetricCollection:
     }, prefix=prefix)
 
 
-class FAMNetLitModule(L.LightningModule):
-    """Multi-task MER training (emotion + AU) for FAMNet-style networks.
+class MERLitModule(L.LightningModule):
+    """Multi-task MER training (emotion + AU, plus a model's self-supervised terms) for every
+    registered network.
 
     Args:
         model: registry name (``famnet_r18``, ``amnet2d_r18``, ``amnet3d_r18``; the comparison
@@ -57,7 +66,9 @@ class FAMNetLitModule(L.LightningModule):
         num_classes: emotion classes (linked from ``data.num_classes``).
         num_aus: AU vocabulary size (linked from ``data.num_aus``); 0 disables the AU heads.
         in_channels_2d: channels of the 2D view (linked from ``data.in_channels_2d``).
-        loss_weights: weights of the multi-task loss terms (losses.py).
+        loss_weights: weights of every loss term (losses.py ``LossWeights``): the emotion and AU
+            terms, and the models' self-supervised terms (FRL-DGT: ``dgm_photo``, ``dgm_smooth``,
+            ``dgm_flow``; also used by ``pretrain_steps``).
         optimizer: ``adamw`` or ``sgd`` (momentum 0.9).
         lr: peak learning rate.
         weight_decay: decoupled (AdamW) or L2 (SGD) weight decay.
@@ -66,8 +77,9 @@ class FAMNetLitModule(L.LightningModule):
         warmup_epochs: linear warm-up length.
         pretrain_steps: self-supervised pre-training steps of the model's displacement module
             (FRL-DGT's ``dgm``) on this fold's *training* pairs (never the test subject), before the
-            classifier trains; 0: none (trained jointly from the start). With ``net.dgm_mode:
-            frozen`` the pre-trained module then stays fixed.
+            classifier trains; 0: none (trained jointly from the start). Its loss has the same
+            weights as the joint training (``loss_weights.dgm_*``). With ``net.dgm_mode: frozen``
+            the pre-trained module then stays fixed.
         late_weight_from: FAMNet's late-fusion weight: ``config`` (``net.late_weight``) or ``val``
             (no effect on single-branch models):
             after every validation epoch, the weight in {0, 0.1, ..., 1} whose fused predictions
@@ -99,6 +111,10 @@ class FAMNetLitModule(L.LightningModule):
         self.net = create_model(model, num_classes=num_classes, num_aus=num_aus,
                                 in_channels_2d=in_channels_2d, **(net or {}))
         self.criterion = WeightedMultiTaskLoss(loss_weights)
+        if hasattr(self.net, "active_aux_losses"):
+            # The network computes only the self-supervised terms that count: one whose weight is 0
+            # (FRL-DGT's flow guidance off) costs nothing, as when the weights were network options.
+            self.net.active_aux_losses = tuple(name for name, w in self.aux_loss_weights().items() if w)
         fusion = getattr(self.net, "fusion", None)
         if late_weight_from == "val" and getattr(fusion, "mode", "late") != "late":
             # Single-branch models have nothing to fuse: the option has no effect there (ablations).
@@ -110,6 +126,11 @@ class FAMNetLitModule(L.LightningModule):
         self.train_metrics = _stage_metrics(num_classes, "train/")
         self.val_metrics = _stage_metrics(num_classes, "val/")
         self.test_metrics = _stage_metrics(num_classes, "test/")
+
+    def aux_loss_weights(self) -> dict[str, float]:
+        """Weight of each self-supervised term the network can return (its ``AUX_LOSSES``; none for
+        most models), from ``loss_weights``: for the training loss and the pre-training alike."""
+        return {name: self.criterion.weights.aux_weight(name) for name in getattr(self.net, "AUX_LOSSES", ())}
 
     @property
     def trains_au(self) -> bool:
@@ -142,10 +163,10 @@ class FAMNetLitModule(L.LightningModule):
             train.augment = augment
         frozen = not any(p.requires_grad for p in dgm.parameters())
         dgm.requires_grad_(True)
-        options = getattr(self.net, "loss_options", {})
+        options = getattr(self.net, "loss_options", {})  # how the terms are computed (edge_alpha, ...)
         self.pretrain_history = pretrain_displacement(
             dgm, x[:, 0:3], x[:, 3:6], flow=x[:, 6:8] if x.shape[1] >= 8 else None, steps=steps,
-            seed=self.trainer.datamodule.hparams.fold, **options)
+            weights=self.aux_loss_weights(), seed=self.trainer.datamodule.hparams.fold, **options)
         dgm.requires_grad_(not frozen)
 
     def forward(self, x2d: Tensor | None = None, x3d: Tensor | None = None,
@@ -250,3 +271,9 @@ class FAMNetLitModule(L.LightningModule):
             return 0.5 * (1.0 + torch.cos(torch.tensor(progress * torch.pi)).item())
 
         return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.LambdaLR(opt, factor)}
+
+
+#: The former name of :class:`MERLitModule` (the same class, not a subclass), kept so that configs
+#: naming ``famnet_pl.models.module.FAMNetLitModule`` and code calling
+#: ``FAMNetLitModule.load_from_checkpoint`` keep working. New code: ``MERLitModule``.
+FAMNetLitModule = MERLitModule

@@ -4,8 +4,8 @@ Data flow: ``@register_model("name")`` stores a keyword-only factory;
 ``create_model("name", **kwargs)`` calls it and returns the ``nn.Module``.
 
 The built-in models live in ``famnet_pl.models.famnet`` (FAMNet and its
-branches) and ``famnet_pl.models.frl_dgt`` (FRL-DGT, STSTNet), which import this
-module to register them. To make ``import famnet_pl.models.registry`` alone
+branches), ``famnet_pl.models.frl_dgt`` (FRL-DGT) and ``famnet_pl.models.ststnet``
+(STSTNet), which import this module to register them. To make ``import famnet_pl.models.registry`` alone
 enough, :func:`create_model` and :func:`list_models` import the built-ins
 lazily (importing them at the top here would be circular).
 """
@@ -21,7 +21,7 @@ from torch import nn
 F = TypeVar("F", bound=Callable[..., nn.Module])
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
-_BUILTIN_MODULES = ("famnet_pl.models.famnet", "famnet_pl.models.frl_dgt")
+_BUILTIN_MODULES = ("famnet_pl.models.famnet", "famnet_pl.models.frl_dgt", "famnet_pl.models.ststnet")
 
 
 def register_model(name: str) -> Callable[[F], F]:
@@ -89,3 +89,8 @@ class UnknownModelError(KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0])
+
+
+class ModelOptionError(ValueError):
+    """A model option that a config must change, e.g. one that moved to ``model.loss_weights`` (a
+    ValueError whose message is one line naming the fix, for command entry points to print as is)."""

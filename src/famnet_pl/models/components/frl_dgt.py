@@ -9,8 +9,11 @@ Data flow::
 
     x2d (B, 6|9, H, W) = onset RGB | apex RGB | [flow u, v, strain]
       onset, apex --DisplacementGenerator (siamese U-Net + cost volumes)--> d (B, 2, H, W), pixels
-                  self-supervised: Charbonnier(warp(onset, d) - apex) + edge-aware |grad d|
-                                   [+ correlation of d with -flow when the flow channels are given]
+                  self-supervised, unweighted -> outputs["aux_losses"]:
+                    dgm_photo  = Charbonnier(warp(onset, d) - apex)
+                    dgm_smooth = edge-aware |grad d|
+                    [dgm_flow  = correlation of d with -flow, when the flow channels are given]
+                  (weighted by model.loss_weights.dgm_* in the loss, famnet_pl/losses.py)
       [d, apex - onset, ...] --conv stem--> patch tokens (B, D, H/p, W/p) + 2D sin-cos positions
       (a) local fusion:  6 AU regions (brows L/R, eyes L/R, nose, mouth), boxes from 5 landmarks or
                          a template; RoIAlign-style r x r tokens per region -> transformer per region
@@ -40,7 +43,12 @@ What the paper fixes, what it leaves open, and what we chose (and why):
 * **Self-supervised loss** (unspecified): photometric Charbonnier ``sqrt(e^2 + 1e-6)`` (robust like L1,
   smooth at 0) between ``warp(onset, d)`` and apex; first-order smoothness ``|dx d| + |dy d|``, weighted
   by ``exp(-dgm_edge_alpha * |grad apex|)`` (edge-aware: motion may change at the brow or lip edge;
-  ``dgm_edge_alpha=0`` = plain); optional flow guidance (``flow_weight``) with the 9-channel view.
+  ``dgm_edge_alpha=0`` = plain); optional flow guidance with the 9-channel view. The network returns
+  the terms unweighted; their weights are loss weights (``model.loss_weights.dgm_photo``,
+  ``dgm_smooth``, ``dgm_flow``, in :class:`famnet_pl.losses.LossWeights`), so one place holds every
+  weight and a sweep over ``model.loss_weights.*`` reaches them. Only the terms named in
+  :attr:`FRLDGT.active_aux_losses` are computed (the LightningModule names those with a non-zero
+  weight): a term switched off costs nothing.
   Our data standardises each flow channel (mean/std over the training set), so pixels are lost: the
   default guidance is scale-free, ``1 - Pearson(d_c, -flow_c)`` per sample and axis (invariant to any
   per-channel affine normalisation); with ``flow_scale`` (pixels per flow unit) it is a Charbonnier
@@ -62,7 +70,7 @@ What the paper fixes, what it leaves open, and what we chose (and why):
   image-right eye, nose tip, image-left mouth corner, image-right mouth corner; xy normalised to
   [0, 1]) in units of the inter-ocular distance (see :func:`region_boxes`). With a face detector
   the data carries the detector's five landmarks through the crop, alignment, cache and
-  augmentation into ``batch["landmarks"]`` (``data/face.py`` ``crop_landmarks``, ``data/cache.py``);
+  augmentation into ``batch["landmarks"]`` (``data/face.py`` ``crop_landmarks``, ``data/preprocess.py``);
   without landmarks (aligned face crops, the synthetic set; or a sample whose face was not found:
   NaN) the template :data:`TEMPLATE_LANDMARKS` is used: eyes (0.36, 0.45) and
   (0.64, 0.45), nose (0.50, 0.60), mouth corners (0.39, 0.73) and (0.61, 0.73) -- between an
@@ -87,7 +95,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -116,6 +124,11 @@ TEMPLATE_LANDMARKS: tuple[tuple[float, float], ...] = (
 REGION_NAMES: tuple[str, ...] = ("brow_l", "brow_r", "eye_l", "eye_r", "nose", "mouth")
 REGION_GROUPS: tuple[tuple[int, ...], ...] = ((0, 1), (2, 3), (4,), (5,))
 TOKEN_INPUTS: dict[str, int] = {"displacement": 2, "difference": 3, "apex": 3, "flow": 3}
+#: The DGM's self-supervised terms, in the order they are computed and summed; each name is also the
+#: field of famnet_pl.losses.LossWeights that weighs it.
+DISPLACEMENT_LOSSES: tuple[str, ...] = ("dgm_photo", "dgm_smooth", "dgm_flow")
+#: Weights of :func:`pretrain_displacement` when none are given (the flow guidance off).
+_PRETRAIN_WEIGHTS: dict[str, float] = {"dgm_photo": 1.0, "dgm_smooth": 0.1, "dgm_flow": 0.0}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -171,46 +184,53 @@ def displacement_losses(
     displacement: Tensor,
     *,
     flow: Tensor | None = None,
-    photo_weight: float = 1.0,
-    smooth_weight: float = 0.1,
+    terms: Collection[str] = DISPLACEMENT_LOSSES,
     edge_alpha: float = 1.0,
-    flow_weight: float = 0.0,
     flow_scale: float | None = None,
 ) -> dict[str, Tensor]:
-    """The DGM's self-supervised loss terms, each already multiplied by its weight.
+    """The DGM's self-supervised loss terms, *unweighted* (the caller weighs them: the training loss
+    with ``model.loss_weights.dgm_*``, :func:`pretrain_displacement` with its ``weights``).
 
     Args:
         onset: (B, C, H, W) onset frames.
         apex: (B, C, H, W) apex frames.
         displacement: (B, 2, H, W) predicted displacement (pixels, see :func:`warp`).
         flow: Optional (B, 2, H, W) onset->apex optical flow (u, v) to guide ``displacement``.
-        photo_weight: Weight of the Charbonnier error between ``warp(onset, d)`` and ``apex``.
-        smooth_weight: Weight of the first-order smoothness ``|d/dx d| + |d/dy d|``.
+        terms: The terms to compute, from :data:`DISPLACEMENT_LOSSES`: ``dgm_photo`` (Charbonnier
+            error between ``warp(onset, d)`` and ``apex``), ``dgm_smooth`` (first-order smoothness
+            ``|d/dx d| + |d/dy d|``), ``dgm_flow`` (guidance by ``flow``; skipped when ``flow`` is
+            None). Terms not named are not computed.
         edge_alpha: Edge-aware smoothness: differences are weighted by
             ``exp(-edge_alpha * mean_c |grad apex|)``; 0 = uniform.
-        flow_weight: Weight of the flow guidance (0 or ``flow=None`` disables it).
         flow_scale: None: guidance ``1 - Pearson(d, -flow)`` per sample and axis (scale-free, for
             standardised flow channels); a number: Charbonnier of ``d + flow_scale * flow``
             (``flow_scale`` = pixels per flow unit).
 
     Returns:
-        ``{"dgm_photo", "dgm_smooth"[, "dgm_flow"]}`` -> weighted scalar tensors; a term whose
-        weight is 0 is left out.
+        ``{"dgm_photo", "dgm_smooth"[, "dgm_flow"]}`` (those asked for) -> unweighted scalar tensors,
+        in that order.
+
+    Raises:
+        ValueError: If ``terms`` names a term not in :data:`DISPLACEMENT_LOSSES`.
     """
+    unknown = set(terms) - set(DISPLACEMENT_LOSSES)
+    if unknown:
+        raise ValueError(f"unknown displacement loss terms {sorted(unknown)}; "
+                         f"known: {list(DISPLACEMENT_LOSSES)}")
     losses: dict[str, Tensor] = {}
-    if photo_weight:
-        losses["dgm_photo"] = photo_weight * _charbonnier(warp(onset, displacement) - apex)
-    if smooth_weight:
+    if "dgm_photo" in terms:
+        losses["dgm_photo"] = _charbonnier(warp(onset, displacement) - apex)
+    if "dgm_smooth" in terms:
         ddx = (displacement[..., :, 1:] - displacement[..., :, :-1]).abs()
         ddy = (displacement[..., 1:, :] - displacement[..., :-1, :]).abs()
         wx = torch.exp(-edge_alpha * (apex[..., :, 1:] - apex[..., :, :-1]).abs().mean(1, keepdim=True))
         wy = torch.exp(-edge_alpha * (apex[..., 1:, :] - apex[..., :-1, :]).abs().mean(1, keepdim=True))
-        losses["dgm_smooth"] = smooth_weight * ((ddx * wx).mean() + (ddy * wy).mean())
-    if flow_weight and flow is not None:
+        losses["dgm_smooth"] = (ddx * wx).mean() + (ddy * wy).mean()
+    if "dgm_flow" in terms and flow is not None:
         if flow_scale is None:
-            losses["dgm_flow"] = flow_weight * _pearson_loss(displacement, -flow)
+            losses["dgm_flow"] = _pearson_loss(displacement, -flow)
         else:
-            losses["dgm_flow"] = flow_weight * _charbonnier(displacement + flow_scale * flow)
+            losses["dgm_flow"] = _charbonnier(displacement + flow_scale * flow)
     return losses
 
 
@@ -357,10 +377,8 @@ def pretrain_displacement(
     steps: int = 200,
     lr: float = 1e-3,
     batch_size: int = 16,
-    photo_weight: float = 1.0,
-    smooth_weight: float = 0.1,
+    weights: Mapping[str, float] | None = None,
     edge_alpha: float = 1.0,
-    flow_weight: float = 0.0,
     flow_scale: float | None = None,
     seed: int = 0,
 ) -> list[float]:
@@ -374,10 +392,10 @@ def pretrain_displacement(
         steps: Optimiser steps.
         lr: Adam learning rate.
         batch_size: Pairs per step, drawn at random (seeded) from the N pairs.
-        photo_weight: See :func:`displacement_losses`.
-        smooth_weight: See :func:`displacement_losses`.
+        weights: Term name (:data:`DISPLACEMENT_LOSSES`) -> weight; a term missing or weighted 0 is
+            not computed. The LightningModule passes ``model.loss_weights.dgm_*``, the weights of
+            the joint training. None: ``dgm_photo`` 1.0, ``dgm_smooth`` 0.1, no flow guidance.
         edge_alpha: See :func:`displacement_losses`.
-        flow_weight: See :func:`displacement_losses`.
         flow_scale: See :func:`displacement_losses`.
         seed: Seed of the minibatch sampling.
 
@@ -386,6 +404,13 @@ def pretrain_displacement(
     """
     if onset.shape != apex.shape:
         raise ValueError(f"onset and apex shapes differ: {tuple(onset.shape)} vs {tuple(apex.shape)}")
+    weights = dict(_PRETRAIN_WEIGHTS if weights is None else weights)
+    unknown = set(weights) - set(DISPLACEMENT_LOSSES)
+    if unknown:
+        raise ValueError(f"unknown displacement loss terms {sorted(unknown)}; "
+                         f"known: {list(DISPLACEMENT_LOSSES)}")
+    # Zero-weight terms are not computed (as in the joint training).
+    active = [name for name in DISPLACEMENT_LOSSES if weights.get(name)]
     was_training = generator.training
     generator.train()
     opt = torch.optim.Adam(generator.parameters(), lr=lr)
@@ -396,9 +421,9 @@ def pretrain_displacement(
         idx = torch.randperm(n, generator=rng)[:batch_size].to(onset.device)
         d = generator(onset[idx], apex[idx])
         terms = displacement_losses(onset[idx], apex[idx], d, flow=None if flow is None else flow[idx],
-                                    photo_weight=photo_weight, smooth_weight=smooth_weight,
-                                    edge_alpha=edge_alpha, flow_weight=flow_weight, flow_scale=flow_scale)
-        loss = sum(terms.values())
+                                    terms=active, edge_alpha=edge_alpha, flow_scale=flow_scale)
+        # weight * term, summed in DISPLACEMENT_LOSSES order: the same sum as the training loss's.
+        loss = sum(weights[name] * term for name, term in terms.items())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -517,6 +542,13 @@ class FRLDGT(nn.Module):
 
     See the module docstring for the data flow and for what each option stands for.
 
+    Attributes:
+        AUX_LOSSES: Every self-supervised term the network can return in ``outputs["aux_losses"]``
+            (unweighted; each is the name of its ``LossWeights`` field).
+        active_aux_losses: The terms it computes; all of :attr:`AUX_LOSSES` by default. The
+            LightningModule sets it to those with a non-zero loss weight, so a term switched off
+            (``model.loss_weights.dgm_flow=0``) is never computed.
+
     Args:
         num_classes: Number of emotion classes.
         num_aus: Number of AUs (used only with ``au_head``).
@@ -527,11 +559,10 @@ class FRLDGT(nn.Module):
         dgm_corr_radius: DGM cost-volume radius per level (0 = plain U-Net).
         dgm_mode: ``"joint"`` (trained with the classifier and its aux losses) or ``"frozen"``.
         dgm_weights: Optional local path of a :class:`DisplacementGenerator` state_dict.
-        dgm_photo_weight: Weight of the photometric warp loss.
-        dgm_smooth_weight: Weight of the smoothness loss.
         dgm_edge_alpha: Edge-awareness of the smoothness loss (0 = uniform).
-        flow_weight: Weight of the flow guidance (9-channel input only; 0 disables).
-        flow_scale: None = scale-free correlation guidance; else pixels per flow unit.
+        flow_scale: Flow guidance (9-channel input only): None = scale-free correlation; else pixels
+            per flow unit. (The weights of the three DGM terms are loss weights,
+            ``model.loss_weights.dgm_photo`` / ``dgm_smooth`` / ``dgm_flow``, not options here.)
         token_inputs: Maps stacked for the patch tokens, from ``displacement``, ``difference``
             (apex - onset), ``apex``, ``flow`` (9-channel input only).
         stem_width: Channels of the full-resolution conv before patchifying.
@@ -551,6 +582,8 @@ class FRLDGT(nn.Module):
         FileNotFoundError: If ``dgm_weights`` does not exist.
     """
 
+    AUX_LOSSES: tuple[str, ...] = DISPLACEMENT_LOSSES
+
     def __init__(
         self,
         *,
@@ -564,10 +597,7 @@ class FRLDGT(nn.Module):
         dgm_corr_radius: int = 2,
         dgm_mode: Literal["joint", "frozen"] = "joint",
         dgm_weights: str | None = None,
-        dgm_photo_weight: float = 1.0,
-        dgm_smooth_weight: float = 0.1,
         dgm_edge_alpha: float = 1.0,
-        flow_weight: float = 0.1,
         flow_scale: float | None = None,
         # transformer fusion
         token_inputs: Sequence[str] = ("displacement", "difference"),
@@ -609,9 +639,9 @@ class FRLDGT(nn.Module):
         self.patch_size = patch_size
         self.region_grid = region_grid
         self.au_head = au_head
-        self.loss_options = {"photo_weight": dgm_photo_weight, "smooth_weight": dgm_smooth_weight,
-                             "edge_alpha": dgm_edge_alpha, "flow_weight": flow_weight,
-                             "flow_scale": flow_scale}
+        # How the DGM terms are computed (their weights live in the loss); pre-training reads the same.
+        self.loss_options = {"edge_alpha": dgm_edge_alpha, "flow_scale": flow_scale}
+        self.active_aux_losses: tuple[str, ...] = self.AUX_LOSSES
 
         self.dgm = DisplacementGenerator(in_channels=3, width=dgm_width, levels=dgm_levels,
                                          corr_radius=dgm_corr_radius)
@@ -674,8 +704,8 @@ class FRLDGT(nn.Module):
         Returns:
             ``emotion`` and ``emotion_2d`` (the same (B, num_classes) logits), ``au_2d``
             (B, num_aus) with ``au_head``, ``displacement`` (B, 2, H, W) and ``aux_losses``
-            (name -> weighted scalar: ``dgm_photo``, ``dgm_smooth``[, ``dgm_flow``]; detached when
-            the DGM is frozen).
+            (name -> *unweighted* scalar, for the terms in :attr:`active_aux_losses`: ``dgm_photo``,
+            ``dgm_smooth``[, ``dgm_flow`` with the flow channels]; detached when the DGM is frozen).
 
         Raises:
             ValueError: If ``x2d`` is missing or not (B, in_channels, H, W).
@@ -690,7 +720,7 @@ class FRLDGT(nn.Module):
 
         displacement = self._displacement(onset, apex)
         aux = displacement_losses(onset, apex, displacement, flow=None if flow is None else flow[:, :2],
-                                  **self.loss_options)
+                                  terms=self.active_aux_losses, **self.loss_options)
         if self.dgm_mode == "frozen":
             aux = {k: v.detach() for k, v in aux.items()}
 

@@ -9,12 +9,13 @@ Data flow inside one fold (one ``trainer.fit``)::
         fold_dir/predictions_epochs.csv  every evaluated epoch (oracle comparison only)
         fold_dir/metrics.json            fold metadata + last-epoch fold scores
         fold_dir/predictions.csv         last epoch = headline; written LAST: the fold-done marker
-        run_dir/loso_summary.json        pooled over every finished fold (aggregate.py); the
-                                         running pooled metrics are logged as ``loso/*``
+        run_dir/loso_summary.json        pooled over every finished fold (aggregate.py; run_dir is
+                                         fold_dir's parent); logged as ``loso/*`` once complete
 
 Nothing here selects an epoch: the test subject's predictions are recorded, never used to stop,
-checkpoint or schedule. The DataModule must expose ``manifest``, ``test_set``, ``test_subject``,
-``class_names``, ``au_vocab``, ``test_dataloader()`` and ``hparams.fold`` (MERDataModule does).
+checkpoint or schedule. The fold's folder and index come from the runner (run_fold), which named
+them; the DataModule must expose ``manifest``, ``test_set``, ``test_subject``, ``class_names``,
+``au_vocab``, ``protocol``, ``split``, ``dropped()`` and ``test_dataloader()`` (MERDataModule does).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ import pandas as pd
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from famnet_pl.aggregate import aggregate_run
+from famnet_pl.loso.aggregate import aggregate_run
+from famnet_pl.loso.rundir import CHECKPOINTS, METRICS, PREDICTIONS, PREDICTIONS_EPOCHS, resume_checkpoint
 from famnet_pl.metrics import fold_scores
 from famnet_pl.utils.io import atomic_write_bytes, atomic_write_csv, atomic_write_json, csv_bytes
 
@@ -39,11 +41,6 @@ log = logging.getLogger(__name__)
 
 class NonFiniteError(RuntimeError):
     """Training produced a NaN/inf loss or output: the fold stops and is marked failed."""
-
-
-def fold_dir_name(fold: int, subject: str) -> str:
-    """``fold_03_casme2-sub05``: zero-padded fold index + namespaced subject."""
-    return f"fold_{fold:02d}_{subject.replace('/', '-')}"
 
 
 def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -69,17 +66,13 @@ def gather_shards(probs: np.ndarray, au_probs: np.ndarray, index: np.ndarray, *,
             index[order])
 
 
-def resume_checkpoint(fold_dir: Path, config_hash: str | None) -> Path:
-    """The fold's resume checkpoint, named by the config fingerprint: a fold never resumes from a
-    checkpoint trained under another config."""
-    return Path(fold_dir) / "checkpoints" / f"resume-{config_hash or 'any'}.ckpt"
-
-
 class LOSOCallback(Callback):
     """Write one fold's test predictions and refresh the run's pooled LOSO summary.
 
     Args:
-        run_dir: ``runs/<exp>/<dataset>``; the fold writes into ``run_dir/fold_<kk>_<subject>``.
+        fold_dir: this fold's folder, ``runs/<exp>/<dataset>/fold_<kk>_<subject>`` (rundir.py); the
+            run's pooled summary goes to its parent.
+        fold: this fold's index in the run's plan.
         n_folds: folds of the protocol (the summary is complete when all have finished).
         eval_every: evaluate the test subject every N epochs for the oracle comparison (0: last
             epoch only).
@@ -91,18 +84,14 @@ class LOSOCallback(Callback):
             A killed or requeued fold continues from it and ends exactly as an uninterrupted one.
     """
 
-    def __init__(self, run_dir: str, n_folds: int | None = None, eval_every: int = 1,
+    def __init__(self, fold_dir: str | Path, fold: int, n_folds: int | None = None, eval_every: int = 1,
                  oracle_by: str = "acc", config_hash: str | None = None, resume_every: int = 1) -> None:
         super().__init__()
-        self.run_dir, self.n_folds, self.config_hash = Path(run_dir), n_folds, config_hash
+        self.fold_dir, self.fold = Path(fold_dir), fold
+        self.n_folds, self.config_hash = n_folds, config_hash
         self.eval_every, self.oracle_by, self.resume_every = eval_every, oracle_by, resume_every
         self.rows: list[pd.DataFrame] = []
         self.summary: dict | None = None
-
-    def fold_dir(self, trainer: L.Trainer) -> Path:
-        """This fold's output folder."""
-        dm = trainer.datamodule
-        return self.run_dir / fold_dir_name(dm.hparams.fold, dm.test_subject)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # Here, not in on_fit_start: a resume checkpoint restores ``rows`` between the two.
@@ -111,7 +100,7 @@ class LOSOCallback(Callback):
     def _non_finite(self, trainer: L.Trainer, what: str) -> NonFiniteError:
         dm = trainer.datamodule
         return NonFiniteError(
-            f"fold {dm.hparams.fold} ({dm.test_subject}): non-finite {what} (NaN or inf) at epoch "
+            f"fold {self.fold} ({dm.test_subject}): non-finite {what} (NaN or inf) at epoch "
             f"{trainer.current_epoch}, step {trainer.global_step}; the fold is stopped and gets no predictions: "
             "lower the learning rate (--model.lr), train in 32-bit precision (--trainer.precision=32) or clip "
             "gradients (--trainer.gradient_clip_val=1.0)")
@@ -131,7 +120,7 @@ class LOSOCallback(Callback):
             self.rows.append(self.predict_test(trainer, pl_module, epoch))
         if self.resume_every and not last and (epoch + 1) % self.resume_every == 0:
             # Every rank calls it (collective under DDP); rank 0 writes, atomically.
-            trainer.save_checkpoint(resume_checkpoint(self.fold_dir(trainer), self.config_hash))
+            trainer.save_checkpoint(resume_checkpoint(self.fold_dir, self.config_hash))
 
     def state_dict(self) -> dict:
         """What a resumed fold needs besides weights, optimiser and loops: the test predictions
@@ -184,7 +173,7 @@ class LOSOCallback(Callback):
         rows = dm.manifest.iloc[index]
         table = pd.DataFrame({
             "sample_id": rows["sample_id"].to_numpy(), "dataset": rows["dataset"].to_numpy(),
-            "subject": rows["subject"].to_numpy(), "fold": dm.hparams.fold, "epoch": epoch,
+            "subject": rows["subject"].to_numpy(), "fold": self.fold, "epoch": epoch,
             "group": dm.test_subject,  # the held-out subject (or dataset, leave-one-dataset-out)
             "y_true": rows["label"].to_numpy(), "y_pred": probs.argmax(1),
         })
@@ -210,15 +199,15 @@ class LOSOCallback(Callback):
             return
         if not trainer.is_global_zero:
             return
-        dm, out = trainer.datamodule, self.fold_dir(trainer)
+        dm, out = trainer.datamodule, self.fold_dir
         epochs = pd.concat(self.rows, ignore_index=True)
         last = self.rows[-1]
-        atomic_write_csv(out / "predictions_epochs.csv", epochs)
+        atomic_write_csv(out / PREDICTIONS_EPOCHS, epochs)
         predictions = csv_bytes(last)
         # What aggregation checks the prediction file against: its bytes, its samples (the test
         # subject's, each once), so an edited, truncated or duplicated file is an error, not a score.
-        atomic_write_json(out / "metrics.json", {
-            "fold": int(dm.hparams.fold), "subject": dm.test_subject, "protocol": dm.protocol.name,
+        atomic_write_json(out / METRICS, {
+            "fold": int(self.fold), "subject": dm.test_subject, "protocol": dm.protocol.name,
             "class_names": list(dm.class_names), "au_vocab": list(dm.au_vocab),
             "epoch": int(last["epoch"].iloc[0]), "n_test": len(last), "split": dm.split,
             "config_hash": self.config_hash, "world_size": trainer.world_size,
@@ -226,16 +215,16 @@ class LOSOCallback(Callback):
             "dropped": dm.dropped(),
             **{f"test/{k}": v for k, v in fold_scores(last["y_true"], last["y_pred"]).items()},
         })
-        atomic_write_bytes(out / "predictions.csv", predictions)
+        atomic_write_bytes(out / PREDICTIONS, predictions)
         # The fold is done: its resume points (ours, and Lightning's SLURM ones) are dead weight, and
         # so is a checkpoint a killed first part of the fold saved (this run's ModelCheckpoint does
         # not know it).
         saved = trainer.checkpoint_callback
         keep = {str(Path(p)) for p in (saved.best_model_path, saved.last_model_path) if p} if saved else set()
-        for stale in [*out.glob("checkpoints/*.ckpt"), *out.glob("hpc_ckpt_*.ckpt")]:
+        for stale in [*out.glob(f"{CHECKPOINTS}/*.ckpt"), *out.glob("hpc_ckpt_*.ckpt")]:
             if str(stale) not in keep:
                 stale.unlink(missing_ok=True)
-        self.summary = aggregate_run(self.run_dir, expected_folds=self.n_folds, oracle_by=self.oracle_by)
+        self.summary = aggregate_run(self.fold_dir.parent, expected_folds=self.n_folds, oracle_by=self.oracle_by)
         # Pooled metrics are logged once, by the fold that completes the run (earlier partial
         # pools under the same keys would read as final numbers in W&B).
         if self.summary and self.summary.get("complete") and trainer.logger is not None:

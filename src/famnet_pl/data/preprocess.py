@@ -183,7 +183,8 @@ def _common_key(root: Path, views: ViewConfig) -> str:
     import cv2
 
     here = Path(__file__).parent
-    code = hashlib.sha256(b"".join((here / f).read_bytes() for f in ("cache.py", "frames.py", "face.py")))
+    sources = ("preprocess.py", "frames.py", "face.py")
+    code = hashlib.sha256(b"".join((here / f).read_bytes() for f in sources))
     return json.dumps({"root": str(root.resolve()), "views": asdict(views), "version": CACHE_VERSION,
                        "code": code.hexdigest()[:16], "opencv": cv2.__version__}, sort_keys=True)
 

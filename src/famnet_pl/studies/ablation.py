@@ -30,6 +30,9 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from famnet_pl.loso.options import LosoOptions
+from famnet_pl.loso.rundir import SUMMARY
+from famnet_pl.loso.runner import run_loso
 from famnet_pl.utils.errors import BadInput
 from famnet_pl.utils.io import atomic_write_csv, atomic_write_text
 
@@ -77,25 +80,21 @@ def format_table(results: pd.DataFrame, order: list[str]) -> str:
 
 
 def run_ablation(*, dataset: str, spec: str = "experiments/ablation.yaml", experiments: str = "experiments",
-                 runs_dir: str = "runs", variants: list[str] | None = None, seeds: list[int] | None = None,
-                 jobs: int = 1, threads: int | None = None, wandb: str = "off", progress: bool = True,
-                 extra: list[str] = ()) -> pd.DataFrame:
+                 variants: list[str] | None = None, seeds: list[int] | None = None,
+                 options: LosoOptions = LosoOptions(wandb="off"), extra: list[str] = ()) -> pd.DataFrame:
     """Run (or complete) the ablation and write ``results.csv`` and ``table.md``; returns the results.
 
     Args:
         dataset: ``experiments/data/<dataset>.yaml``.
         spec: the ablation spec (seeds and variants).
         experiments: folder of base.yaml, data/ and model/.
-        runs_dir: root of all runs; the table goes to ``<runs_dir>/ablation/<dataset>/``.
         variants: run only these variant names (default: all in the spec).
         seeds: override the spec's seeds.
-        jobs: folds in parallel per LOSO run (``make loso JOBS``).
-        threads: CPU threads per fold.
-        wandb: per-fold logging (``off`` by default: dozens of runs).
-        progress: progress bars.
+        options: the LOSO options of every run (``runs_dir``: the table goes to
+            ``<runs_dir>/ablation/<dataset>/``; ``jobs``, ``threads``; ``wandb`` off by default:
+            dozens of runs); ``exp`` is set per run.
         extra: CLI overrides appended to every run (e.g. ``--data.data_root=...``).
     """
-    from famnet_pl.loso import run_loso
 
     spec_seeds, spec_variants = load_variants(spec)
     seeds = seeds or spec_seeds
@@ -103,7 +102,7 @@ def run_ablation(*, dataset: str, spec: str = "experiments/ablation.yaml", exper
     if unknown:
         raise BadInput(f"{spec}: no variant named {sorted(unknown)}; variants: {[v['name'] for v in spec_variants]}")
     chosen = [v for v in spec_variants if not variants or v["name"] in variants]
-    exp_dir = Path(experiments)
+    exp_dir, runs_dir = Path(experiments), options.runs_dir
     out = Path(runs_dir) / "ablation" / dataset
     results_csv = out / "results.csv"
     previous = pd.read_csv(results_csv) if results_csv.is_file() else pd.DataFrame(columns=["variant", "seed"])
@@ -116,10 +115,9 @@ def run_ablation(*, dataset: str, spec: str = "experiments/ablation.yaml", exper
                     f"--seed_everything={seed}", f"--data.seed={seed}", *extra]
             print(f"== ablation {dataset}: {variant['name']}, seed {seed}", flush=True)
             run_root = Path(runs_dir) / "ablation" / variant["name"] / f"seed{seed}"
-            finished_before = any(json.loads(p.read_text()).get("complete") for p in run_root.glob("*/loso_summary.json"))
+            finished_before = any(json.loads(p.read_text()).get("complete") for p in run_root.glob(f"*/{SUMMARY}"))
             start = time.perf_counter()
-            summary = run_loso(args, exp=f"ablation/{variant['name']}/seed{seed}", runs_dir=runs_dir, wandb=wandb,
-                               progress=progress, jobs=jobs, threads=threads)
+            summary = run_loso(args, options, exp=f"ablation/{variant['name']}/seed{seed}")
             seconds = time.perf_counter() - start
             if summary is None or not summary.get("complete"):
                 raise BadInput(f"ablation {variant['name']} seed {seed}: the LOSO run did not finish; rerun "
@@ -159,8 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wandb", choices=["off", "offline", "online"], default="off")
     parser.add_argument("--no-progress", action="store_true")
     opts, extra = parser.parse_known_args(argv)
-    run_ablation(dataset=opts.dataset, spec=opts.spec, experiments=opts.experiments, runs_dir=opts.runs_dir,
+    options = LosoOptions(runs_dir=opts.runs_dir, jobs=opts.jobs, threads=opts.threads, wandb=opts.wandb,
+                          progress=not opts.no_progress)
+    run_ablation(dataset=opts.dataset, spec=opts.spec, experiments=opts.experiments,
                  variants=opts.variants.split(",") if opts.variants else None,
-                 seeds=[int(s) for s in opts.seeds.split(",")] if opts.seeds else None, jobs=opts.jobs,
-                 threads=opts.threads, wandb=opts.wandb, progress=not opts.no_progress, extra=extra)
+                 seeds=[int(s) for s in opts.seeds.split(",")] if opts.seeds else None, options=options, extra=extra)
     return 0

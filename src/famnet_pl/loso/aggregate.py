@@ -1,0 +1,203 @@
+"""Fold prediction files -> ``loso_summary.json``, confusion-matrix PNG and the printed table.
+
+Data flow::
+
+    <run>/fold_*/predictions.csv        (headline: last epoch)   --+
+    <run>/fold_*/predictions_epochs.csv (every evaluated epoch)  --+--> metrics.summarize
+    <run>/fold_*/metrics.json           (classes, AU vocabulary) --+        |
+                                                                            v
+                              <run>/loso_summary.json, <run>/confusion.png, printed table
+
+A fold counts as finished when its ``predictions.csv`` exists (it is written last, atomically).
+The summary depends only on those files, so an interrupted-and-resumed run and an uninterrupted
+run with the same seed give the same ``loso_summary.json``. :func:`print_summary` is the one place
+the table is printed (local runs, fold-parallel runs, SLURM jobs, ``famnet-pl aggregate``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from famnet_pl.loso.rundir import (
+    CONFUSION,
+    METRICS,
+    PREDICTIONS,
+    PREDICTIONS_EPOCHS,
+    SUMMARY,
+    failed_folds,
+    finished_folds,
+    read_plan,
+)
+from famnet_pl.metrics import summarize
+from famnet_pl.utils.io import atomic_write_bytes, atomic_write_json, sha256_file
+
+def aggregate_run(run_dir: str | Path, *, expected_folds: int | None = None, oracle_by: str = "acc",
+                  write: bool = True) -> dict | None:
+    """Pool the finished folds of a run.
+
+    Args:
+        run_dir: ``runs/<exp>/<dataset>``.
+        expected_folds: folds the protocol has; the summary lists the missing ones and is marked
+            ``complete`` only when all are there.
+        oracle_by: oracle epoch criterion.
+        write: write ``loso_summary.json`` and ``confusion.png`` into ``run_dir``.
+
+    Returns:
+        The summary dict, or None when no fold has finished.
+    """
+    run_dir = Path(run_dir)
+    folds = finished_folds(run_dir)
+    if not folds:
+        return None
+    metas = [json.loads((f / METRICS).read_text()) for f in folds]
+    meta = metas[0]
+    for other, f in zip(metas, folds):
+        if (other["class_names"], other["au_vocab"]) != (meta["class_names"], meta["au_vocab"]):
+            raise ValueError(f"{f}: classes or AU vocabulary differ from {folds[0]}; folds of one run "
+                             "must share them (delete the stray fold or use another run directory)")
+    plan = read_plan(run_dir).get("folds", {})
+    last = pd.concat([_checked_predictions(f, m, plan) for f, m in zip(folds, metas)], ignore_index=True)
+    epoch_files = [f / PREDICTIONS_EPOCHS for f in folds if (f / PREDICTIONS_EPOCHS).is_file()]
+    epochs = pd.concat([pd.read_csv(f) for f in epoch_files], ignore_index=True) if epoch_files else None
+    summary = summarize(last, epochs, class_names=meta["class_names"], au_vocab=meta["au_vocab"],
+                        oracle_by=oracle_by)
+    done = sorted(int(m["fold"]) for m in metas)
+    failed = {str(f["fold"]): f["error"] for f in failed_folds(run_dir)}
+    summary.update({"protocol": meta["protocol"], "folds_done": done,
+                    "complete": (expected_folds is None or len(done) == expected_folds) and not failed})
+    if failed:
+        summary["folds_failed"] = failed
+    dropped = {d["sample_id"]: d for m in metas for d in m.get("dropped", [])}
+    summary["dropped"] = [dropped[k] for k in sorted(dropped)]
+    if expected_folds is not None:
+        summary["folds_missing"] = sorted(set(range(expected_folds)) - set(done))
+    if write:
+        atomic_write_json(run_dir / SUMMARY, _finite(summary))
+        atomic_write_bytes(run_dir / CONFUSION, confusion_png(summary))
+    return summary
+
+
+class PredictionsError(ValueError):
+    """A fold's prediction file does not match what the fold recorded when it finished."""
+
+
+def _checked_predictions(fold_dir: Path, meta: dict, plan: dict) -> pd.DataFrame:
+    """A fold's ``predictions.csv``, checked against its ``metrics.json`` (checksum, sample ids, count)
+    and the run's plan (``run.json``: which subject fold k tests); every probability finite."""
+    path = fold_dir / PREDICTIONS
+
+    def bad(what: str) -> PredictionsError:
+        return PredictionsError(f"{path}: {what}; the file was changed after the fold finished: restore it, or "
+                                f"delete {fold_dir} and rerun the fold (FOLDS={meta['fold']})")
+
+    if "predictions_sha256" in meta and sha256_file(path) != meta["predictions_sha256"]:
+        raise bad("checksum differs from the one recorded in metrics.json")
+    try:
+        frame = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise bad(f"unreadable CSV ({type(exc).__name__})") from None
+    ids = frame["sample_id"].astype(str) if "sample_id" in frame else pd.Series(dtype=str)
+    if ids.duplicated().any():
+        raise bad(f"sample {ids[ids.duplicated()].iloc[0]} appears twice")
+    if len(frame) != meta["n_test"] or ("sample_ids" in meta and sorted(ids) != sorted(map(str, meta["sample_ids"]))):
+        raise bad(f"{len(frame)} samples, but the fold predicted {meta['n_test']}")
+    probs = frame[[c for c in frame.columns if c.startswith("prob_")]]
+    if probs.shape[1] != len(meta["class_names"]) or not np.isfinite(probs.to_numpy(dtype=float)).all():
+        raise bad("missing or non-finite class probabilities")
+    planned = plan.get(str(meta["fold"]))
+    if planned is not None and planned != meta["subject"]:
+        raise bad(f"fold {meta['fold']} tests {meta['subject']}, but run.json plans it for {planned}")
+    return frame
+
+
+def _finite(obj):
+    """JSON has no NaN: write null instead."""
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def confusion_png(summary: dict) -> bytes:
+    """The pooled confusion matrix as PNG bytes (rows true, columns predicted)."""
+    from famnet_pl.utils.plot import figure_png, pyplot
+
+    names, cm = summary["class_names"], summary["confusion"]
+    fig, ax = pyplot().subplots(figsize=(1.2 * len(names) + 2, 1.2 * len(names) + 1.5))
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    peak = max(max(row) for row in cm) or 1
+    for i, row in enumerate(cm):
+        for j, v in enumerate(row):
+            ax.text(j, i, str(v), ha="center", va="center", color="white" if v > peak / 2 else "black")
+    ax.set_title(f"LOSO pooled, {summary['protocol']}: UF1 {summary['loso/uf1']:.3f}, "
+                 f"UAR {summary['loso/uar']:.3f}", fontsize=9)
+    return figure_png(fig, dpi=110)
+
+
+def format_summary(summary: dict) -> str:
+    """The printed LOSO result table."""
+    names = summary["class_names"]
+    lines = [
+        f"LOSO {summary['protocol']}: {summary['n_samples']} samples, {summary['n_folds']} folds"
+        + ("" if summary.get("complete", True) else f" (INCOMPLETE: missing folds {summary['folds_missing']})"),
+        "",
+        f"{'':34s}{'UF1':>8s}{'UAR':>8s}{'acc':>8s}",
+        f"{'pooled, last epoch (headline)':34s}{summary['loso/uf1']:8.3f}{summary['loso/uar']:8.3f}"
+        f"{summary['loso/acc']:8.3f}",
+    ]
+    if "loso_oracle/uf1" in summary:
+        lines.append(f"{'pooled, ORACLE epoch (not a result)':34s}{summary['loso_oracle/uf1']:8.3f}"
+                     f"{summary['loso_oracle/uar']:8.3f}{summary['loso_oracle/acc']:8.3f}")
+    lines.append(
+        f"{'per-fold mean +/- std (secondary)':34s}"
+        f"{summary['loso_perfold/uf1_mean']:5.3f}+/-{summary['loso_perfold/uf1_std']:.2f} "
+        f"{summary['loso_perfold/uar_mean']:5.3f}+/-{summary['loso_perfold/uar_std']:.2f}")
+    for key in sorted(k for k in summary if k.count("/") == 2 and k.startswith("loso/")):
+        lines.append(f"  {key:32s}{summary[key]:8.3f}")
+    if "oracle_note" in summary:
+        lines.append(f"  note: {summary['oracle_note']}")
+    width = max(len(n) for n in names) + 2
+    lines += ["", "confusion (rows true, cols predicted):",
+              " " * width + "".join(f"{n[:8]:>9s}" for n in names) + "   recall"]
+    for name, row, rec in zip(names, summary["confusion"], summary["recall_per_class"]):
+        lines.append(f"{name:{width}s}" + "".join(f"{v:9d}" for v in row)
+                     + ("      n/a" if rec is None else f"{rec:9.3f}"))
+    for fold, error in summary.get("folds_failed", {}).items():
+        lines.append(f"  FAILED fold {fold}: {error}")
+    for c in summary.get("absent_classes", []):
+        lines.append(f"  WARNING: class {names[c]} has no sample in the pooled test predictions "
+                     "(UF1/UAR average the other classes)")
+    if summary.get("dropped"):
+        lines.append(f"  {len(summary['dropped'])} samples left out at preprocessing (in no fold's training or test "
+                     "set; restore their frames or drop them with --data.drop):")
+        lines += [f"    {d['sample_id']} ({d['subject']}): {d['error']}" for d in summary["dropped"]]
+    if "au_f1_per_au" in summary:
+        au = "  ".join(f"{k} {'n/a' if v is None or v != v else f'{v:.2f}'}"
+                       for k, v in summary["au_f1_per_au"].items())
+        lines += ["", f"AU F1 (mean {summary['loso/au_f1']:.3f}): {au}"]
+    return "\n".join(lines)
+
+
+def print_summary(summary: dict | None, run_dir: str | Path, *, files: bool = True) -> None:
+    """Print the table of ``summary`` (and, with ``files``, where the summary and the confusion
+    matrix are); a run without a finished fold says so on stderr."""
+    run_dir = Path(run_dir)
+    if summary is None:
+        print(f"{run_dir}: no finished fold (no fold_*/{PREDICTIONS})", file=sys.stderr, flush=True)
+        return
+    print("\n" + format_summary(summary), flush=True)
+    if files:
+        print(f"\nsummary: {run_dir / SUMMARY}; confusion matrix: {run_dir / CONFUSION}", flush=True)
