@@ -51,7 +51,7 @@ export PYTHONUNBUFFERED := 1
 need_config = @test -f experiments/$(1)/$(2).yaml || { echo "make: unknown $(3)=$(2); choose one of: \
 	$$(ls experiments/$(1) | sed 's/\.yaml$$//' | tr '\n' ' ')" >&2; exit 2; }
 
-.PHONY: help install loso loso-slurm ablation sweep agent sweep-offline data manifests fabricate aggregate test \
+.PHONY: help install loso loso-slurm ablation sweep agent sweep-offline data manifests fabricate aggregate lint test \
 	test-full test-gpu test-slurm bench clean distclean
 
 help: ## List the targets
@@ -122,7 +122,10 @@ fabricate: $(STAMP) ## Write a tiny fake tree in a dataset's real layout: make f
 aggregate: $(STAMP) ## Recompute pooled metrics from a run's prediction files: make aggregate RUN=runs/famnet_cpu/synth
 	$(BIN)/famnet-pl aggregate $(RUN)
 
-test: $(STAMP) ## Fast tests (not slow, not gpu, not data, not slurm)
+lint: $(STAMP) ## ruff: lint + import order (pyproject.toml [tool.ruff]); part of make test
+	$(BIN)/ruff check src tests bench
+
+test: lint ## Lint, then the fast tests (not slow, not gpu, not data, not slurm)
 	WANDB_MODE=offline $(BIN)/python -m pytest -m "not slow and not gpu and not data and not slurm" -q
 
 test-full: $(STAMP) ## Fast + slow tests (CPU)

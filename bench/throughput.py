@@ -49,7 +49,8 @@ def _timed(step, batches, warmup: int, device: torch.device) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-config", default=str(REPO / "experiments/data/synth.yaml"))
     parser.add_argument("--model-config", default=str(REPO / "experiments/model/famnet_cpu.yaml"))
     parser.add_argument("--steps", type=int, default=30, help="timed steps per measurement")
@@ -89,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     model_s = _timed(step, (fixed for _ in range(total)), opts.warmup, device)
     pipe_s = _timed(step, pipeline_batches(), opts.warmup, device)
     figures = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else platform.processor() or "cpu"),
         "threads": torch.get_num_threads(), "batch_size": batch_size, "steps": opts.steps,
         "precision": opts.precision,
         "x2d": list(fixed["x2d"].shape[1:]), "x3d": list(fixed["x3d"].shape[1:]),

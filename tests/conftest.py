@@ -48,6 +48,17 @@ def tiny_synth(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def two_subjects(tmp_path_factory) -> Path:
+    """2 subjects x 4 classes x 1 clip, 64 px, 8-9 frames: a 2-fold LOSO in seconds."""
+    from famnet_pl.data import synthetic
+
+    root = tmp_path_factory.mktemp("synth2")
+    synthetic.generate(root, synthetic.SynthSpec(n_subjects=2, clips_per_class=1, image_size=64,
+                                                 min_frames=8, max_frames=9, seed=2))
+    return root
+
+
 def tiny_args(root: Path, cache: Path, **overrides) -> list[str]:
     """LightningCLI arguments for a CPU smoke run on ``tiny_synth`` (1 epoch, tiny widths)."""
     args = {

@@ -29,7 +29,8 @@ def test_every_config_smoke_runs_on_cpu(config, tiny_synth, tmp_path):
     """fast_dev_run on tiny data; sizes and precision shrunk for CPU, everything else as configured."""
     own = yaml.safe_load(config.read_text())["model"]
     famnet = own["model"] in ("famnet_r18", "amnet2d_r18", "amnet3d_r18")
-    tiny = [a for a in tiny_args(tiny_synth, tmp_path / "cache") if famnet or not a.startswith("--model.net.")]
+    tiny = [a for a in tiny_args(tiny_synth, tmp_path / "cache")
+            if famnet or not a.startswith("--model.net.")]
     if yaml.safe_load(config.read_text()).get("data", {}).get("val_subjects", 0) > 1:
         tiny.append("--data.val_subjects=1")  # the tiny set has 2 training subjects per fold
     args = ["--config", str(REPO / "experiments" / "base.yaml"), "--config", str(config), *tiny,
@@ -57,7 +58,8 @@ def test_aggregate_command_on_empty_dir(tmp_path: Path, capsys):
 def test_bad_sheet_is_one_line_and_exit_2(tmp_path, capsys):
     sheet = tmp_path / "not-a-sheet.xlsx"
     sheet.write_text("hello")
-    assert main(["manifest", "casme2_5cls", "--annotation", str(sheet), "--out", str(tmp_path / "m.csv")]) == 2
+    assert main(["manifest", "casme2_5cls", "--annotation", str(sheet),
+                 "--out", str(tmp_path / "m.csv")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not-a-sheet.xlsx" in err[0] and "error" in err[0]
 
@@ -106,7 +108,8 @@ def test_synth_config_gives_the_datamodule_of_its_plain_form(tmp_path):
     assert dict(clis[0].model.hparams) == dict(clis[1].model.hparams)
     config = clis[0].config
     assert data_args(config).fold == 3 and config_key(config, "data.seed") == "data.init_args.seed"
-    assert config_key(config, "model.loss_weights.w2d") in config and config_key(config, "data.fold") in config
+    assert (config_key(config, "model.loss_weights.w2d") in config
+            and config_key(config, "data.fold") in config)
     cfg = config.clone()                                       # the runner's fingerprint: fold-independent
     data_args(cfg).fold = 0
     fold0 = build_cli(["--config", str(BASE), "--config", str(synth), "--config", str(CPU_MODEL),

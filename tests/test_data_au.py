@@ -7,7 +7,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from famnet_pl.data.au import AUParseError, au_targets, format_aus, parse_au
-
 from tests.conftest import CASME2_2014, CASME2_2019
 
 
@@ -64,7 +63,8 @@ def test_every_real_casme2_au_cell_parses_and_most_are_nonempty(sheet):
     cells = pd.read_excel(sheet, engine="openpyxl")["Action Units"]
     parsed = [parse_au(c) for c in cells]
     assert sum(bool(p.aus) for p in parsed) >= 0.97 * len(parsed)
-    targets, mask = au_targets([p.aus for p in parsed], [p.unknown for p in parsed], (1, 2, 4, 7, 12, 14, 15, 17))
+    targets, mask = au_targets([p.aus for p in parsed], [p.unknown for p in parsed],
+                               (1, 2, 4, 7, 12, 14, 15, 17))
     assert targets.sum(axis=1).astype(bool).mean() > 0.6          # not silently all zero
     assert (targets.sum(axis=0) > 0).all()                       # every vocabulary AU occurs
     assert mask.min() == (0.0 if any(p.unknown for p in parsed) else 1.0)

@@ -32,7 +32,8 @@ def test_folds_are_subject_disjoint_and_cover_every_sample_once(tiny_synth, tmp_
     assert sorted(seen) == list(range(len(dm.manifest)))
 
 
-@pytest.mark.parametrize("input_2d, channels", [("apex", 3), ("flow", 3), ("both", 6), ("pair", 6), ("pair_flow", 9)])
+@pytest.mark.parametrize("input_2d, channels",
+                         [("apex", 3), ("flow", 3), ("both", 6), ("pair", 6), ("pair_flow", 9)])
 def test_batch_views_and_targets(tiny_synth, tmp_path, input_2d, channels):
     dm = _dm(tiny_synth, tmp_path, input_2d=input_2d)
     assert dm.in_channels_2d == channels
@@ -124,7 +125,8 @@ def test_landmarks_travel_from_the_detector_to_frl_dgt_and_move_with_the_augment
     from famnet_pl.models.module import MERLitModule
 
     points = ((18.0, 26.0), (42.0, 27.0), (31.0, 38.0), (23.0, 48.0), (41.0, 49.0))  # 64 px synthetic frames
-    register_detector("with_landmarks", lambda frame: FaceDetection(0, 0, 64, 64, eyes=points[:2], landmarks=points))
+    register_detector("with_landmarks",
+                      lambda frame: FaceDetection(0, 0, 64, 64, eyes=points[:2], landmarks=points))
     plain = _dm(tiny_synth, tmp_path, input_2d="pair", face_detector="with_landmarks", face_margin=0.0,
                 face_size=64, augment=False)
     plain.setup("fit")
@@ -155,9 +157,11 @@ def test_landmarks_travel_from_the_detector_to_frl_dgt_and_move_with_the_augment
                           net={"dgm_width": 4, "embed_dim": 16, "heads": 2})
     torch.manual_seed(0)
     boxes = module.net.region_boxes(batch["landmarks"], 4)
-    assert not torch.allclose(boxes, module.net.region_boxes(None, 4))  # placed from the data, not the template
+    # placed from the data, not the template
+    assert not torch.allclose(boxes, module.net.region_boxes(None, 4))
     batch["landmarks"][1] = float("nan")  # no face found for that sample: the template is used
-    torch.testing.assert_close(module.net.region_boxes(batch["landmarks"], 4)[1], module.net.region_boxes(None, 4)[1])
+    torch.testing.assert_close(module.net.region_boxes(batch["landmarks"], 4)[1],
+                               module.net.region_boxes(None, 4)[1])
     module.eval()
     with_points = module(batch["x2d"], None, batch["landmarks"])["emotion"]
     assert not torch.allclose(with_points, module(batch["x2d"])["emotion"])

@@ -19,7 +19,6 @@ from famnet_pl.data.annotations import SheetError, read_samm_sheet
 from famnet_pl.data.au import au_targets
 from famnet_pl.data.manifest import ManifestError, build_manifest
 from famnet_pl.data.protocols import PROTOCOLS
-
 from tests.conftest import REPO, SHARED, tiny_args
 
 SAMM = SHARED / "samm" / "SAMM_Micro_FACS_Codes_v2.xlsx"
@@ -28,9 +27,9 @@ CASME3 = SHARED / "casme3" / "cas(me)3_part_A_ME_label_JpgIndex_v2.xlsx"
 
 def _real(protocol: str, **kwargs):
     """Manifest of ``protocol`` from the real sheets (found below ../shared/annotations)."""
-    from famnet_pl.cli import _pinned_sheets
+    from famnet_pl.data.manifest import pinned_sheets
 
-    return build_manifest(protocol=protocol, annotations=_pinned_sheets(protocol, SHARED), **kwargs)
+    return build_manifest(protocol=protocol, annotations=pinned_sheets(protocol, SHARED), **kwargs)
 
 
 def _per_dataset(manifest: pd.DataFrame, classes) -> dict[str, tuple[int, ...]]:
@@ -77,7 +76,8 @@ def test_casme3_860_mes_keyed_by_onset_with_errata_and_official_lists():
     with_lists, report = _real("casme3")
     assert len(with_lists) == 845                         # 15 MEs with an occluded apex dropped
     assert sum("apex occluded" in m for m in report.dropped_by_rule) == 15
-    assert (with_lists["frame_dir"] == with_lists["subject"].str[7:] + "/" + with_lists["video"] + "/color").all()
+    assert (with_lists["frame_dir"]
+            == with_lists["subject"].str[7:] + "/" + with_lists["video"] + "/color").all()
     assert with_lists["depth_dir"].str.endswith("/depth").all()
 
 
@@ -134,7 +134,8 @@ def test_committed_manifests_equal_fresh_builds(path):
     committed = pd.read_csv(path, dtype=str, keep_default_na=False)
     fresh, report = _real(path.stem)
     fresh = fresh.assign(sheet_sha256=report.sheet_sha256)
-    fresh = pd.read_csv(__import__("io").StringIO(fresh.to_csv(index=False)), dtype=str, keep_default_na=False)
+    fresh = pd.read_csv(__import__("io").StringIO(fresh.to_csv(index=False)), dtype=str,
+                        keep_default_na=False)
     pd.testing.assert_frame_equal(committed, fresh)
 
 
@@ -220,7 +221,8 @@ def test_every_protocol_runs_loso_on_a_fabricated_tree(protocol, trees, tmp_path
 
     root = trees[_tree_of(protocol)]
     manifest, report = build_manifest(protocol=protocol, root=root)
-    assert report.frames_checked and len(manifest) and set(manifest["label"]) == set(range(len(PROTOCOLS[protocol].classes)))
+    assert (report.frames_checked and len(manifest)
+            and set(manifest["label"]) == set(range(len(PROTOCOLS[protocol].classes))))
     args = tiny_args(root, tmp_path / "cache", **{"data.protocol": protocol, "trainer.max_epochs": 1})
     summary = run_loso(args, exp="fab", runs_dir=str(tmp_path / "runs"), folds=["0"], wandb="off")
     assert summary is not None and summary["n_folds"] == 1
@@ -250,16 +252,18 @@ def test_leave_one_dataset_out(trees, tmp_path):
     dm.setup()
     assert dm.split["test"] == ["mmew"]
     test_rows = dm.manifest.iloc[dm.test_set.indices]
-    assert (test_rows["dataset"] == "mmew").all() and len(test_rows) == (dm.manifest["dataset"] == "mmew").sum()
+    assert ((test_rows["dataset"] == "mmew").all()
+            and len(test_rows) == (dm.manifest["dataset"] == "mmew").sum())
 
 
 def test_leave_one_dataset_out_summary_has_one_fold_per_dataset(trees, tmp_path):
     from famnet_pl.loso import run_loso
 
-    args = tiny_args(trees["famnet"], tmp_path / "cache", **{"data.protocol": "famnet_3cls", "data.split": "dataset",
-                                                              "trainer.max_epochs": 1})
+    args = tiny_args(trees["famnet"], tmp_path / "cache",
+                     **{"data.protocol": "famnet_3cls", "data.split": "dataset", "trainer.max_epochs": 1})
     summary = run_loso(args, exp="lodo", runs_dir=str(tmp_path / "runs"), wandb="off")
-    assert summary["n_folds"] == 3 and [f["subject"] for f in summary["per_fold"]] == ["casme2", "mmew", "samm"]
+    assert (summary["n_folds"] == 3
+            and [f["subject"] for f in summary["per_fold"]] == ["casme2", "mmew", "samm"])
     assert sorted(p.name for p in (tmp_path / "runs" / "lodo" / "famnet_3cls_lodo").glob("fold_*")) == [
         "fold_00_casme2", "fold_01_mmew", "fold_02_samm"]
 
@@ -297,7 +301,8 @@ def test_cropped_layout_is_found(tmp_path):
     root = fabricate.fabricate("casme2", tmp_path / "c2", layout="cropped")
     manifest, report = build_manifest(protocol="casme2_5cls", root=root)
     assert report.layouts["casme2"] == "cropped"
-    assert manifest["frame_dir"].str.startswith("Cropped/").all() and (manifest["frame_pattern"] == "reg_img{k}.jpg").all()
+    assert (manifest["frame_dir"].str.startswith("Cropped/").all()
+            and (manifest["frame_pattern"] == "reg_img{k}.jpg").all())
 
 
 def test_frame_tree_that_does_not_match_the_sheet_names_row_and_file(trees, tmp_path):
@@ -307,7 +312,8 @@ def test_frame_tree_that_does_not_match_the_sheet_names_row_and_file(trees, tmp_
     first = manifest.iloc[0]
     victim = root / first["frame_dir"] / first["frame_pattern"].format(k=int(first["apex"]))
     victim.unlink()
-    with pytest.raises(ManifestError, match=rf"row {first['sheet_row']} \({first['sample_id']}\).*{victim.name}"):
+    with pytest.raises(ManifestError,
+                       match=rf"row {first['sheet_row']} \({first['sample_id']}\).*{victim.name}"):
         build_manifest(protocol="samm_5cls", root=root)
     kept, report = build_manifest(protocol="samm_5cls", root=root, missing_frames="drop")
     assert len(kept) == len(manifest) - 1 and first["sample_id"] in report.dropped_ids
@@ -336,7 +342,8 @@ def test_flow_peak_respects_missing_frames_drop(trees, tmp_path):
     shutil.copytree(trees["smic"], root)
     first = build_manifest(protocol="smic_3cls", root=root)[0].iloc[0]
     (root / first["frame_dir"] / first["frame_pattern"].format(k=int(first["onset"]) + 1)).unlink()
-    kept, report = build_manifest(protocol="smic_3cls", root=root, apex_fix="flow_peak", missing_frames="drop")
+    kept, report = build_manifest(protocol="smic_3cls", root=root, apex_fix="flow_peak",
+                                  missing_frames="drop")
     assert first["sample_id"] in report.dropped_ids and len(kept) == 8
 
 
@@ -438,9 +445,9 @@ def _make_loso_argv(tmp_path, extra: str = "", **make_vars) -> list[str]:
 
     small = (f"--data.flow_size=48 --data.flow_algorithm=farneback --data.cache_dir={tmp_path}/cache "
              f"--trainer.max_epochs=1 --runs-dir={tmp_path}/runs {extra}")
-    dry = subprocess.run(["make", "-s", "-n", "loso", *[f"{k}={v}" for k, v in make_vars.items()], "WANDB=off",
-                          "FOLDS=0", f"ARGS={small}", "STAMP=/dev/null"], cwd=REPO, capture_output=True,
-                         text=True, check=True)
+    dry = subprocess.run(["make", "-s", "-n", "loso", *[f"{k}={v}" for k, v in make_vars.items()],
+                          "WANDB=off", "FOLDS=0", f"ARGS={small}", "STAMP=/dev/null"], cwd=REPO,
+                         capture_output=True, text=True, check=True)
     line = next(x for x in dry.stdout.replace("\\\n", " ").splitlines() if "famnet-pl loso" in x)
     argv = shlex.split(line)
     return argv[argv.index("loso"):]

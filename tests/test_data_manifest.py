@@ -7,7 +7,6 @@ import pytest
 
 from famnet_pl.data.annotations import SheetError, read_casme2_sheet
 from famnet_pl.data.manifest import MANIFEST_COLUMNS, ManifestError, build_manifest
-
 from tests.conftest import CASME2_2014, CASME2_2019
 
 pytestmark = pytest.mark.shared  # reads the real sheets in ../shared/annotations
@@ -79,7 +78,8 @@ def test_synthetic_frames_are_checked(tiny_synth, tmp_path):
     victim = root / manifest.iloc[0]["frame_dir"]
     last = victim / f"img{manifest.iloc[0]['offset']}.jpg"
     last.unlink()
-    with pytest.raises(ManifestError, match=rf"{manifest.iloc[0]['sample_id']}.*img{manifest.iloc[0]['offset']}\.jpg"):
+    with pytest.raises(ManifestError,
+                       match=rf"{manifest.iloc[0]['sample_id']}.*img{manifest.iloc[0]['offset']}\.jpg"):
         build_manifest(protocol="synth_4cls", root=root)
     shutil.rmtree(victim)
     with pytest.raises(ManifestError, match="does not exist"):

@@ -11,7 +11,14 @@ import cv2
 import numpy as np
 import pytest
 
-from famnet_pl.data.frames import FrameError, FrameSource, clip_times, onset_apex_flow, read_frame, sample_clip
+from famnet_pl.data.frames import (
+    FrameError,
+    FrameSource,
+    clip_times,
+    onset_apex_flow,
+    read_frame,
+    sample_clip,
+)
 from famnet_pl.data.manifest import build_manifest
 from famnet_pl.data.preprocess import ViewConfig, preprocess, preprocess_sample, sample_key
 from famnet_pl.data.synthetic import displacement_pair
@@ -54,9 +61,9 @@ def synth_manifest(tiny_synth):
 def _variants() -> list[tuple[str, object]]:
     """One changed value for every preprocessing field."""
     changed = {"image_size": 48, "clip_len": 6, "clip_size": 32, "flow_algorithm": "dis", "flow_size": 96,
-               "need_flow": False, "need_onset": True, "register": False, "need_clip": False, "face_detector": "center",
-               "face_margin": 0.3, "face_align": True, "face_size": 128, "flow_pair": "apex_offset",
-               "clip_fps": 100.0, "clip_view": "flow"}
+               "need_flow": False, "need_onset": True, "register": False, "need_clip": False,
+               "face_detector": "center", "face_margin": 0.3, "face_align": True, "face_size": 128,
+               "flow_pair": "apex_offset", "clip_fps": 100.0, "clip_view": "flow"}
     assert set(changed) == {f.name for f in dataclasses.fields(ViewConfig)}  # a new field needs a variant
     return list(changed.items())
 
@@ -110,7 +117,8 @@ def test_parallel_workers_give_the_same_arrays(synth_manifest, tiny_synth, tmp_p
 
 # --- bad frames --------------------------------------------------------------------------------------
 
-def test_truncated_jpeg_and_missing_frame_name_the_file_and_lose_nothing_else(synth_manifest, tiny_synth, tmp_path):
+def test_truncated_jpeg_and_missing_frame_name_the_file_and_lose_nothing_else(synth_manifest, tiny_synth,
+                                                                              tmp_path):
     root = tmp_path / "broken"
     shutil.copytree(tiny_synth, root)
     rows = [dict(r._asdict()) for r in synth_manifest.itertuples(index=False)]
@@ -124,7 +132,8 @@ def test_truncated_jpeg_and_missing_frame_name_the_file_and_lose_nothing_else(sy
     result = preprocess(synth_manifest, root, SMALL, tmp_path / "cache", progress=False)
     assert result.failures.keys() == {rows[0]["sample_id"], rows[1]["sample_id"]}
     assert str(truncated) in result.failures[rows[0]["sample_id"]]
-    assert str(missing) in result.failures[rows[1]["sample_id"]] and "missing" in result.failures[rows[1]["sample_id"]]
+    assert (str(missing) in result.failures[rows[1]["sample_id"]]
+            and "missing" in result.failures[rows[1]["sample_id"]])
     assert result.ok.sum() == len(rows) - 2 and len(result.arrays["clip"]) == len(rows) - 2
     good = preprocess(synth_manifest.iloc[2:], tiny_synth, SMALL, tmp_path / "clean", progress=False)
     np.testing.assert_array_equal(result.arrays["clip"], good.arrays["clip"])   # the others are untouched
@@ -151,7 +160,8 @@ def test_preprocess_cli_reports_and_strict_stops_with_one_line(tiny_synth, tmp_p
     assert "11 built" in out and "1 left out" in out and victim.name in out
     assert main([*args, "--strict"]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
-    assert len(errors) == 1 and errors[0].startswith("famnet-pl preprocess: error") and victim.name in errors[0]
+    assert (len(errors) == 1 and errors[0].startswith("famnet-pl preprocess: error")
+            and victim.name in errors[0])
 
 
 # --- video files --------------------------------------------------------------------------------------
@@ -207,10 +217,12 @@ class _Counter(FrameSource):
 
 
 def test_short_clip_is_interpolated_long_clip_is_sampled():
-    short = sample_clip(_Counter().read_many, clip_times(1, 3, 5))           # 3 frames -> 5: blends in between
+    # 3 frames -> 5: blends in between
+    short = sample_clip(_Counter().read_many, clip_times(1, 3, 5))
     np.testing.assert_array_equal(short[:, 0, 0, 0], [10, 15, 20, 25, 30])
     source = _Counter()
-    long = sample_clip(source.read_many, clip_times(1, 20, 4))               # whole frames only, each read once
+    # whole frames only, each read once
+    long = sample_clip(source.read_many, clip_times(1, 20, 4))
     np.testing.assert_array_equal(long[:, 0, 0, 0], [10, 70, 140, 200])
     assert sorted(source.reads) == [1, 7, 14, 20]
 
@@ -280,8 +292,8 @@ def test_clip_view_flow_is_the_motion_from_the_onset_to_each_frame(synth_manifes
     apex_flow = preprocess_sample(row, tiny_synth, SMALL)["flow"]
     nearest = int(np.argmin(np.abs(times - row["apex"])))
     assert magnitude[nearest] > 0.5 * magnitude.max()
-    assert np.linalg.norm(apex_flow[..., :2], axis=-1).mean() * SMALL.clip_size / SMALL.image_size == pytest.approx(
-        magnitude.max(), rel=0.6)
+    assert (np.linalg.norm(apex_flow[..., :2], axis=-1).mean() * SMALL.clip_size / SMALL.image_size
+            == pytest.approx(magnitude.max(), rel=0.6))
 
 
 def test_a_frame_truncated_in_place_is_not_served_from_the_cache(synth_manifest, tiny_synth, tmp_path):

@@ -13,8 +13,15 @@ import pandas as pd
 import pytest
 
 from famnet_pl.data import synthetic
-from famnet_pl.data.synthetic import (EMOTION_AUS, FRAMES_DIRNAME, SHEET_NAME, SPEC_NAME, SYNTH_CLASSES,
-                                      SynthSpec, generate)
+from famnet_pl.data.synthetic import (
+    EMOTION_AUS,
+    FRAMES_DIRNAME,
+    SHEET_NAME,
+    SPEC_NAME,
+    SYNTH_CLASSES,
+    SynthSpec,
+    generate,
+)
 
 TINY = SynthSpec(n_subjects=2, clips_per_class=1, image_size=64, min_frames=6, max_frames=8, seed=3)
 COLUMNS = ["Subject", "Filename", "Unnamed: 2", "OnsetFrame", "ApexFrame", "OffsetFrame", "Unnamed: 6",

@@ -24,7 +24,8 @@ def test_full_size_famnet_bf16_forward_backward():
 
 
 def test_gpu_config_fits_with_bf16_mixed(tiny_synth, tmp_path):
-    args = ["--config", str(REPO / "experiments/base.yaml"), "--config", str(REPO / "experiments/model/famnet.yaml"),
+    args = ["--config", str(REPO / "experiments/base.yaml"),
+            "--config", str(REPO / "experiments/model/famnet.yaml"),
             *tiny_args(tiny_synth, tmp_path / "cache"), "--trainer.accelerator=gpu", "--trainer.devices=1",
             "--trainer.precision=bf16-mixed", "--model.net.width_2d=64", "--model.net.width_3d=64",
             "--trainer.max_epochs=2", f"--trainer.default_root_dir={tmp_path}"]

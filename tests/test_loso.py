@@ -7,18 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from famnet_pl.loso.rundir import SUMMARY as SUMMARY_NAME
 from famnet_pl.data import synthetic
+from famnet_pl.loso.rundir import SUMMARY as SUMMARY_NAME
 from famnet_pl.loso.runner import run_loso
 from tests.conftest import tiny_args
-
-
-@pytest.fixture(scope="module")
-def two_subjects(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synth2")
-    synthetic.generate(root, synthetic.SynthSpec(n_subjects=2, clips_per_class=1, image_size=64,
-                                                 min_frames=8, max_frames=9, seed=2))
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +31,8 @@ def test_two_fold_smoke_writes_every_artefact(finished_run):
         assert fold_dir.name in {"fold_00_synth-sub01", "fold_01_synth-sub02"}
         preds = pd.read_csv(fold_dir / "predictions.csv")
         assert set(preds["epoch"]) == {1}                                    # last epoch of 2
-        assert {"sample_id", "subject", "y_true", "y_pred", "prob_happiness", "au12_prob"} <= set(preds.columns)
+        assert ({"sample_id", "subject", "y_true", "y_pred", "prob_happiness", "au12_prob"}
+                <= set(preds.columns))
         assert preds["subject"].nunique() == 1
         assert set(pd.read_csv(fold_dir / "predictions_epochs.csv")["epoch"]) == {0, 1}
         assert (fold_dir / "config.yaml").is_file()                          # resolved config per fold
@@ -80,7 +73,8 @@ def test_test_subject_evaluation_does_not_change_training(two_subjects, tmp_path
     heads = []
     for every in (1, 0):
         runs = tmp_path / f"every{every}"
-        run_loso(args, exp="e", runs_dir=str(runs), wandb="off", eval_every=every, progress=False, folds=["0"])
+        run_loso(args, exp="e", runs_dir=str(runs), wandb="off", eval_every=every, progress=False,
+                 folds=["0"])
         heads.append(pd.read_csv(runs / "e" / "synth" / "fold_00_synth-sub01" / "predictions.csv"))
     pd.testing.assert_frame_equal(heads[0], heads[1])
 
@@ -95,7 +89,8 @@ def test_resume_with_a_changed_config_is_refused(finished_run):
 def test_fold_out_of_range_is_refused(finished_run):
     run_dir, args, _ = finished_run
     with pytest.raises(SystemExit, match="out of range"):
-        run_loso(args, exp="smoke", runs_dir=str(run_dir.parents[1]), folds=["7"], wandb="off", progress=False)
+        run_loso(args, exp="smoke", runs_dir=str(run_dir.parents[1]), folds=["7"], wandb="off",
+                 progress=False)
 
 
 def test_aggregate_command_keeps_a_partial_run_incomplete(finished_run, tmp_path, capsys):
@@ -116,8 +111,8 @@ def test_test_subject_evaluation_restores_the_global_rng(finished_run, two_subje
     import torch
     from torch.utils.data import DataLoader
 
-    from famnet_pl.loso.callback import LOSOCallback
     from famnet_pl.config import build_cli
+    from famnet_pl.loso.callback import LOSOCallback
 
     cli = build_cli([*tiny_args(two_subjects, tmp_path / "cache"), "--trainer.max_epochs=1",
                      f"--trainer.default_root_dir={tmp_path}"])
@@ -135,8 +130,8 @@ def test_a_nan_loss_stops_the_fold_names_it_and_fails_the_run(two_subjects, tmp_
     from famnet_pl.cli import main
 
     args = tiny_args(two_subjects, tmp_path / "cache", **{"model.lr": "1e30"})
-    code = main(["loso", "--exp", "nan", "--runs-dir", str(tmp_path / "runs"), "--wandb", "off", "--folds", "0",
-                 "--no-progress", *args])
+    code = main(["loso", "--exp", "nan", "--runs-dir", str(tmp_path / "runs"), "--wandb", "off",
+                 "--folds", "0", "--no-progress", *args])
     err = capsys.readouterr().err
     fold_dir = tmp_path / "runs" / "nan" / "synth" / "fold_00_synth-sub01"
     assert code != 0 and not (fold_dir / "predictions.csv").exists()
@@ -203,10 +198,12 @@ def test_a_relabelled_sheet_between_two_runs_of_one_experiment_is_refused(two_su
     emotion.value = "surprise" if emotion.value != "surprise" else "happiness"
     book.save(sheet)
     with pytest.raises(SystemExit, match="different annotations"):
-        run_loso(args, exp="relabel", runs_dir=str(tmp_path / "runs"), folds=["1"], wandb="off", progress=False)
+        run_loso(args, exp="relabel", runs_dir=str(tmp_path / "runs"), folds=["1"], wandb="off",
+                 progress=False)
 
 
-def test_disk_full_at_a_checkpoint_is_one_line_and_leaves_no_temp_file(two_subjects, tmp_path, capsys, monkeypatch):
+def test_disk_full_at_a_checkpoint_is_one_line_and_leaves_no_temp_file(two_subjects, tmp_path, capsys,
+                                                                        monkeypatch):
     import errno
     import os
 
@@ -221,19 +218,21 @@ def test_disk_full_at_a_checkpoint_is_one_line_and_leaves_no_temp_file(two_subje
 
     monkeypatch.setattr("famnet_pl.utils.io.os.replace", replace)
     runs = tmp_path / "runs"
-    code = main(["loso", "--exp", "full", "--runs-dir", str(runs), "--wandb", "off", "--folds", "0", "--no-progress",
-                 *tiny_args(two_subjects, tmp_path / "cache")])
+    code = main(["loso", "--exp", "full", "--runs-dir", str(runs), "--wandb", "off", "--folds", "0",
+                 "--no-progress", *tiny_args(two_subjects, tmp_path / "cache")])
     err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert code == 1 and len(err) == 1
-    assert "no space left on device for " in err[0] and ".ckpt: it needs " in err[0] and "MB are free" in err[0]
+    assert ("no space left on device for " in err[0] and ".ckpt: it needs " in err[0]
+            and "MB are free" in err[0])
     fold_dir = runs / "full" / "synth" / "fold_00_synth-sub01"
     assert not list(fold_dir.rglob("*.tmp")) and not list(fold_dir.rglob("*.ckpt"))
     assert not (fold_dir / "predictions.csv").exists()
 
 
-def test_an_unreadable_resume_checkpoint_is_set_aside_and_the_fold_starts_over(two_subjects, tmp_path, caplog):
-    from famnet_pl.loso.rundir import fold_dir_name, resume_checkpoint
+def test_an_unreadable_resume_checkpoint_is_set_aside_and_the_fold_starts_over(two_subjects, tmp_path,
+                                                                               caplog):
     from famnet_pl.loso.plan import plan_loso
+    from famnet_pl.loso.rundir import fold_dir_name, resume_checkpoint
 
     args, runs = tiny_args(two_subjects, tmp_path / "cache"), str(tmp_path / "runs")
     plan = plan_loso(args, exp="corrupt", runs_dir=runs)
@@ -247,12 +246,13 @@ def test_an_unreadable_resume_checkpoint_is_set_aside_and_the_fold_starts_over(t
 
 
 def test_a_sample_left_out_at_preprocessing_is_in_every_record_and_the_table(two_subjects, tmp_path):
-    from famnet_pl.loso.aggregate import format_summary
     from famnet_pl.data.manifest import build_manifest
+    from famnet_pl.loso.aggregate import format_summary
 
     root = tmp_path / "data"
     shutil.copytree(two_subjects, root)
-    row = build_manifest(protocol="synth_4cls", root=root)[0].iloc[0]  # a sample of sub01, fold 0's test subject
+    # a sample of sub01, fold 0's test subject
+    row = build_manifest(protocol="synth_4cls", root=root)[0].iloc[0]
     (root / row["frame_dir"] / row["frame_pattern"].format(k=int(row["apex"]))).write_bytes(b"not a jpeg")
     summary = run_loso(tiny_args(root, tmp_path / "cache", **{"trainer.max_epochs": 1}), exp="drop",
                        runs_dir=str(tmp_path / "runs"), wandb="off", progress=False)
@@ -271,7 +271,8 @@ def test_bad_fold_selection_is_one_line_and_exit_2(finished_run, tmp_path, capsy
     from famnet_pl.cli import main
 
     _, args, _ = finished_run
-    assert main(["loso", "--exp", "x", "--runs-dir", str(tmp_path), "--folds", "7", "--no-progress", *args]) == 2
+    assert main(["loso", "--exp", "x", "--runs-dir", str(tmp_path), "--folds", "7", "--no-progress",
+                 *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("famnet-pl loso: error: --folds: fold 7 out of range")
 
@@ -284,7 +285,8 @@ def test_the_fusion_weight_chosen_on_validation_is_the_one_the_test_predictions_
     from famnet_pl.models.module import MERLitModule
 
     args = tiny_args(tiny_synth, tmp_path / "cache", **{"trainer.enable_checkpointing": "true",
-                                                       "model.late_weight_from": "val", "data.val_subjects": 1})
+                                                       "model.late_weight_from": "val",
+                                                       "data.val_subjects": 1})
     run_loso(args, exp="w", runs_dir=str(tmp_path / "runs"), folds=["0"], wandb="off", progress=False)
     fold_dir = tmp_path / "runs" / "w" / "synth" / "fold_00_synth-sub01"
     logged = pd.read_csv(fold_dir / "metrics.csv").dropna(subset=["val/late_weight"])["val/late_weight"]
@@ -297,4 +299,5 @@ def test_the_fusion_weight_chosen_on_validation_is_the_one_the_test_predictions_
     with torch.no_grad():
         probs = module.predict_step(batch)["probs"].numpy()
     recorded = pd.read_csv(fold_dir / "predictions.csv")
-    np.testing.assert_allclose(recorded[[c for c in recorded if c.startswith("prob_")]].to_numpy(), probs, atol=2e-6)
+    np.testing.assert_allclose(recorded[[c for c in recorded if c.startswith("prob_")]].to_numpy(), probs,
+                               atol=2e-6)

@@ -18,13 +18,16 @@ from tests.conftest import tiny_args
 def test_ddp_fold_gathers_each_test_sample_once(tiny_synth, tmp_path):
     dropped = "synth/sub01/EP05_03"
     args = tiny_args(tiny_synth, tmp_path / "cache", **{"trainer.max_epochs": 2, "trainer.devices": 2,
-                                                        "trainer.strategy": "ddp", "data.drop": f"[{dropped}]"})
+                                                        "trainer.strategy": "ddp",
+                                                        "data.drop": f"[{dropped}]"})
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     result = subprocess.run([sys.executable, "-m", "famnet_pl.cli", "loso", "--exp", "ddp", "--runs-dir",
-                             str(tmp_path / "runs"), "--wandb", "off", "--no-progress", "--folds", "0", *args],
+                             str(tmp_path / "runs"), "--wandb", "off", "--no-progress",
+                             "--folds", "0", *args],
                             env=env, capture_output=True, text=True, timeout=600)
     fold = tmp_path / "runs" / "ddp" / "synth" / "fold_00_synth-sub01"
-    assert result.returncode == 0, result.stderr[-3000:] + (fold.parent / "logs" / "fold_00.log").read_text()[-3000:]
+    assert result.returncode == 0, (result.stderr[-3000:]
+                                    + (fold.parent / "logs" / "fold_00.log").read_text()[-3000:])
     meta = json.loads((fold / "metrics.json").read_text())
     assert meta["world_size"] == 2 and meta["n_test"] == 3
     last = pd.read_csv(fold / "predictions.csv")

@@ -8,9 +8,8 @@ import shutil
 
 import pytest
 
-from famnet_pl.loso.runner import run_loso
 from famnet_pl.data.manifest import build_manifest
-
+from famnet_pl.loso.runner import run_loso
 from tests.conftest import tiny_args
 
 METRICS = ("loso/uf1", "loso/uar", "loso/acc", "loso_oracle/uf1", "loso_perfold/uf1_mean")
@@ -46,7 +45,8 @@ def test_two_jobs_equal_one_and_a_crashed_fold_is_rerun_alone(tiny_synth, tmp_pa
         frame.unlink()                      # replaced, not overwritten: the folder's timestamp changes
         frame.write_bytes(saved[frame][:100])
     capsys.readouterr()
-    assert run_loso(args, exp="crash", runs_dir=str(tmp_path / "runs"), wandb="off", progress=False, jobs=2) is None
+    assert run_loso(args, exp="crash", runs_dir=str(tmp_path / "runs"), wandb="off", progress=False,
+                    jobs=2) is None
     err = capsys.readouterr().err
     assert "fold 1 (synth/sub02) FAILED" in err and "FOLDS=1" in err
     run = tmp_path / "runs" / "crash" / "synth"

@@ -17,8 +17,9 @@ from tests.conftest import tiny_args
 
 
 def _cmd(root, cache, runs):
-    return [sys.executable, "-m", "famnet_pl.cli", "loso", "--exp", "k", "--runs-dir", str(runs), "--no-progress",
-            "--wandb", "off", *tiny_args(root, cache, **{"trainer.max_epochs": 4, "trainer.enable_checkpointing": "true"})]
+    return [sys.executable, "-m", "famnet_pl.cli", "loso", "--exp", "k", "--runs-dir", str(runs),
+            "--no-progress", "--wandb", "off",
+            *tiny_args(root, cache, **{"trainer.max_epochs": 4, "trainer.enable_checkpointing": "true"})]
 
 
 def test_killed_run_resumes_from_its_checkpoint_to_the_same_summary(tiny_synth, tmp_path):
@@ -35,21 +36,23 @@ def test_killed_run_resumes_from_its_checkpoint_to_the_same_summary(tiny_synth, 
     second = run_dir / "fold_01_synth-sub02"
     deadline = time.time() + 300
     # Kill once fold 0 is done and fold 1 has saved a resume checkpoint (after 1 to 3 epochs).
-    while not list(second.glob("checkpoints/resume-*.ckpt")) and proc.poll() is None and time.time() < deadline:
+    while (not list(second.glob("checkpoints/resume-*.ckpt")) and proc.poll() is None
+           and time.time() < deadline):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert first.exists() and not (second / "predictions.csv").exists()
     done_before = first.stat().st_mtime_ns
 
-    rerun = subprocess.run(_cmd(tiny_synth, cache, killed), check=True, env=env, capture_output=True, text=True,
-                           timeout=600)
+    rerun = subprocess.run(_cmd(tiny_synth, cache, killed), check=True, env=env, capture_output=True,
+                           text=True, timeout=600)
     assert "fold 1 (synth/sub02): resuming from" in rerun.stderr    # continued, not restarted
     assert first.stat().st_mtime_ns == done_before                   # the finished fold was not redone
     assert not list(run_dir.glob("fold_*/checkpoints/resume-*.ckpt"))  # removed once the fold finished
     # Lightning's own checkpoint: the final one only, not also the one the killed part saved.
     assert [p.name for p in second.glob("checkpoints/*.ckpt")] == ["epoch=3-step=8.ckpt"]
-    assert (second / "metrics.csv").is_file() and (second / "resumed_1" / "metrics.csv").is_file()  # both logs kept
+    # both logs kept
+    assert (second / "metrics.csv").is_file() and (second / "resumed_1" / "metrics.csv").is_file()
     ours = json.loads((run_dir / SUMMARY_NAME).read_text())
     ref = json.loads((reference / "k" / "synth" / SUMMARY_NAME).read_text())
     assert ours == ref and ours["n_samples"] == 12 and ours["folds_done"] == [0, 1, 2]

@@ -6,19 +6,10 @@ import json
 import pandas as pd
 import pytest
 
-from famnet_pl.data import synthetic
 from famnet_pl.loso.options import LosoOptions, loso_parser
 from famnet_pl.loso.plan import LosoPlan, plan_loso
 from famnet_pl.loso.rundir import PREDICTIONS, RUN_JSON, fold_dir_name, is_finished
 from tests.conftest import tiny_args
-
-
-@pytest.fixture(scope="module")
-def two_subjects(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synth2")
-    synthetic.generate(root, synthetic.SynthSpec(n_subjects=2, clips_per_class=1, image_size=64,
-                                                 min_frames=8, max_frames=9, seed=2))
-    return root
 
 
 @pytest.mark.parametrize("options", [

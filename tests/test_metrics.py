@@ -19,7 +19,8 @@ def test_pooled_equals_sklearn_on_random_predictions(num_classes, seed):
     y_pred = rng.integers(0, num_classes, n)
     m = pooled_metrics(y_true, y_pred, num_classes)
     labels = list(range(num_classes))
-    assert m["uf1"] == pytest.approx(f1_score(y_true, y_pred, average="macro", labels=labels, zero_division=0))
+    assert m["uf1"] == pytest.approx(f1_score(y_true, y_pred, average="macro", labels=labels,
+                                              zero_division=0))
     assert m["uar"] == pytest.approx(recall_score(y_true, y_pred, average="macro", labels=labels))
     assert m["acc"] == pytest.approx(accuracy_score(y_true, y_pred))
     np.testing.assert_array_equal(m["confusion"], confusion_matrix(y_true, y_pred, labels=labels))
@@ -30,7 +31,8 @@ def test_per_fold_mean_differs_from_pooled():
     y_true = np.array([0, 0, 1, 1, 1, 1])
     y_pred = np.array([0, 0, 1, 0, 0, 0])
     pooled = pooled_metrics(y_true, y_pred, 2)
-    per_fold = np.mean([fold_scores(y_true[:2], y_pred[:2])["uar"], fold_scores(y_true[2:], y_pred[2:])["uar"]])
+    per_fold = np.mean([fold_scores(y_true[:2], y_pred[:2])["uar"],
+                        fold_scores(y_true[2:], y_pred[2:])["uar"]])
     assert pooled["uar"] == pytest.approx((1.0 + 0.25) / 2)
     assert per_fold != pytest.approx(pooled["uar"])
 
@@ -75,7 +77,8 @@ def test_au_scores_only_where_an_au_head_was_trained():
     last = pd.DataFrame({"fold": [0, 0, 1, 1], "subject": ["s1", "s1", "s2", "s2"], "dataset": "d",
                          "y_true": [0, 1, 0, 1], "y_pred": [0, 1, 1, 1],
                          "au1_true": [1, 0, 1, 0], "au1_mask": 1, "au1_prob": np.nan})
-    assert "loso/au_f1" not in summarize(last, None, class_names=["a", "b"], au_vocab=[1])  # no head: no score
+    # no head: no score
+    assert "loso/au_f1" not in summarize(last, None, class_names=["a", "b"], au_vocab=[1])
     last["au1_prob"] = [0.9, 0.1, 0.2, 0.1]
     assert summarize(last, None, class_names=["a", "b"], au_vocab=[1])["loso/au_f1"] == pytest.approx(2 / 3)
     batch = {"x2d": torch.randn(2, 3, 32, 32), "index": torch.arange(2)}

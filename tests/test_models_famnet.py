@@ -22,7 +22,8 @@ from famnet_pl.models.registry import create_model, list_models
 
 NUM_CLASSES = 3
 NUM_AUS = 5
-CI_KWARGS = {"num_classes": NUM_CLASSES, "num_aus": NUM_AUS, "width_2d": 8, "width_3d": 8, "small_input_2d": True}
+CI_KWARGS = {"num_classes": NUM_CLASSES, "num_aus": NUM_AUS, "width_2d": 8, "width_3d": 8,
+             "small_input_2d": True}
 BRANCHES = {"famnet_r18": ("2d", "3d"), "amnet2d_r18": ("2d",), "amnet3d_r18": ("3d",)}
 
 
@@ -99,7 +100,8 @@ def test_forward_backward(name: str, fusion: str, attention: str) -> None:
     loss = F.cross_entropy(out["emotion"], target)
     for b in branches:
         loss = loss + F.cross_entropy(out[f"emotion_{b}"], target)
-        loss = loss + F.binary_cross_entropy_with_logits(out[f"au_{b}"], torch.rand_like(out[f"au_{b}"]).round())
+        loss = loss + F.binary_cross_entropy_with_logits(out[f"au_{b}"],
+                                                         torch.rand_like(out[f"au_{b}"]).round())
     loss.backward()
     for pname, param in model.named_parameters():
         if param.requires_grad:

@@ -430,8 +430,10 @@ def test_displacement_module_is_pretrained_per_fold_on_training_pairs(tiny_synth
     from tests.conftest import REPO, tiny_args
 
     tiny = [a for a in tiny_args(tiny_synth, tmp_path / "cache") if not a.startswith("--model.net.")]
-    args = ["--config", str(REPO / "experiments/base.yaml"), "--config", str(REPO / "experiments/model/frl_dgt.yaml"),
-            *tiny, "--trainer.fast_dev_run=1", f"--trainer.default_root_dir={tmp_path}", "--model.pretrain_steps=4"]
+    args = ["--config", str(REPO / "experiments/base.yaml"),
+            "--config", str(REPO / "experiments/model/frl_dgt.yaml"),
+            *tiny, "--trainer.fast_dev_run=1", f"--trainer.default_root_dir={tmp_path}",
+            "--model.pretrain_steps=4"]
     cli = build_cli(args)
     # The pre-training reads the loss weights of the joint training (experiments/model/frl_dgt.yaml).
     assert cli.model.aux_loss_weights() == {"dgm_photo": 1.0, "dgm_smooth": 0.1, "dgm_flow": 0.1}
@@ -456,8 +458,8 @@ def test_displacement_module_is_pretrained_per_fold_on_training_pairs(tiny_synth
     test_rows = set(cli.datamodule.test_set.indices.tolist())
     assert seen and not test_rows & set(seen)
 
-    famnet = build_cli(["--config", str(REPO / "experiments/base.yaml"), *tiny_args(tiny_synth, tmp_path / "cache"),
-                        "--trainer.fast_dev_run=1", f"--trainer.default_root_dir={tmp_path}",
-                        "--model.pretrain_steps=2"])
+    famnet = build_cli(["--config", str(REPO / "experiments/base.yaml"),
+                        *tiny_args(tiny_synth, tmp_path / "cache"), "--trainer.fast_dev_run=1",
+                        f"--trainer.default_root_dir={tmp_path}", "--model.pretrain_steps=2"])
     with pytest.raises(ValueError, match="needs a model with a displacement module"):
         famnet.trainer.fit(famnet.model, datamodule=famnet.datamodule)

@@ -83,7 +83,8 @@ def test_late_weight_from_val_needs_late_fusion():
                   net={"width_2d": 8, "width_3d": 8, "fusion": "feature"})
     single = MERLitModule(model="amnet3d_r18", num_classes=3, late_weight_from="val", net={"width_3d": 8})
     single.on_validation_epoch_start()  # a single branch: nothing to fuse, the option is a no-op
-    single._val_outputs.append({"label": torch.tensor([0, 1]), "index": torch.arange(2), "emotion_3d": torch.randn(2, 3)})
+    single._val_outputs.append({"label": torch.tensor([0, 1]), "index": torch.arange(2),
+                                "emotion_3d": torch.randn(2, 3)})
     single.on_validation_epoch_end()
 
 

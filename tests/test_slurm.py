@@ -30,9 +30,8 @@ from pathlib import Path
 
 import pytest
 
+from famnet_pl.loso.rundir import JOBS_FILE, fold_dir_name
 from famnet_pl.loso.rundir import SUMMARY as SUMMARY_NAME
-from famnet_pl.loso.rundir import fold_dir_name
-from famnet_pl.loso.rundir import JOBS_FILE
 from famnet_pl.loso.slurm import array_log
 from tests.conftest import REPO, tiny_args
 
@@ -54,7 +53,8 @@ def cluster(test):
     """A test that needs the local SLURM cluster: marked ``slurm``, skipped where it cannot start
     (failed instead under ``FAMNET_REQUIRE_SLURM=1``)."""
     if _required:
-        assert _have_slurm and os.geteuid() == 0, "FAMNET_REQUIRE_SLURM=1 but SLURM is not installed or not root"
+        assert _have_slurm and os.geteuid() == 0, ("FAMNET_REQUIRE_SLURM=1 but SLURM is not installed "
+                                                   "or not root")
         return pytest.mark.slurm(test)
     test = pytest.mark.skipif(not _have_slurm, reason="SLURM not installed: run tests/slurm/install.sh "
                               "(apt install slurm-wlm munge) or make test-slurm")(test)
@@ -227,8 +227,8 @@ def test_sbatch_array_equals_local_run_and_resubmits_nothing(slurm_env, args, re
     partial = tmp_path / "partial"
     shutil.copytree(run_dir, partial)
     shutil.rmtree(partial / fold_dir_name(1, "synth/sub02"))
-    done = _run([sys.executable, "-m", "famnet_pl.cli", "slurm", "aggregate", str(partial), "--array-job", array,
-                 "--folds", "0,1,2"], slurm_env, check=False)
+    done = _run([sys.executable, "-m", "famnet_pl.cli", "slurm", "aggregate", str(partial),
+                 "--array-job", array, "--folds", "0,1,2"], slurm_env, check=False)
     assert done.returncode == 1 and "INCOMPLETE" in done.stdout
     assert (f"fold 1 (synth/sub02) missing: task {array}_1: COMPLETED (exit 0:0, 0 restarts); "
             f"log: {array_log(partial / 'logs', 1, array)}") in done.stderr

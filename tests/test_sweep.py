@@ -79,7 +79,8 @@ def test_spec_validates_and_the_agent_command_reaches_the_fold_hparams(name, tin
     sweep.check_param_names(spec, SPECS / f"{name}.yaml")  # real LightningCLI keys
     proposals = []
     while len(proposals) < 10 and (params := sweep.propose(spec, [dict(trial=f"t{len(proposals)}", params=p,
-                                                                       status="finished", metrics={"loso/uf1": 0.5})
+                                                                       status="finished",
+                                                                       metrics={"loso/uf1": 0.5})
                                                                   for p in proposals], seed=0)) is not None:
         assert all(type(v) in (int, float) and v >= 0 for v in params.values()), params   # no numpy scalars
         proposals.append(params)
@@ -109,9 +110,11 @@ def test_bad_specs_fail_with_one_line_naming_the_file(tmp_path, capsys):
     good = yaml.safe_load((SPECS / "loss_weights_grid.yaml").read_text())
     cases = {
         "metric": ({**good, "metric": {"name": "val/uf1", "goal": "maximize"}}, "not a pooled LOSO metric"),
-        "oracle": ({**good, "metric": {"name": "loso_oracle/uf1", "goal": "maximize"}}, "not a pooled LOSO metric"),
+        "oracle": ({**good, "metric": {"name": "loso_oracle/uf1", "goal": "maximize"}},
+                   "not a pooled LOSO metric"),
         "noargs": ({**good, "command": [c for c in good["command"] if c != "${args}"]}, "${args}"),
-        "schema": ({**good, "metric": {"name": "loso/uf1", "goal": "maximise"}}, "not a valid W&B sweep spec"),
+        "schema": ({**good, "metric": {"name": "loso/uf1", "goal": "maximise"}},
+                   "not a valid W&B sweep spec"),
         "typo": ({**good, "parameters": {**good["parameters"], "model.loss_weights.wax": {"values": [1.0]}}},
                  "unknown parameter model.loss_weights.wax"),
     }
@@ -247,7 +250,8 @@ def test_agent_command_runs_like_under_wandb_agent(tiny_synth, tmp_path, monkeyp
     # os.environ, and a trial joining it would have its run written after this test reads it.
     inherited = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
     env = {**inherited, "WANDB_MODE": "offline", "WANDB_RUN_ID": run_id, "WANDB_SWEEP_ID": sweep_id,
-           "WANDB_SWEEP_PARAM_PATH": str(param_file), "WANDB_DIR": str(tmp_path), "WANDB_PROJECT": "famnet_pl",
+           "WANDB_SWEEP_PARAM_PATH": str(param_file), "WANDB_DIR": str(tmp_path),
+           "WANDB_PROJECT": "famnet_pl",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     command = sweep.expand_command(spec, params)
     assert command[:2] == ["/usr/bin/env", "python"]

@@ -29,7 +29,7 @@ from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-from famnet_pl.data.protocols import ALIASES, PROTOCOLS, get_protocol  # noqa: E402
+from famnet_pl.data.protocols import ALIASES, PROTOCOLS  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +57,12 @@ def _loso(argv: list[str]) -> int:
 
 def _worker(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="famnet-pl worker", description="run (or resume) one fold of a "
-                                     "planned LOSO run, as recorded in its run.json (started by famnet-pl loso "
-                                     "--jobs N, SLURM array tasks and DDP ranks)")
+                                     "planned LOSO run, as recorded in its run.json (started by famnet-pl "
+                                     "loso --jobs N, SLURM array tasks and DDP ranks)")
     parser.add_argument("run_dir", help="runs/<exp>/<dataset> with its run.json")
     parser.add_argument("--fold", type=int, required=True)
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: the run's --threads)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (default: the run's --threads)")
     opts = parser.parse_args(argv)
     from famnet_pl.loso.runner import run_worker
 
@@ -93,19 +94,20 @@ def _aggregate(argv: list[str]) -> int:
 
 
 def _manifest(argv: list[str]) -> int:
-    from famnet_pl.data.manifest import build_manifest
+    from famnet_pl.data.manifest import build_manifest, pinned_sheets
     from famnet_pl.utils.io import atomic_write_csv
 
     parser = argparse.ArgumentParser(prog="famnet-pl manifest",
                                      description="build, validate and write a protocol's manifest, and print "
                                                  "the validation report")
-    parser.add_argument("protocol", help=f"a dataset (all its samples) or a protocol: {', '.join(sorted([*PROTOCOLS, *ALIASES]))}")
+    names = ", ".join(sorted([*PROTOCOLS, *ALIASES]))
+    parser.add_argument("protocol", help=f"a dataset (all its samples) or a protocol: {names}")
     parser.add_argument("--annotation", default=None, help="sheet (default: the pinned sheet in --root)")
     parser.add_argument("--annotations", default=None, type=json.loads,
                         help='composites: JSON {"casme2": FILE, "samm": FILE, "list": FILE}')
     parser.add_argument("--sheets-dir", default=None,
-                        help="folder searched (recursively) for the protocol's pinned sheets and official list, "
-                             "e.g. ../shared/annotations; no files on disk are checked")
+                        help="folder searched (recursively) for the protocol's pinned sheets and official "
+                             "list, e.g. ../shared/annotations; no files on disk are checked")
     parser.add_argument("--root", default=None, help="data root: files on disk are checked when given")
     parser.add_argument("--layout", default="auto", help="on-disk layout (raw, cropped; default: detect)")
     parser.add_argument("--apex-fix", default="midpoint", choices=["midpoint", "flow_peak", "drop"])
@@ -113,7 +115,7 @@ def _manifest(argv: list[str]) -> int:
     parser.add_argument("--missing-frames", default="error", choices=["error", "drop"])
     parser.add_argument("--out", required=True, help="CSV to write, e.g. data_manifests/samm_5cls.csv")
     opts = parser.parse_args(argv)
-    annotations = {**_pinned_sheets(opts.protocol, Path(opts.sheets_dir)), **(opts.annotations or {})} \
+    annotations = {**pinned_sheets(opts.protocol, Path(opts.sheets_dir)), **(opts.annotations or {})} \
         if opts.sheets_dir else opts.annotations
     manifest, report = build_manifest(protocol=opts.protocol, root=opts.root, annotation=opts.annotation,
                                       annotations=annotations, layout=opts.layout, apex_fix=opts.apex_fix,
@@ -123,25 +125,6 @@ def _manifest(argv: list[str]) -> int:
     print(report.format())
     print(f"wrote {opts.out}: {len(manifest)} samples, {manifest['subject'].nunique()} subjects")
     return 0
-
-
-def _pinned_sheets(protocol: str, folder: Path) -> dict[str, str]:
-    """{dataset or "list": path} of a protocol's pinned files found under ``folder``."""
-    from famnet_pl.data.manifest import ManifestError
-
-    proto = get_protocol(protocol)
-    wanted = {p.dataset: p.sheet for p in proto.parts if p.sheet}
-    if proto.sample_list is not None:
-        wanted["list"] = proto.sample_list.file
-    found = {}
-    for key, name in wanted.items():
-        hits = sorted(folder.rglob(name)) if folder.is_dir() else []
-        if len(hits) != 1:
-            raise ManifestError(f"{folder}: {'no' if not hits else len(hits)} files named {name} (the pinned "
-                                f"{key} sheet of {protocol}) below it; point --sheets-dir at a folder with "
-                                f"exactly one{'' if not hits else ': ' + ', '.join(map(str, hits[:3]))}")
-        found[key] = str(hits[0])
-    return found
 
 
 def _data_module(dataset: str, experiments: str, data_root: str | None, extra: list[str]):
@@ -186,8 +169,9 @@ def _show(argv: list[str]) -> int:
 def _preprocess(argv: list[str]) -> int:
     import time
 
-    parser = argparse.ArgumentParser(prog="famnet-pl preprocess", description="fill the preprocessing cache of a "
-                                     "dataset config (resumable; unknown --data.x=v options go to the config)")
+    parser = argparse.ArgumentParser(prog="famnet-pl preprocess",
+                                     description="fill the preprocessing cache of a dataset config "
+                                                 "(resumable; unknown --data.x=v options go to the config)")
     parser.add_argument("dataset", help="experiments/data/<dataset>.yaml, or a path to a data config")
     parser.add_argument("--data-root", default=None, help="dataset root (default: the config's)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes")
@@ -195,7 +179,8 @@ def _preprocess(argv: list[str]) -> int:
     parser.add_argument("--experiments", default="experiments", help="folder of base.yaml and data/*.yaml")
     opts, rest = parser.parse_known_args(argv)
     dm = _data_module(opts.dataset, opts.experiments, opts.data_root,
-                      [f"--data.preprocess_workers={opts.workers}", f"--data.strict={str(opts.strict).lower()}", *rest])
+                      [f"--data.preprocess_workers={opts.workers}",
+                       f"--data.strict={str(opts.strict).lower()}", *rest])
     dm.load_manifest()  # sheet and frame checks are not part of the preprocessing time
     start = time.perf_counter()
     prepared = dm.prepare()
@@ -242,7 +227,8 @@ def _synth(argv: list[str]) -> int:
 
 
 COMMANDS = {"loso": _loso, "fit": _fit, "aggregate": _aggregate, "manifest": _manifest, "synth": _synth,
-            "fabricate": _fabricate, "preprocess": _preprocess, "show": _show, "sweep": _sweep, "ablation": _ablation}
+            "fabricate": _fabricate, "preprocess": _preprocess, "show": _show, "sweep": _sweep,
+            "ablation": _ablation}
 # Started by the framework itself (fold processes, SLURM jobs), not listed in the usage line.
 INTERNAL = {"worker": _worker, "slurm": _slurm}
 
@@ -256,14 +242,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from famnet_pl.data.annotations import SheetError
     from famnet_pl.data.au import AUParseError
-    from famnet_pl.data.protocols import ProtocolError
     from famnet_pl.data.frames import FrameError
     from famnet_pl.data.manifest import ManifestError
+    from famnet_pl.data.protocols import ProtocolError
     from famnet_pl.loso.aggregate import PredictionsError
-    from famnet_pl.utils.errors import BadInput
-    from famnet_pl.utils.io import DiskFullError
     from famnet_pl.models.components.resnet import PretrainedWeightsError
     from famnet_pl.models.registry import ModelOptionError, UnknownModelError
+    from famnet_pl.utils.errors import BadInput
+    from famnet_pl.utils.io import DiskFullError
 
     try:
         return {**COMMANDS, **INTERNAL}[argv[0]](argv[1:])

@@ -74,8 +74,8 @@ def normalise_subject(dataset: str, value: object, where: str = "subject") -> st
 
 def _require_file(path: Path, what: str) -> None:
     if not path.is_file():
-        raise SheetError(f"{path}: {what} not found; check DATA_ROOT or give the file (--data.annotation FILE; "
-                         "composites: --data.annotations '{casme2: FILE, list: FILE}')")
+        raise SheetError(f"{path}: {what} not found; check DATA_ROOT or give the file (--data.annotation "
+                         "FILE; composites: --data.annotations '{casme2: FILE, list: FILE}')")
 
 
 def _read_table(path: Path, what: str, **kwargs) -> pd.DataFrame:
@@ -285,7 +285,8 @@ def scan_smic(root: str | Path) -> pd.DataFrame:
     root = Path(root)
     base = root / "HS"
     if not base.is_dir():
-        raise SheetError(f"{base}: SMIC-HS frame tree not found; DATA_ROOT must hold HS/s1/micro/<class>/<clip>/")
+        raise SheetError(f"{base}: SMIC-HS frame tree not found; DATA_ROOT must hold "
+                         "HS/s1/micro/<class>/<clip>/")
     rows = []
     for clip in sorted(p for p in base.glob("s*/micro/*/*") if p.is_dir()):
         numbers = sorted(int(m.group(1)) for name in (p.name for p in clip.iterdir())
@@ -328,7 +329,8 @@ def read_megc_list(path: str | Path) -> pd.DataFrame:
     smic = out["dataset"] == "smic"
     out.loc[smic, "video"] = out.loc[smic, "video"].map(_smic_video)
     # SMIC's folders say s1 where the list says s01 (the layout needs the former).
-    out["disk_subject"] = [f"s{int(s[1:])}" if d == "smic" else s for d, s in zip(out["dataset"], out["subject"])]
+    out["disk_subject"] = [f"s{int(s[1:])}" if d == "smic" else s
+                           for d, s in zip(out["dataset"], out["subject"])]
     return _unique(out, ["dataset", "subject", "video"], path)
 
 

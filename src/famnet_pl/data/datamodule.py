@@ -87,7 +87,8 @@ class MERDataset(Dataset):
         if "clip" not in self.arrays:
             return None
         clip = self.arrays["clip"][i]
-        return clip.astype(np.float32) / 255.0 if clip.dtype == np.uint8 else np.asarray(clip, dtype=np.float32)
+        return (clip.astype(np.float32) / 255.0 if clip.dtype == np.uint8
+                else np.asarray(clip, dtype=np.float32))
 
     def __getitem__(self, item: int) -> dict[str, torch.Tensor]:
         i = int(self.indices[item])
@@ -109,7 +110,8 @@ class MERDataset(Dataset):
             x3d = (x3d - self.stats["mean_3d"]) / self.stats["std_3d"]
             if self.clip_mode == "diff":
                 x3d = x3d - x3d[:1]
-            item_out["x3d"] = torch.from_numpy(np.ascontiguousarray(x3d.transpose(3, 0, 1, 2), dtype=np.float32))
+            item_out["x3d"] = torch.from_numpy(np.ascontiguousarray(x3d.transpose(3, 0, 1, 2),
+                                                                    dtype=np.float32))
         if landmarks is not None:
             item_out["landmarks"] = torch.from_numpy(landmarks)
         return {
@@ -230,9 +232,9 @@ class MERDataModule(L.LightningDataModule):
         self.au_vocab = tuple(au_vocab) if au_vocab is not None else self.protocol.vocab
         if "onset" in VIEWS_2D[input_2d] and not self.protocol.has_clips:
             raise ProtocolError(
-                f"protocol {self.protocol.name} has precomputed flow images only, no onset or apex frames, and "
-                f"data.input_2d={input_2d} (FRL-DGT) needs both frames: run it on the frame-based protocol "
-                "(megc2019_3cls, with the datasets' frame folders)")
+                f"protocol {self.protocol.name} has precomputed flow images only, no onset or apex frames, "
+                f"and data.input_2d={input_2d} (FRL-DGT) needs both frames: run it on the frame-based "
+                "protocol (megc2019_3cls, with the datasets' frame folders)")
         self.manifest: pd.DataFrame | None = None  # the samples in use: validated and preprocessed
         self._validated: pd.DataFrame | None = None
         self.prepared: Prepared | None = None
@@ -294,12 +296,14 @@ class MERDataModule(L.LightningDataModule):
         if self._validated is None:
             self.prepare_data()
             hp = self.hparams
-            options = {k: hp[k] for k in ("annotation", "annotations", "roots", "datasets", "label_maps", "classes",
-                                          "drop", "layout", "apex_fix", "onset_eq_apex", "missing_frames",
-                                          "official_lists")}
+            options = {k: hp[k] for k in ("annotation", "annotations", "roots", "datasets", "label_maps",
+                                          "classes", "drop", "layout", "apex_fix", "onset_eq_apex",
+                                          "missing_frames", "official_lists")}
             # Sheet modification times are part of the memo key: an edited sheet is read again.
-            options["_stamp"] = _sheet_stamps(self.protocol, hp.data_root, hp.annotation, hp.annotations, hp.roots)
-            self._validated = _manifest(self.protocol.name, str(hp.data_root), json.dumps(options, sort_keys=True))
+            options["_stamp"] = _sheet_stamps(self.protocol, hp.data_root, hp.annotation, hp.annotations,
+                                              hp.roots)
+            self._validated = _manifest(self.protocol.name, str(hp.data_root),
+                                        json.dumps(options, sort_keys=True))
         return self._validated
 
     @property
@@ -308,11 +312,12 @@ class MERDataModule(L.LightningDataModule):
         hp = self.hparams
         return ViewConfig(image_size=hp.image_size, clip_len=hp.clip_len, clip_size=hp.clip_size,
                           flow_algorithm=hp.flow_algorithm, flow_size=hp.flow_size,
-                          need_flow="flow" in VIEWS_2D[hp.input_2d], need_onset="onset" in VIEWS_2D[hp.input_2d],
+                          need_flow="flow" in VIEWS_2D[hp.input_2d],
+                          need_onset="onset" in VIEWS_2D[hp.input_2d],
                           register=hp.register, need_clip=self.protocol.has_clips,
-                          face_detector=hp.face_detector, face_margin=hp.face_margin, face_align=hp.face_align,
-                          face_size=hp.face_size, flow_pair=hp.flow_pair, clip_fps=hp.clip_fps,
-                          clip_view="flow" if hp.clip_mode == "flow" else "frames")
+                          face_detector=hp.face_detector, face_margin=hp.face_margin,
+                          face_align=hp.face_align, face_size=hp.face_size, flow_pair=hp.flow_pair,
+                          clip_fps=hp.clip_fps, clip_view="flow" if hp.clip_mode == "flow" else "frames")
 
     def prepare(self) -> Prepared:
         """Preprocess every sample once (cached; parallel with ``preprocess_workers``) and keep the
@@ -326,8 +331,8 @@ class MERDataModule(L.LightningDataModule):
                 log.warning("no face found in %d samples (the fallback crop was used), e.g. %s",
                             len(self.prepared.no_face), self.prepared.no_face[:5])
             if self.prepared.failures:
-                log.warning("%d of %d samples left out (frames missing or unreadable; --data.strict=true stops "
-                            "instead):\n%s", len(self.prepared.failures), len(validated),
+                log.warning("%d of %d samples left out (frames missing or unreadable; --data.strict=true "
+                            "stops instead):\n%s", len(self.prepared.failures), len(validated),
                             "\n".join(f"  {k}: {v}" for k, v in self.prepared.failures.items()))
             self.manifest = validated[self.prepared.ok].reset_index(drop=True)
         return self.prepared
@@ -337,7 +342,8 @@ class MERDataModule(L.LightningDataModule):
         naming the file; recorded with every fold and in the run's summary."""
         prepared, validated = self.prepare(), self.load_manifest()
         subject = dict(zip(validated["sample_id"], validated["subject"]))
-        return [{"sample_id": k, "subject": subject.get(k), "error": v} for k, v in sorted(prepared.failures.items())]
+        return [{"sample_id": k, "subject": subject.get(k), "error": v}
+                for k, v in sorted(prepared.failures.items())]
 
     @property
     def group_column(self) -> str:
@@ -361,8 +367,8 @@ class MERDataModule(L.LightningDataModule):
                              f"{len(subjects)} subjects (folds 0..{len(subjects) - 1})")
         self.test_subject = subjects[hp.fold]
         if not (manifest[self.group_column] == self.test_subject).any():
-            raise ProtocolError(f"fold {hp.fold}: every sample of {self.test_subject} was left out in preprocessing "
-                             "(see the warning above); restore its frames or drop the subject")
+            raise ProtocolError(f"fold {hp.fold}: every sample of {self.test_subject} was left out in "
+                             "preprocessing (see the warning above); restore its frames or drop the subject")
         # Composites: an AU a sample's dataset never codes is masked, not read as "absent".
         coded = [get_dataset(d).au_coded for d in manifest["dataset"]] if self.protocol.composite else None
         au, au_mask = au_targets([parse_au_set(a) for a in manifest["au_set"]],

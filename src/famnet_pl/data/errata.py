@@ -55,10 +55,12 @@ OFFICIAL_SHA256 = {
     "CASME2-coding-20190701.xlsx": "6004a3ea87055ef9e6319d59b7940b337dc08e18ac785429c9b851587aa5e090",
     "SAMM_Micro_FACS_Codes_v2.xlsx": "50caea8961cbb8d005669971b87396ac4759bdf45c96637a382c5d9d0894a4a4",
     "MMEW_Micro_Exp_delete_others.csv": "728c6a1cf83ca057d9085ebbd75b5af28eaad7487a1ab10559345b1e22ad7d24",
-    "cas(me)3_part_A_ME_label_JpgIndex_v2.xlsx": "00939efff5cde19b3a7fe0d59476b0f128a50f88ed04b6042d03e04d5915df3c",
+    "cas(me)3_part_A_ME_label_JpgIndex_v2.xlsx":
+        "00939efff5cde19b3a7fe0d59476b0f128a50f88ed04b6042d03e04d5915df3c",
     "cas(me)3_part_A_edited.csv": "dea5fc3db1113bf041253d120d0275d50e419976ee2bddb7ff79604f22ae234d",
     "combined_3class_gt.csv": "adf1de4a088d4c3b3bd01cc8d061e836264d0e05140266eb15d8dc1050f484a7",
-    "combined_3_class2_for_optical_flow.csv": "8ee834b709cc2f89c303c5510ef4993205a1762f2617dd3e5c888baecec588fd",
+    "combined_3_class2_for_optical_flow.csv":
+        "8ee834b709cc2f89c303c5510ef4993205a1762f2617dd3e5c888baecec588fd",
 }
 
 
@@ -75,15 +77,15 @@ def apply_fixes(dataset: str, table: pd.DataFrame) -> tuple[pd.DataFrame, list[s
     hits = []
     for fix in fixes:
         subject, video, onset = fix.key
-        hit = ((table["subject"] == subject) & (table["video"].str.lower() == video) & (table["onset"] == onset)
-               & (table[fix.column] == fix.wrong))
+        hit = ((table["subject"] == subject) & (table["video"].str.lower() == video)
+               & (table["onset"] == onset) & (table[fix.column] == fix.wrong))
         hits.append(table.index[hit])
     table, lines = table.copy(), []
     for fix, rows in zip(fixes, hits):
         for i in rows:
             table.loc[i, fix.column] = fix.right
-            lines.append(f"row {table.loc[i, 'sheet_row']} ({'/'.join(map(str, fix.key[:2]))}, onset {fix.key[2]}): "
-                         f"{fix.column} {fix.wrong} -> {fix.right} [{fix.source}]")
+            lines.append(f"row {table.loc[i, 'sheet_row']} ({'/'.join(map(str, fix.key[:2]))}, "
+                         f"onset {fix.key[2]}): {fix.column} {fix.wrong} -> {fix.right} [{fix.source}]")
     return table, lines
 
 
@@ -133,15 +135,16 @@ def read_exclusions(dataset: str, sheet_dir: Path) -> Exclusions:
             try:
                 key = (r[0].strip(), r[1].strip().lower(), int(float(r[2])))
             except (AttributeError, ValueError, IndexError):
-                raise SheetError(f"{occluded}: row {row}: expected Subject, Filename, Onset; found {tuple(r)[:3]}; "
-                                 "restore the official list or remove it") from None
+                raise SheetError(f"{occluded}: row {row}: expected Subject, Filename, Onset; "
+                                 f"found {tuple(r)[:3]}; restore the official list or remove it") from None
             ex.drop[key] = f"apex occluded ({occluded.name})"
         ex.applied.append(occluded.name)
     # Lines "spNO.3 J 498.jpg  the image cannot open" and ".../RGB/spNO.138/a/color/1294.jpg".
     for path, target, pattern in ((damaged, ex.damaged, r"(spNO\.\d+)\s+(\w+)\s+(\d+)\.jpg"),
                                   (bad, ex.bad_quality, r"(spNO\.\d+)/(\w+)/color/(\d+)\.jpg")):
         if path.is_file():
-            target.update(_frames_by_video(path.read_text(encoding="utf-8", errors="replace").splitlines(), pattern))
+            target.update(_frames_by_video(path.read_text(encoding="utf-8", errors="replace").splitlines(),
+                                           pattern))
             ex.applied.append(path.name)
     ex.missing = [name for name in _CASME3_LISTS if name not in ex.applied]
     return ex

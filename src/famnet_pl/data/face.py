@@ -297,7 +297,8 @@ def detect_face(frame: np.ndarray, *, detector: str = "mtcnn", margin: float = 0
     try:
         fn = DETECTORS[detector]
     except KeyError:
-        raise ValueError(f"unknown face detector {detector!r}; known: {', '.join(sorted(DETECTORS))}") from None
+        raise ValueError(f"unknown face detector {detector!r}; known: "
+                         f"{', '.join(sorted(DETECTORS))}") from None
     result = fn(frame)
     if result is None:
         return _center_box(frame.shape[0], frame.shape[1], found=False, detector=detector)
@@ -305,7 +306,8 @@ def detect_face(frame: np.ndarray, *, detector: str = "mtcnn", margin: float = 0
         return result
     if isinstance(result, FaceDetection):
         return _square(result, margin=margin, detector=detector)
-    raise TypeError(f"detector {detector!r} returned {type(result).__name__}; expected FaceDetection, FaceBox or None")
+    raise TypeError(f"detector {detector!r} returned {type(result).__name__}; expected FaceDetection, "
+                    "FaceBox or None")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -47,14 +47,16 @@ def read_frame(path: str | Path) -> np.ndarray:
         raise FrameError(f"{path}: frame not readable (permission denied); fix the file's permissions "
                          "(chmod a+r)") from None
     except OSError as exc:
-        raise FrameError(f"{path}: frame cannot be read ({exc.strerror or type(exc).__name__}); restore the file "
-                         "from the dataset") from None
+        raise FrameError(f"{path}: frame cannot be read ({exc.strerror or type(exc).__name__}); "
+                         "restore the file from the dataset") from None
     # A JPEG ends with the EOI marker; libjpeg decodes a cut-short file with only a warning.
     if path.suffix.lower() in (".jpg", ".jpeg") and b"\xff\xd9" not in data.rstrip(b"\x00 \r\n")[-64:]:
-        raise FrameError(f"{path}: truncated JPEG (no end-of-image marker); restore the file from the dataset")
+        raise FrameError(f"{path}: truncated JPEG (no end-of-image marker); "
+                         "restore the file from the dataset")
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if image is None:
-        raise FrameError(f"{path}: unreadable frame (not a decodable image); restore the file from the dataset")
+        raise FrameError(f"{path}: unreadable frame (not a decodable image); "
+                         "restore the file from the dataset")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
@@ -91,8 +93,8 @@ class VideoSource(FrameSource):
         index = [k - self.first for k in ks]
         bad = [k for k, i in zip(ks, index) if not 0 <= i < len(self.reader)]
         if bad:
-            raise FrameError(f"{self.path}: frames {bad[:5]} are outside the video's {len(self.reader)} frames "
-                             f"(first frame number {self.first}); fix the sample's frame range")
+            raise FrameError(f"{self.path}: frames {bad[:5]} are outside the video's {len(self.reader)} "
+                             f"frames (first frame number {self.first}); fix the sample's frame range")
         unique = sorted(set(index))
         try:
             batch = self.reader.get_batch(unique).asnumpy()  # only the frames asked for are decoded
@@ -123,7 +125,8 @@ def resize(image: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(image, (size, size), interpolation=cv2.INTER_LINEAR if enlarge else cv2.INTER_AREA)
 
 
-def clip_times(onset: int, offset: int, length: int, *, fps: float = 0, clip_fps: float | None = None) -> np.ndarray:
+def clip_times(onset: int, offset: int, length: int, *, fps: float = 0,
+               clip_fps: float | None = None) -> np.ndarray:
     """``length`` frame positions from ``onset``.
 
     Time-normalised (default): spread uniformly over ``[onset, offset]``, rounded to whole frames
@@ -223,11 +226,13 @@ def flow_sequence(clip: np.ndarray, *, algorithm: FlowAlgorithm = "tvl1", flow_s
     from the onset, not from the previous frame: the displacement grows with the expression instead of
     being split into T sub-pixel increments.
     """
-    return np.stack([onset_apex_flow(clip[0], frame, algorithm=algorithm, flow_size=flow_size, out_size=out_size)
+    return np.stack([onset_apex_flow(clip[0], frame, algorithm=algorithm, flow_size=flow_size,
+                                     out_size=out_size)
                      for frame in clip])
 
 
-def peak_motion_frame(source: FrameSource, onset: int, offset: int, *, size: int = 64, max_frames: int = 48) -> int:
+def peak_motion_frame(source: FrameSource, onset: int, offset: int, *, size: int = 64,
+                      max_frames: int = 48) -> int:
     """Frame number of largest motion from the onset (an apex estimate).
 
     Farneback flow from the onset frame to up to ``max_frames`` frames spread over onset..offset, at
@@ -236,9 +241,11 @@ def peak_motion_frame(source: FrameSource, onset: int, offset: int, *, size: int
     """
     if offset <= onset:
         return onset
-    picks = np.unique(np.linspace(onset + 1, offset, min(max_frames, offset - onset)).round().astype(int)).tolist()
+    picks = np.unique(np.linspace(onset + 1, offset,
+                                  min(max_frames, offset - onset)).round().astype(int)).tolist()
     first, *rest = source.read_many([onset, *picks])
     grey = [cv2.cvtColor(resize(frame, size), cv2.COLOR_RGB2GRAY) for frame in (first, *rest)]
-    scores = [np.linalg.norm(cv2.calcOpticalFlowFarneback(grey[0], g, None, 0.5, 3, 9, 3, 5, 1.1, 0), axis=-1).mean()
+    scores = [np.linalg.norm(cv2.calcOpticalFlowFarneback(grey[0], g, None, 0.5, 3, 9, 3, 5, 1.1, 0),
+                             axis=-1).mean()
               for g in grey[1:]]
     return int(picks[int(np.argmax(scores))])

@@ -102,8 +102,8 @@ class ManifestReport:
                   "not a known release")
         self.sheets[dataset] = f"{path} (sha256 {digest[:12]}, {status})"
         if official and digest != official:
-            log.warning("%s: sha256 %s differs from the official %s; counts may differ from the published ones",
-                        path, digest[:12], path.name)
+            log.warning("%s: sha256 %s differs from the official %s; counts may differ from the published "
+                        "ones", path, digest[:12], path.name)
 
     def format(self) -> str:
         """Human-readable multi-line report."""
@@ -119,7 +119,8 @@ class ManifestReport:
                              ("flagged (kept)", self.flagged), ("notes", self.notes)):
             lines.append(f"  {title}: {len(items)}")
             lines += [f"    - {m}" for m in items]
-        lines.append(f"  files on disk: {'checked' if self.frames_checked else 'not checked (no root given)'}")
+        lines.append("  files on disk: "
+                     f"{'checked' if self.frames_checked else 'not checked (no root given)'}")
         lines.append(f"  total kept: {sum(self.kept.values())}")
         return "\n".join(lines)
 
@@ -265,6 +266,24 @@ def _peak_apex(root: Path, paths: dict[str, str], onset: int, offset: int) -> in
     return peak_motion_frame(open_frames(root, paths["frame_dir"], paths["frame_pattern"]), onset, offset)
 
 
+def pinned_sheets(protocol: str, folder: Path) -> dict[str, str]:
+    """{dataset or "list": path} of a protocol's pinned files (its sheets, its official list) found
+    under ``folder`` (``famnet-pl manifest --sheets-dir``): exactly one of each, or a ManifestError."""
+    proto = get_protocol(protocol)
+    wanted = {p.dataset: p.sheet for p in proto.parts if p.sheet}
+    if proto.sample_list is not None:
+        wanted["list"] = proto.sample_list.file
+    found = {}
+    for key, name in wanted.items():
+        hits = sorted(folder.rglob(name)) if folder.is_dir() else []
+        if len(hits) != 1:
+            raise ManifestError(f"{folder}: {'no' if not hits else len(hits)} files named {name} (the pinned "
+                                f"{key} sheet of {protocol}) below it; point --sheets-dir at a folder with "
+                                f"exactly one{'' if not hits else ': ' + ', '.join(map(str, hits[:3]))}")
+        found[key] = str(hits[0])
+    return found
+
+
 def build_manifest(
     *,
     protocol: str | Protocol,
@@ -312,7 +331,8 @@ def build_manifest(
     proto = get_protocol(protocol) if isinstance(protocol, str) else protocol
     if apex_fix == "flow_peak" and root is None and not roots:
         raise ManifestError("apex_fix='flow_peak' reads frames: give the data root")
-    if layout != "auto" and not any(layout in [x.name for x in get_dataset(d).layouts] for d in proto.datasets):
+    if layout != "auto" and not any(layout in [x.name for x in get_dataset(d).layouts]
+                                    for d in proto.datasets):
         raise ManifestError(f"layout {layout!r} is not a layout of {list(proto.datasets)}; see protocols.py")
     report = ManifestReport(protocol=proto.name, frames_checked=root is not None or bool(roots))
     listed = None
@@ -339,7 +359,8 @@ def build_manifest(
         first = duplicated.iloc[0]
         rows = duplicated.loc[duplicated["sample_id"] == first.sample_id, "sheet_row"].tolist()
         raise ManifestError(f"{report.sheets.get(first.dataset, first.dataset + ' sheet')}: rows "
-                            f"{' and '.join(map(str, rows))} are both sample {first.sample_id}; remove the duplicate row")
+                            f"{' and '.join(map(str, rows))} are both sample {first.sample_id}; "
+                            "remove the duplicate row")
     if listed is not None:
         _check_list_covered(listed, manifest, proto, report)
     unused = sorted(set(drop or []) - report.dropped_ids)
@@ -350,9 +371,10 @@ def build_manifest(
         log.warning("protocol %s: %d fixes, %d samples dropped by rule, %d flags (the manifest report lists "
                     "each)", proto.name, len(report.fixed), len(report.dropped_by_rule), len(report.flagged))
     if not len(manifest):
-        raise ManifestError(f"protocol {proto.name}: no sample in {', '.join(report.sheets.values()) or 'its sheets'}: "
-                            "the sheet has no data rows, or every row was dropped (the manifest report says why); "
-                            "check the sheet and the data root")
+        raise ManifestError(f"protocol {proto.name}: no sample in "
+                            f"{', '.join(report.sheets.values()) or 'its sheets'}: "
+                            "the sheet has no data rows, or every row was dropped (the manifest report says "
+                            "why); check the sheet and the data root")
     empty = [c for i, c in enumerate(proto.classes) if not (manifest["label"] == i).any()]
     if empty:
         raise ManifestError(f"protocol {proto.name}: class(es) {empty} have no sample in "
@@ -370,8 +392,8 @@ def _check_list_covered(listed: pd.DataFrame, manifest: pd.DataFrame, proto: Pro
     missing = [(k, row) for k, row in keys.items() if k not in found and k not in report.dropped_ids]
     if missing:
         key, row = missing[0]
-        raise ManifestError(f"{listed.attrs.get('path', proto.sample_list.file)}: row {row}: listed sample {key} "
-                            "is not in the sheets or "
+        raise ManifestError(f"{listed.attrs.get('path', proto.sample_list.file)}: row {row}: listed sample "
+                            f"{key} is not in the sheets or "
                             f"on disk ({len(missing)} such); check the sheet versions and the frame tree")
 
 
@@ -384,7 +406,8 @@ class _Rules:
     missing_frames: str
 
 
-def _apex(spec: DatasetSpec, r: pd.Series, rules: _Rules, peak) -> tuple[float, str, list[str], str | None, str]:
+def _apex(spec: DatasetSpec, r: pd.Series, rules: _Rules,
+          peak) -> tuple[float, str, list[str], str | None, str]:
     """Apply the apex rules to one row with known frames.
 
     Returns:
@@ -429,21 +452,23 @@ def _build_part(proto: Protocol, part: Part, *, root, roots, annotation, annotat
     table, fixes = errata.apply_fixes(spec.name, table)
     for line in fixes:
         report._add("fixed", f"{spec.name} {source}: {line}")
-    exclusions = errata.read_exclusions(spec.name, sheet.parent) if sheet is not None and official_lists else None
+    exclusions = (errata.read_exclusions(spec.name, sheet.parent) if sheet is not None and official_lists
+                  else None)
     if exclusions and (exclusions.applied or exclusions.missing):
         report._add("notes", f"{spec.name}: official lists applied {exclusions.applied or 'none'}; "
                              f"not found next to the sheet: {exclusions.missing or 'none'}")
     list_label = None
     if listed is not None:
         mine = listed[listed["dataset"] == spec.name]
-        list_label = {_key(spec, r.subject, r.video, r.onset): r.emotion for r in mine.itertuples(index=False)}
+        list_label = {_key(spec, r.subject, r.video, r.onset): r.emotion
+                      for r in mine.itertuples(index=False)}
 
     check = base if report.frames_checked and base is not None else None  # where files are checked
     has_frames = "flow_name" not in table.columns  # flow-image layouts have no frame numbers
     rows, dropped = [], report.dropped_by_protocol.setdefault(spec.name, {})
     fields_of = [dict(r._asdict()) for r in table.itertuples(index=False)]
-    chosen = _choose_layout(spec, layout, [f for f in fields_of if f["emotion"] in part.label_map] or fields_of,
-                            check)
+    chosen = _choose_layout(spec, layout,
+                            [f for f in fields_of if f["emotion"] in part.label_map] or fields_of, check)
     report.layouts[spec.name] = chosen.name
     long_clip = 2 * spec.fps  # frames in 2 s: longer is not a micro-expression by the usual definition
     for fields in fields_of:
@@ -458,8 +483,8 @@ def _build_part(proto: Protocol, part: Part, *, root, roots, annotation, annotat
                 continue
             cls, mapped = list_label[key], part.label_map.get(r.emotion)
             if mapped != cls:
-                report._add("flagged", f"{where}: sheet emotion {r.emotion!r} maps to {mapped!r}, the official "
-                                       f"list says {cls!r} (the list wins)")
+                report._add("flagged", f"{where}: sheet emotion {r.emotion!r} maps to {mapped!r}, the "
+                                       f"official list says {cls!r} (the list wins)")
         elif r.emotion in part.label_map:
             cls = part.label_map[r.emotion]
         else:
@@ -511,10 +536,12 @@ def _build_part(proto: Protocol, part: Part, *, root, roots, annotation, annotat
         except AUParseError as exc:
             raise ManifestError(f"{where}, column {table.attrs.get('au_column', 'AU')!r}: {exc}") from None
         if parsed.notes:
-            report._add("notes", f"{where}: non-AU text {list(parsed.notes)} in AU cell {parsed.raw!r} ignored")
+            report._add("notes", f"{where}: non-AU text {list(parsed.notes)} in AU cell {parsed.raw!r} "
+                                 "ignored")
         rows.append({
             "sample_id": sample_id, "dataset": dataset, "subject": f"{dataset}/{r.subject}", "video": r.video,
-            "onset": r.onset, "apex": apex, "offset": r.offset, "apex_source": apex_source if frames_known else "",
+            "onset": r.onset, "apex": apex, "offset": r.offset,
+            "apex_source": apex_source if frames_known else "",
             "emotion": r.emotion, "label": proto.classes.index(cls), "au_raw": parsed.raw,
             "au_set": format_aus(parsed.aus), "au_unknown": parsed.unknown or spec.au_coded == (),
             "au_ambiguous": parsed.ambiguous, **paths,
@@ -540,7 +567,8 @@ def _build_part(proto: Protocol, part: Part, *, root, roots, annotation, annotat
 def _file_problem(onset, offset, paths: dict, root: Path) -> str | None:
     """What is missing on disk for one sample (None: nothing)."""
     if paths["flow_image"]:
-        absent = [str(root / p) for p in (paths["flow_image"], paths["apex_image"]) if p and not (root / p).is_file()]
+        absent = [str(root / p) for p in (paths["flow_image"], paths["apex_image"])
+                  if p and not (root / p).is_file()]
         return f"file(s) {absent} do not exist" if absent else None
     frame_dir = root / paths["frame_dir"]
     if paths["frame_pattern"].startswith("@"):  # a video file: its frame count is checked on reading
@@ -562,7 +590,8 @@ def _missing_message(at: str, problem: str) -> str:
 
 
 def check_files(manifest: pd.DataFrame, root: Path, *, where: str = "sheet",
-                missing: Literal["error", "drop"] = "error", report: ManifestReport | None = None) -> pd.DataFrame:
+                missing: Literal["error", "drop"] = "error",
+                report: ManifestReport | None = None) -> pd.DataFrame:
     """Every sample's files exist under ``root``: frames ``onset..offset`` (frame layouts) or the
     flow image and apex crop (flow-image layouts). Returns the rows kept.
 

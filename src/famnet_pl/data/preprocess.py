@@ -64,8 +64,20 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from famnet_pl.data.frames import (VIDEO_SUFFIXES, ClipView, FlowAlgorithm, FrameError, clip_times, flow_sequence,
-                                   onset_apex_flow, open_frames, read_frame, register_to, resize, sample_clip)
+from famnet_pl.data.frames import (
+    VIDEO_SUFFIXES,
+    ClipView,
+    FlowAlgorithm,
+    FrameError,
+    clip_times,
+    flow_sequence,
+    onset_apex_flow,
+    open_frames,
+    read_frame,
+    register_to,
+    resize,
+    sample_clip,
+)
 from famnet_pl.data.protocols import get_dataset
 from famnet_pl.utils.io import raise_if_disk_full
 
@@ -123,7 +135,8 @@ class Prepared:
     """Result of :func:`preprocess`.
 
     Attributes:
-        arrays: ``{"onset", "apex", "flow", "clip"}`` (those computed) memory-mapped, rows = the manifest rows that succeeded.
+        arrays: ``{"onset", "apex", "flow", "clip"}`` (those computed) memory-mapped, rows = the manifest
+            rows that succeeded.
         ok: bool per manifest row: preprocessed (False rows are in ``failures``).
         failures: sample id -> error message naming the file.
         no_face: samples where the face detector found no face (the fallback crop was used).
@@ -147,7 +160,8 @@ def _source_files(root: Path, row: dict) -> list[Path]:
     source = root / row["frame_dir"]
     if row["frame_pattern"].startswith("@") or source.suffix.lower() in VIDEO_SUFFIXES:
         return [source]
-    return [source / row["frame_pattern"].format(k=k) for k in range(int(row["onset"]), int(row["offset"]) + 1)]
+    return [source / row["frame_pattern"].format(k=k)
+            for k in range(int(row["onset"]), int(row["offset"]) + 1)]
 
 
 def _source_stamp(root: Path, row: dict) -> list[tuple[int, int] | None]:
@@ -164,8 +178,8 @@ def _source_stamp(root: Path, row: dict) -> list[tuple[int, int] | None]:
     return stamps
 
 
-_KEY_FIELDS = ("sample_id", "dataset", "frame_dir", "frame_pattern", "flow_image", "apex_image", "onset", "apex",
-               "offset")  # "dataset" also fixes the fps behind clip_fps
+_KEY_FIELDS = ("sample_id", "dataset", "frame_dir", "frame_pattern", "flow_image", "apex_image", "onset",
+               "apex", "offset")  # "dataset" also fixes the fps behind clip_fps
 
 
 def sample_key(row: dict, root: Path, views: ViewConfig, *, _common: str | None = None) -> str:
@@ -225,8 +239,8 @@ def preprocess_sample(row: dict, root: str | Path, views: ViewConfig, *,
         out |= {"onset_frame": onset, "apex_frame": apex}
     if views.need_flow:
         first, second = (onset, apex) if views.flow_pair == "onset_apex" else (apex, *prepared([offset_k]))
-        out["flow"] = onset_apex_flow(first, second, algorithm=views.flow_algorithm, flow_size=views.flow_size,
-                                      out_size=s)
+        out["flow"] = onset_apex_flow(first, second, algorithm=views.flow_algorithm,
+                                      flow_size=views.flow_size, out_size=s)
     if views.need_clip:
         times = clip_times(onset_k, offset_k, views.clip_len, fps=get_dataset(row["dataset"]).fps,
                            clip_fps=views.clip_fps)
@@ -264,7 +278,8 @@ def _build_entry(row: dict, root: str, views: ViewConfig, path: str) -> str | No
         return str(exc)
     except Exception as exc:  # a corrupt video (decord), an OpenCV error...: this sample, not the run
         source = Path(root) / (row["frame_dir"] or row["flow_image"])
-        return f"{source}: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        return (f"{source}: {type(exc).__name__}: "
+                f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f"{target.stem}.tmp-{_unique()}.npz")
@@ -320,7 +335,8 @@ def preprocess(manifest: pd.DataFrame, root: str | Path, views: ViewConfig, cach
         # Samples that failed are tried again (a restored file does not change the sample key):
         # if one now succeeds, the pack is rebuilt below; otherwise the cached pack stands.
         retry = [i for i, r in enumerate(rows) if r["sample_id"] in meta["failures"]]
-        if not any(_build_entry(rows[i], str(root), views, str(_entry(cache_dir, keys[i]))) is None for i in retry):
+        if not any(_build_entry(rows[i], str(root), views, str(_entry(cache_dir, keys[i]))) is None
+                   for i in retry):
             if strict and meta["failures"]:
                 sample, error = next(iter(meta["failures"].items()))
                 raise FrameError(f"sample {sample}: {error}")
@@ -350,7 +366,8 @@ def preprocess(manifest: pd.DataFrame, root: str | Path, views: ViewConfig, cach
         # forkserver, not fork: OpenCV's thread pool is not fork-safe once this process has used it.
         context = multiprocessing.get_context("forkserver")
         with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_worker_init) as pool:
-            futures = {pool.submit(_build_entry, rows[i], str(root), views, str(_entry(cache_dir, keys[i]))): i
+            futures = {pool.submit(_build_entry, rows[i], str(root), views,
+                                   str(_entry(cache_dir, keys[i]))): i
                        for i in todo}
             try:
                 for future in as_completed(futures):
@@ -411,7 +428,8 @@ def _pack(entries: list[tuple[str, Path]], pack: Path, meta: dict) -> list[str]:
                 os.fsync(fh.fileno())
     except BaseException as exc:  # a full disk (or a kill) leaves no half-written pack behind
         shutil.rmtree(tmp, ignore_errors=True)
-        raise_if_disk_full(exc, pack, sum(len(entries) * int(np.prod(shapes[n])) * dtypes[n].itemsize for n in names))
+        raise_if_disk_full(exc, pack,
+                           sum(len(entries) * int(np.prod(shapes[n])) * dtypes[n].itemsize for n in names))
         raise
     try:
         os.replace(tmp, pack)

@@ -295,9 +295,12 @@ PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (
     _P("mmew_3cls", MEGC_CLASSES, (Part("mmew", MMEW_3CLS, MMEW_SHEET),),
        description="MMEW negative/positive/surprise: 234 samples"),
     _P("casme3_7cls", CASME3_EMOTIONS, (Part("casme3", _identity(CASME3_EMOTIONS), CASME3_SHEET),),
-       description="CAS(ME)^3 Part A, 7 classes incl. others: 860 MEs (845 after the official occluded-apex list)"),
-    _P("casme3_4cls", ("negative", "positive", "surprise", "others"), (Part("casme3", CASME3_4CLS, CASME3_SHEET),),
-       description="CAS(ME)^3 Part A negative/positive/surprise/others: 860 MEs (845 after the occluded-apex list)"),
+       description="CAS(ME)^3 Part A, 7 classes incl. others: 860 MEs (845 after the official "
+                   "occluded-apex list)"),
+    _P("casme3_4cls", ("negative", "positive", "surprise", "others"),
+       (Part("casme3", CASME3_4CLS, CASME3_SHEET),),
+       description="CAS(ME)^3 Part A negative/positive/surprise/others: 860 MEs (845 after the "
+                   "occluded-apex list)"),
     _P("casme3_3cls", MEGC_CLASSES, (Part("casme3", CASME3_3CLS, CASME3_SHEET),),
        description="CAS(ME)^3 Part A negative/positive/surprise: 699 MEs (690 after the occluded-apex list)"),
     _P("casme3_3cls_687", MEGC_CLASSES, (Part("casme3", CASME3_3CLS, CASME3_SHEET),),
@@ -334,7 +337,8 @@ PROTOCOLS = {name: replace(p, composite=len(p.parts) > 1) for name, p in PROTOCO
 for _name, _sheet in {"casme2": CASME2_2014, "samm": SAMM_SHEET}.items():
     _emotions = DATASETS[_name].emotions
     PROTOCOLS[_name] = Protocol(_name, _emotions, (Part(_name, _identity(_emotions), _sheet),),
-                                description=f"{_name}: every sample of the pinned sheet, native emotion words")
+                                description=f"{_name}: every sample of the pinned sheet, "
+                                            "native emotion words")
 ALIASES = {"mmew": "mmew_6cls", "casme3": "casme3_7cls", "smic": "smic_3cls"}
 
 
@@ -371,7 +375,8 @@ def get_protocol(name: str, *, datasets: list[str] | None = None,
     if datasets:
         unknown = sorted(set(datasets) - set(proto.datasets))
         if unknown:
-            raise ProtocolError(f"protocol {name}: datasets {unknown} are not among its parts {list(proto.datasets)}")
+            raise ProtocolError(f"protocol {name}: datasets {unknown} are not among its parts "
+                                f"{list(proto.datasets)}")
         proto = replace(proto, parts=tuple(p for p in proto.parts if p.dataset in datasets))
     if label_maps:
         proto = replace(proto, parts=tuple(replace(p, label_map=dict(label_maps.get(p.dataset, p.label_map)))

@@ -22,7 +22,6 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no network check at im
 import albumentations as A  # noqa: E402
 import numpy as np  # noqa: E402
 
-
 #: Landmark order after a horizontal flip: the image-left eye becomes the image-right one, and so on
 #: (face.Landmarks order: eye L, eye R, nose, mouth L, mouth R).
 FLIP_ORDER = (1, 0, 2, 4, 3)
@@ -58,7 +57,8 @@ class ClipAugment:
 
     def _rngs(self) -> list:
         # Every Compose and every transform inside it holds its own generator pair.
-        return [obj for compose in (self.geometric, self.photometric) for obj in (compose, *compose.transforms)]
+        return [obj for compose in (self.geometric, self.photometric)
+                for obj in (compose, *compose.transforms)]
 
     def get_state(self) -> list:
         """RNG states of every transform (saved in resume checkpoints: a resumed fold draws the

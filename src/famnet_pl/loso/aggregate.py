@@ -37,6 +37,7 @@ from famnet_pl.loso.rundir import (
 from famnet_pl.metrics import summarize
 from famnet_pl.utils.io import atomic_write_bytes, atomic_write_json, sha256_file
 
+
 def aggregate_run(run_dir: str | Path, *, expected_folds: int | None = None, oracle_by: str = "acc",
                   write: bool = True) -> dict | None:
     """Pool the finished folds of a run.
@@ -93,8 +94,8 @@ def _checked_predictions(fold_dir: Path, meta: dict, plan: dict) -> pd.DataFrame
     path = fold_dir / PREDICTIONS
 
     def bad(what: str) -> PredictionsError:
-        return PredictionsError(f"{path}: {what}; the file was changed after the fold finished: restore it, or "
-                                f"delete {fold_dir} and rerun the fold (FOLDS={meta['fold']})")
+        return PredictionsError(f"{path}: {what}; the file was changed after the fold finished: restore it, "
+                                f"or delete {fold_dir} and rerun the fold (FOLDS={meta['fold']})")
 
     if "predictions_sha256" in meta and sha256_file(path) != meta["predictions_sha256"]:
         raise bad("checksum differs from the one recorded in metrics.json")
@@ -105,7 +106,8 @@ def _checked_predictions(fold_dir: Path, meta: dict, plan: dict) -> pd.DataFrame
     ids = frame["sample_id"].astype(str) if "sample_id" in frame else pd.Series(dtype=str)
     if ids.duplicated().any():
         raise bad(f"sample {ids[ids.duplicated()].iloc[0]} appears twice")
-    if len(frame) != meta["n_test"] or ("sample_ids" in meta and sorted(ids) != sorted(map(str, meta["sample_ids"]))):
+    recorded = sorted(map(str, meta["sample_ids"])) if "sample_ids" in meta else sorted(ids)
+    if len(frame) != meta["n_test"] or sorted(ids) != recorded:
         raise bad(f"{len(frame)} samples, but the fold predicted {meta['n_test']}")
     probs = frame[[c for c in frame.columns if c.startswith("prob_")]]
     if probs.shape[1] != len(meta["class_names"]) or not np.isfinite(probs.to_numpy(dtype=float)).all():
@@ -152,7 +154,8 @@ def format_summary(summary: dict) -> str:
     names = summary["class_names"]
     lines = [
         f"LOSO {summary['protocol']}: {summary['n_samples']} samples, {summary['n_folds']} folds"
-        + ("" if summary.get("complete", True) else f" (INCOMPLETE: missing folds {summary['folds_missing']})"),
+        + ("" if summary.get("complete", True)
+           else f" (INCOMPLETE: missing folds {summary['folds_missing']})"),
         "",
         f"{'':34s}{'UF1':>8s}{'UAR':>8s}{'acc':>8s}",
         f"{'pooled, last epoch (headline)':34s}{summary['loso/uf1']:8.3f}{summary['loso/uar']:8.3f}"
@@ -181,8 +184,8 @@ def format_summary(summary: dict) -> str:
         lines.append(f"  WARNING: class {names[c]} has no sample in the pooled test predictions "
                      "(UF1/UAR average the other classes)")
     if summary.get("dropped"):
-        lines.append(f"  {len(summary['dropped'])} samples left out at preprocessing (in no fold's training or test "
-                     "set; restore their frames or drop them with --data.drop):")
+        lines.append(f"  {len(summary['dropped'])} samples left out at preprocessing (in no fold's training "
+                     "or test set; restore their frames or drop them with --data.drop):")
         lines += [f"    {d['sample_id']} ({d['subject']}): {d['error']}" for d in summary["dropped"]]
     if "au_f1_per_au" in summary:
         au = "  ".join(f"{k} {'n/a' if v is None or v != v else f'{v:.2f}'}"

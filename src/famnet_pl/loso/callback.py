@@ -59,8 +59,8 @@ def gather_shards(probs: np.ndarray, au_probs: np.ndarray, index: np.ndarray, *,
     shards = [s for s in shards if len(s[2])]  # a rank may get no sample (fewer samples than ranks)
     index = np.concatenate([s[2] for s in shards])
     if len(index) != expected or len(np.unique(index)) != expected:
-        raise RuntimeError(f"gathered {len(index)} test predictions ({len(np.unique(index))} distinct) for a test "
-                           f"set of {expected}: the shards overlap or miss samples")
+        raise RuntimeError(f"gathered {len(index)} test predictions ({len(np.unique(index))} distinct) for a "
+                           f"test set of {expected}: the shards overlap or miss samples")
     order = np.argsort(index, kind="stable")
     return (np.concatenate([s[0] for s in shards])[order], np.concatenate([s[1] for s in shards])[order],
             index[order])
@@ -101,9 +101,9 @@ class LOSOCallback(Callback):
         dm = trainer.datamodule
         return NonFiniteError(
             f"fold {self.fold} ({dm.test_subject}): non-finite {what} (NaN or inf) at epoch "
-            f"{trainer.current_epoch}, step {trainer.global_step}; the fold is stopped and gets no predictions: "
-            "lower the learning rate (--model.lr), train in 32-bit precision (--trainer.precision=32) or clip "
-            "gradients (--trainer.gradient_clip_val=1.0)")
+            f"{trainer.current_epoch}, step {trainer.global_step}; the fold is stopped and gets no "
+            "predictions: lower the learning rate (--model.lr), train in 32-bit precision "
+            "(--trainer.precision=32) or clip gradients (--trainer.gradient_clip_val=1.0)")
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
@@ -127,7 +127,8 @@ class LOSOCallback(Callback):
         recorded so far and the global random streams (python, numpy, torch, CUDA)."""
         cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
         return {"rows": [r.to_dict(orient="list") for r in self.rows], "config_hash": self.config_hash,
-                "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
+                        "torch": torch.get_rng_state(),
                         "cuda": cuda}}
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -156,7 +157,8 @@ class LOSOCallback(Callback):
                 torch.distributed.broadcast(buffer, src=0)
         probs, au_probs, index = [], [], []
         with torch.random.fork_rng(devices=devices):
-            loader = dm.test_dataloader(shard=(trainer.global_rank, world)) if world > 1 else dm.test_dataloader()
+            shard = {"shard": (trainer.global_rank, world)} if world > 1 else {}
+            loader = dm.test_dataloader(**shard)
             for batch in loader:
                 batch = {k: v.to(device) for k, v in batch.items()}
                 out = pl_module.predict_step(batch)
@@ -211,7 +213,8 @@ class LOSOCallback(Callback):
             "class_names": list(dm.class_names), "au_vocab": list(dm.au_vocab),
             "epoch": int(last["epoch"].iloc[0]), "n_test": len(last), "split": dm.split,
             "config_hash": self.config_hash, "world_size": trainer.world_size,
-            "sample_ids": last["sample_id"].tolist(), "predictions_sha256": hashlib.sha256(predictions).hexdigest(),
+            "sample_ids": last["sample_id"].tolist(),
+            "predictions_sha256": hashlib.sha256(predictions).hexdigest(),
             "dropped": dm.dropped(),
             **{f"test/{k}": v for k, v in fold_scores(last["y_true"], last["y_pred"]).items()},
         })
@@ -224,7 +227,8 @@ class LOSOCallback(Callback):
         for stale in [*out.glob(f"{CHECKPOINTS}/*.ckpt"), *out.glob("hpc_ckpt_*.ckpt")]:
             if str(stale) not in keep:
                 stale.unlink(missing_ok=True)
-        self.summary = aggregate_run(self.fold_dir.parent, expected_folds=self.n_folds, oracle_by=self.oracle_by)
+        self.summary = aggregate_run(self.fold_dir.parent, expected_folds=self.n_folds,
+                                     oracle_by=self.oracle_by)
         # Pooled metrics are logged once, by the fold that completes the run (earlier partial
         # pools under the same keys would read as final numbers in W&B).
         if self.summary and self.summary.get("complete") and trainer.logger is not None:

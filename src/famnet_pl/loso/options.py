@@ -71,7 +71,8 @@ class LosoOptions:
     def from_args(cls, opts: argparse.Namespace) -> LosoOptions:
         """From :func:`loso_parser`'s namespace."""
         return cls(exp=opts.exp, runs_dir=opts.runs_dir, folds=_split(opts.folds), wandb=opts.wandb,
-                   eval_every=opts.eval_every, oracle_by=opts.oracle_by, jobs=opts.jobs, gpus=_split(opts.gpus),
+                   eval_every=opts.eval_every, oracle_by=opts.oracle_by, jobs=opts.jobs,
+                   gpus=_split(opts.gpus),
                    jobs_per_gpu=opts.jobs_per_gpu, threads=opts.threads, resume_every=opts.resume_every,
                    progress=not opts.no_progress)
 
@@ -95,7 +96,8 @@ class LosoOptions:
             if f.name == "progress":
                 argv.append("--no-progress")
             else:
-                argv += [f"--{f.name.replace('_', '-')}", ",".join(value) if isinstance(value, tuple) else str(value)]
+                text = ",".join(value) if isinstance(value, tuple) else str(value)
+                argv += [f"--{f.name.replace('_', '-')}", text]
         return argv
 
     def fingerprint(self) -> dict[str, Any]:
@@ -114,7 +116,8 @@ def loso_parser() -> argparse.ArgumentParser:
                                      "unknown --a.b=v options go to LightningCLI")
     parser.add_argument("--exp", default="famnet", help="experiment name: runs/<exp>/<dataset>/")
     parser.add_argument("--runs-dir", default="runs")
-    parser.add_argument("--folds", default=None, help="comma-separated fold indices or subjects (default: all)")
+    parser.add_argument("--folds", default=None,
+                        help="comma-separated fold indices or subjects (default: all)")
     parser.add_argument("--wandb", choices=["off", "offline", "online"], default="offline",
                         help="offline (default) writes wandb/offline-run-* per fold; online uploads")
     parser.add_argument("--eval-every", type=int, default=1,
@@ -125,12 +128,14 @@ def loso_parser() -> argparse.ArgumentParser:
     parser.add_argument("--jobs-per-gpu", type=int, default=1, help="fold processes per GPU (with --gpus)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads per fold (default: all cores, "
                         "or cores // jobs; on SLURM the task's CPUs); compare runs at equal --threads")
-    parser.add_argument("--resume-every", type=int, default=1, help="save each fold's resume checkpoint every N "
+    parser.add_argument("--resume-every", type=int, default=1,
+                        help="save each fold's resume checkpoint every N "
                         "epochs (0: never); a killed or requeued fold continues from it")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (logs, batch jobs)")
     slurm = parser.add_argument_group("SLURM", "--launcher slurm: a job array of the pending folds (one fold "
                                       "per task) + a dependent aggregation job, through submitit "
-                                      "(famnet_pl.loso.slurm); experiments/slurm/submit.sh takes the same options")
+                                      "(famnet_pl.loso.slurm); experiments/slurm/submit.sh takes the same "
+                                      "options")
     slurm.add_argument("--launcher", choices=["local", "slurm"], default="local",
                        help="local (default): run here; slurm: submit to SLURM and return (see --wait)")
     slurm.add_argument("--slurm-partition", default=None, metavar="NAME",

@@ -82,7 +82,8 @@ def select_folds(folds: tuple[str, ...] | list[str] | None, subjects: list[str])
     for f in folds:
         if f.isdigit():
             if int(f) >= len(subjects):
-                raise BadInput(f"--folds: fold {f} out of range: this protocol has folds 0..{len(subjects) - 1}")
+                raise BadInput(f"--folds: fold {f} out of range: this protocol has folds "
+                               f"0..{len(subjects) - 1}")
             chosen.append(int(f))
         else:
             matches = [k for k, s in enumerate(subjects) if s == f or s.split("/")[-1] == f]

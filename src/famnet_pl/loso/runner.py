@@ -134,7 +134,8 @@ def _run_parallel(plan: LosoPlan, pending: list[int]) -> list[tuple[int, int, Pa
             bar.update(1)
             if process.returncode != 0:
                 failed.append((k, process.returncode, log_file))
-                bar.write(f"fold {k} ({plan.subjects[k]}) failed with exit code {process.returncode}: {log_file}")
+                bar.write(f"fold {k} ({plan.subjects[k]}) failed with exit code {process.returncode}: "
+                          f"{log_file}")
     bar.close()
     return sorted(failed)
 
@@ -176,8 +177,8 @@ def run_fold(plan: LosoPlan, k: int, *, progress: bool = False) -> None:
         shutil.rmtree(fold_dir, ignore_errors=True)  # a partial fold without a resume point starts over
     elif ckpt_path:
         log.warning("fold %d (%s): resuming from %s", k, plan.subjects[k], resume)
-    logger = _make_logger(options.wandb, fold_dir, group=f"{options.exp}/{plan.run_dir.name}", name=fold_dir.name,
-                          resumed=ckpt_path is not None)
+    logger = _make_logger(options.wandb, fold_dir, group=f"{options.exp}/{plan.run_dir.name}",
+                          name=fold_dir.name, resumed=ckpt_path is not None)
     callbacks = [LOSOCallback(fold_dir, k, n_folds=len(plan.subjects), eval_every=options.eval_every,
                               oracle_by=options.oracle_by, config_hash=plan.config_hash,
                               resume_every=options.resume_every)]
@@ -259,10 +260,11 @@ def run_loso(cli_args: list[str], options: LosoOptions | None = None, **override
         summary = aggregate_run(plan.run_dir, expected_folds=len(plan.subjects), oracle_by=options.oracle_by)
         print_summary(summary, plan.run_dir, files=False)
         for k, code, log_file in failed:
-            print(f"fold {k} ({plan.subjects[k]}) FAILED (exit code {code}): see {log_file}; rerun it alone with "
-                  f"FOLDS={k}", file=sys.stderr, flush=True)
+            print(f"fold {k} ({plan.subjects[k]}) FAILED (exit code {code}): see {log_file}; rerun it alone "
+                  f"with FOLDS={k}", file=sys.stderr, flush=True)
         return None if failed else summary
-    bar = tqdm(todo, desc="folds", position=0, disable=not options.progress or rank() != 0, dynamic_ncols=True)
+    bar = tqdm(todo, desc="folds", position=0, disable=not options.progress or rank() != 0,
+               dynamic_ncols=True)
     failed = []
     for k in bar:
         bar.set_postfix_str(f"{plan.subjects[k]}")

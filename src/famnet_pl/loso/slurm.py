@@ -16,8 +16,9 @@ Data flow (both launchers)::
 1. Shell (``experiments/slurm/submit.sh``, backs ``make loso-slurm``): ``python -m famnet_pl.cli
    slurm plan <famnet-pl loso options>`` prints the plan as shell variables; the script submits an
    optional preprocessing job (``slurm prepare RUN_DIR``), ``loso_array.sbatch`` and
-   ``aggregate.sbatch`` (``slurm aggregate RUN_DIR``, exit 1 when a fold is missing). Requeue: Lightning's own, on
-   ``--signal=USR1@90`` (it requeues the task; the rerun resumes from the fold's checkpoint).
+   ``aggregate.sbatch`` (``slurm aggregate RUN_DIR``, exit 1 when a fold is missing). Requeue:
+   Lightning's own, on ``--signal=USR1@90`` (it requeues the task; the rerun resumes from the fold's
+   checkpoint).
 2. Python (``famnet-pl loso --launcher slurm``, :func:`submit_loso`): plan and preprocessing in the
    submitting process, then submitit ``map_array`` of :class:`FoldJob` over the pending folds and
    an :class:`AggregateJob` depending on the array. submitit owns requeueing (``FoldJob.checkpoint``
@@ -102,9 +103,9 @@ def _refuse_ddp(plan) -> None:
     """One fold per single-task array job: DDP inside a fold (``--trainer.devices N``) would need
     ``--ntasks-per-node=N`` per task, which neither path sets up yet."""
     if plan.devices > 1:
-        raise BadInput(f"{plan.devices} devices per fold (--trainer.devices/num_nodes): the SLURM paths run one "
-                       "single-device task per fold; drop --trainer.devices (run folds in parallel instead) "
-                       "or use DDP locally (make loso ARGS=--trainer.devices=N)")
+        raise BadInput(f"{plan.devices} devices per fold (--trainer.devices/num_nodes): the SLURM paths run "
+                       "one single-device task per fold; drop --trainer.devices (run folds in parallel "
+                       "instead) or use DDP locally (make loso ARGS=--trainer.devices=N)")
 
 
 def require_slurm() -> None:
@@ -332,8 +333,8 @@ def submit_loso(cli_args: list[str], options: LosoOptions = LosoOptions(), *,
     cpus = slurm.cpus_per_task or options.threads or FOLD_CPUS
     folder = Path(slurm.folder or run_dir / LOGS / "submitit").resolve()
     fold_job = FoldJob(run_dir=str(run_dir), threads=options.threads or cpus, cwd=os.getcwd())
-    executor = _executor(folder, name=f"loso-{options.exp}", time_min=slurm.time_min or FOLD_TIME_MIN, cpus=cpus,
-                         partition=slurm.partition, gpus_per_task=slurm.gpus_per_task,
+    executor = _executor(folder, name=f"loso-{options.exp}", time_min=slurm.time_min or FOLD_TIME_MIN,
+                         cpus=cpus, partition=slurm.partition, gpus_per_task=slurm.gpus_per_task,
                          parallelism=slurm.parallelism)
     jobs = executor.map_array(fold_job, pending)
     array = jobs[0].job_id.split("_")[0]
@@ -357,7 +358,8 @@ def submit_loso(cli_args: list[str], options: LosoOptions = LosoOptions(), *,
               "to stop them)", file=sys.stderr)
         return 130
     # Read the folds' files here (the aggregation job wrote the same summary from them).
-    summary = aggregate_run(run_dir, expected_folds=len(plan.subjects), oracle_by=options.oracle_by, write=False)
+    summary = aggregate_run(run_dir, expected_folds=len(plan.subjects), oracle_by=options.oracle_by,
+                            write=False)
     if summary is not None:
         print_summary(summary, run_dir)
     failed = [(k, why) for k, job in zip(pending, jobs) if (why := _failure(job)) is not None]

@@ -29,9 +29,9 @@ from typing import Any, Literal
 
 from torch import Tensor, nn
 
+from famnet_pl.models.components.backbones import build_backbone_2d, build_backbone_3d
 from famnet_pl.models.components.fusion import FUSIONS, BranchFusion, FusionMode
 from famnet_pl.models.components.heads import MultiTaskHead
-from famnet_pl.models.components.backbones import build_backbone_2d, build_backbone_3d
 from famnet_pl.models.components.resnet import VideoArch
 from famnet_pl.models.registry import register_model
 
@@ -308,7 +308,8 @@ class FAMNet(nn.Module):
                 continue
             if branch is None:
                 warnings.warn(
-                    f"pretrained_{name} given but the {name} branch is inactive (branches={self.branches!r}); ignored",
+                    f"pretrained_{name} given but the {name} branch is inactive "
+                    f"(branches={self.branches!r}); ignored",
                     stacklevel=3,
                 )
                 continue
@@ -341,7 +342,8 @@ class FAMNet(nn.Module):
             if branch is None:
                 continue
             if x is None:
-                raise ValueError(f"FAMNet branch '{name}' (branches={self.branches!r}) needs {layout}, got None")
+                raise ValueError(f"FAMNet branch '{name}' (branches={self.branches!r}) needs {layout}, "
+                                 "got None")
             res = branch(x)
             out[f"emotion_{name}"] = res["emotion"]
             out[f"au_{name}"] = res["au"]
@@ -353,7 +355,8 @@ class FAMNet(nn.Module):
                     f"x2d and x3d batch sizes differ: {features['2d'].shape[0]} vs {features['3d'].shape[0]}"
                 )
             assert self.fusion is not None
-            out["emotion_fused"] = self.fusion(out["emotion_2d"], out["emotion_3d"], features["2d"], features["3d"])
+            out["emotion_fused"] = self.fusion(out["emotion_2d"], out["emotion_3d"], features["2d"],
+                                               features["3d"])
             out["emotion"] = out["emotion_fused"]
         else:
             (name,) = features

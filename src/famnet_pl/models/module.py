@@ -118,8 +118,9 @@ class MERLitModule(L.LightningModule):
         fusion = getattr(self.net, "fusion", None)
         if late_weight_from == "val" and getattr(fusion, "mode", "late") != "late":
             # Single-branch models have nothing to fuse: the option has no effect there (ablations).
-            raise ValueError(f"model.late_weight_from=val chooses the weight of late fusion, and net.fusion is "
-                             f"{fusion.mode}: set --model.late_weight_from=config or --model.net.fusion=late")
+            raise ValueError(f"model.late_weight_from=val chooses the weight of late fusion, and net.fusion "
+                             f"is {fusion.mode}: set --model.late_weight_from=config or "
+                             "--model.net.fusion=late")
         self._val_outputs: list[dict[str, Tensor]] = []
         self._takes_landmarks = "landmarks" in inspect.signature(self.net.forward).parameters
         # One metric object per stage: they reduce separately (lightning-hydra-template idiom).
@@ -144,8 +145,9 @@ class MERLitModule(L.LightningModule):
         if (self.hparams.late_weight_from == "val" and getattr(self.net, "fusion", None) is not None
                 and getattr(self.trainer.datamodule, "val_set", None) is None):
             log.warning("model.late_weight_from=val but there are no inner-validation subjects "
-                        "(data.val_subjects=0): late fusion keeps net.late_weight=%.2f; set --data.val_subjects=1 "
-                        "(or more) to choose it", float(self.net.fusion.late_weight))
+                        "(data.val_subjects=0): late fusion keeps net.late_weight=%.2f; "
+                        "set --data.val_subjects=1 (or more) to choose it",
+                        float(self.net.fusion.late_weight))
         steps = self.hparams.pretrain_steps
         if not steps or self.trainer.ckpt_path is not None:
             return
@@ -153,8 +155,8 @@ class MERLitModule(L.LightningModule):
 
         dgm = getattr(self.net, "dgm", None)
         if dgm is None:
-            raise ValueError(f"model.pretrain_steps={steps} needs a model with a displacement module (frl_dgt); "
-                             f"{self.hparams.model} has none")
+            raise ValueError(f"model.pretrain_steps={steps} needs a model with a displacement module "
+                             f"(frl_dgt); {self.hparams.model} has none")
         train = self.trainer.datamodule.train_set
         augment, train.augment = train.augment, None  # the pairs as they are: no augmentation draws
         try:
@@ -182,7 +184,8 @@ class MERLitModule(L.LightningModule):
         loss, parts = self.criterion(outputs, batch["label"], batch["au"], batch["au_mask"])
         batch_size = batch["label"].shape[0]
         trainer = self._trainer  # None when called outside a Trainer (unit tests)
-        on_step, sync = stage == "train", trainer is not None and trainer.world_size > 1  # DDP: mean over ranks
+        # DDP: mean over ranks
+        on_step, sync = stage == "train", trainer is not None and trainer.world_size > 1
         self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=batch_size,
                  sync_dist=sync)
         for name, value in parts.items():
@@ -213,7 +216,8 @@ class MERLitModule(L.LightningModule):
         if not self._val_outputs or (self._trainer is not None and self.trainer.sanity_checking):
             return  # a sanity check's 2 batches must not replace a weight (e.g. one restored on resume)
         cat = {k: torch.cat([o[k] for o in self._val_outputs]) for k in self._val_outputs[0]}
-        if self._trainer is not None and self.trainer.world_size > 1:  # every rank must choose the same weight
+        # every rank must choose the same weight
+        if self._trainer is not None and self.trainer.world_size > 1:
             cat = {k: self.all_gather(v).flatten(0, 1) for k, v in cat.items()}
             # The DistributedSampler pads with repeated samples: score each validation sample once.
             _, first = np.unique(cat.pop("index").cpu().numpy(), return_index=True)
@@ -247,7 +251,8 @@ class MERLitModule(L.LightningModule):
             branches that have an AU head; A = 0 when no AU head was trained (:attr:`trains_au`).
         """
         outputs = self(batch["x2d"], batch.get("x3d"), batch.get("landmarks"))
-        au = [torch.sigmoid(outputs[k].float()) for k in ("au_2d", "au_3d") if k in outputs and self.trains_au]
+        au = [torch.sigmoid(outputs[k].float()) for k in ("au_2d", "au_3d")
+              if k in outputs and self.trains_au]
         au_probs = torch.stack(au).mean(0) if au else outputs["emotion"].new_zeros((len(batch["index"]), 0))
         return {"probs": torch.softmax(outputs["emotion"].float(), dim=1), "au_probs": au_probs,
                 "index": batch["index"]}

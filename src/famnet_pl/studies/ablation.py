@@ -36,7 +36,8 @@ from famnet_pl.loso.runner import run_loso
 from famnet_pl.utils.errors import BadInput
 from famnet_pl.utils.io import atomic_write_csv, atomic_write_text
 
-METRICS = {"uf1": "loso/uf1", "uar": "loso/uar", "oracle_uf1": "loso_oracle/uf1", "oracle_uar": "loso_oracle/uar"}
+METRICS = {"uf1": "loso/uf1", "uar": "loso/uar", "oracle_uf1": "loso_oracle/uf1",
+           "oracle_uar": "loso_oracle/uar"}
 
 
 def load_variants(spec: str | Path) -> tuple[list[int], list[dict]]:
@@ -75,7 +76,8 @@ def format_table(results: pd.DataFrame, order: list[str]) -> str:
         if rows.empty:
             continue
         cells = [mean_std(rows[col].tolist()) for col in METRICS]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {len(rows)} | {rows['seconds'].sum() / 60:.1f} |")
+        lines.append(f"| {name} | " + " | ".join(cells)
+                     + f" | {len(rows)} | {rows['seconds'].sum() / 60:.1f} |")
     return "\n".join(lines)
 
 
@@ -100,22 +102,26 @@ def run_ablation(*, dataset: str, spec: str = "experiments/ablation.yaml", exper
     seeds = seeds or spec_seeds
     unknown = set(variants or []) - {v["name"] for v in spec_variants}
     if unknown:
-        raise BadInput(f"{spec}: no variant named {sorted(unknown)}; variants: {[v['name'] for v in spec_variants]}")
+        raise BadInput(f"{spec}: no variant named {sorted(unknown)}; variants: "
+                       f"{[v['name'] for v in spec_variants]}")
     chosen = [v for v in spec_variants if not variants or v["name"] in variants]
     exp_dir, runs_dir = Path(experiments), options.runs_dir
     out = Path(runs_dir) / "ablation" / dataset
     results_csv = out / "results.csv"
-    previous = pd.read_csv(results_csv) if results_csv.is_file() else pd.DataFrame(columns=["variant", "seed"])
+    previous = (pd.read_csv(results_csv) if results_csv.is_file()
+                else pd.DataFrame(columns=["variant", "seed"]))
     # Rows of variants/seeds not run this time are kept (VARIANTS= / SEEDS= subsets add to the table).
     rows = previous.to_dict("records")
     for seed in seeds:
         for variant in chosen:
-            args = ["--config", str(exp_dir / "base.yaml"), "--config", str(exp_dir / "data" / f"{dataset}.yaml"),
+            args = ["--config", str(exp_dir / "base.yaml"),
+                    "--config", str(exp_dir / "data" / f"{dataset}.yaml"),
                     "--config", str(exp_dir / "model" / f"{variant['model']}.yaml"), *variant["args"],
                     f"--seed_everything={seed}", f"--data.seed={seed}", *extra]
             print(f"== ablation {dataset}: {variant['name']}, seed {seed}", flush=True)
             run_root = Path(runs_dir) / "ablation" / variant["name"] / f"seed{seed}"
-            finished_before = any(json.loads(p.read_text()).get("complete") for p in run_root.glob(f"*/{SUMMARY}"))
+            finished_before = any(json.loads(p.read_text()).get("complete")
+                                  for p in run_root.glob(f"*/{SUMMARY}"))
             start = time.perf_counter()
             summary = run_loso(args, options, exp=f"ablation/{variant['name']}/seed{seed}")
             seconds = time.perf_counter() - start
@@ -132,7 +138,8 @@ def run_ablation(*, dataset: str, spec: str = "experiments/ablation.yaml", exper
                          "run_dir": str(run_root)})
             results = pd.DataFrame(rows)
             atomic_write_csv(results_csv, results)
-            atomic_write_text(out / "table.md", format_table(results, [v["name"] for v in spec_variants]) + "\n")
+            atomic_write_text(out / "table.md",
+                              format_table(results, [v["name"] for v in spec_variants]) + "\n")
     results = pd.DataFrame(rows)
     table = format_table(results, [v["name"] for v in spec_variants])
     print(f"\nablation on {dataset}, seeds {seeds} (mean ± std over seeds; pooled over all LOSO folds)\n")
@@ -161,5 +168,6 @@ def main(argv: list[str] | None = None) -> int:
                           progress=not opts.no_progress)
     run_ablation(dataset=opts.dataset, spec=opts.spec, experiments=opts.experiments,
                  variants=opts.variants.split(",") if opts.variants else None,
-                 seeds=[int(s) for s in opts.seeds.split(",")] if opts.seeds else None, options=options, extra=extra)
+                 seeds=[int(s) for s in opts.seeds.split(",")] if opts.seeds else None, options=options,
+                 extra=extra)
     return 0

@@ -190,7 +190,8 @@ def check_param_names(spec: Mapping, spec_path: str | Path, extra: Sequence[str]
     unknown = [name for name in spec["parameters"] if config_key(cli.config, name) not in cli.config]
     if unknown:
         raise SweepError(f"{spec_path}: unknown parameter {', '.join(unknown)}: not a config key of "
-                         f"{' '.join(args)}; use names like model.loss_weights.w2d (famnet-pl fit --print_config)")
+                         f"{' '.join(args)}; use names like model.loss_weights.w2d "
+                         "(famnet-pl fit --print_config)")
 
 
 def _plain(value: Any) -> Any:
@@ -252,7 +253,8 @@ def _agent_params(overrides: Mapping[str, Any]) -> dict[str, Any] | None:
     if not path or not Path(path).is_file():
         return None
     names = yaml.safe_load(Path(path).read_text()) or {}
-    return {name: overrides.get(name) for name in names if name != "wandb_version" and not name.startswith("_")}
+    return {name: overrides.get(name) for name in names
+            if name != "wandb_version" and not name.startswith("_")}
 
 
 def _wandb_mode(choice: str) -> str:
@@ -274,7 +276,8 @@ def _trial_parser() -> argparse.ArgumentParser:
                     "(--config, --a.b=v, --jobs, --threads ...) goes to famnet-pl loso")
     parser.add_argument("--runs-dir", default="runs", help="root of all runs (famnet-pl loso --runs-dir)")
     parser.add_argument("--exp-prefix", default="sweeps", help="experiment = <prefix>/<sweep>/<trial>")
-    parser.add_argument("--sweep", default=None, help="default: $WANDB_SWEEP_ID (under an agent), else 'manual'")
+    parser.add_argument("--sweep", default=None,
+                        help="default: $WANDB_SWEEP_ID (under an agent), else 'manual'")
     parser.add_argument("--trial", default=None,
                         help="default: $WANDB_RUN_ID (under an agent), else a hash of the LOSO arguments")
     parser.add_argument("--wandb", choices=["auto", "online", "offline", "off"], default="auto",
@@ -307,8 +310,8 @@ def run_trial(argv: Sequence[str]) -> int:
     opts, loso_args = _trial_parser().parse_known_args(list(argv))
     for token in loso_args:
         if token.split("=")[0] in ("--exp", "--folds", "--worker"):
-            raise SweepError(f"trial: {token.split('=')[0]} is not allowed: a trial is one whole LOSO run whose "
-                             "experiment is <--exp-prefix>/<--sweep>/<--trial>")
+            raise SweepError(f"trial: {token.split('=')[0]} is not allowed: a trial is one whole LOSO run "
+                             "whose experiment is <--exp-prefix>/<--sweep>/<--trial>")
     agent = "WANDB_SWEEP_ID" in os.environ
     sweep = _safe_name(opts.sweep or os.environ.get("WANDB_SWEEP_ID") or "manual", "sweep")
     # Outside an agent a trial is named by its arguments: rerunning it resumes the same LOSO run.
@@ -326,7 +329,8 @@ def run_trial(argv: Sequence[str]) -> int:
         "status": "running", "returncode": None, "overrides": overrides, "params": _agent_params(overrides),
         "loso_args": loso_args,
         "command": command, "metrics": {}, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "wandb": {"mode": mode, "project": os.environ.get("WANDB_PROJECT", DEFAULT_WANDB_PROJECT), "group": exp},
+        "wandb": {"mode": mode, "project": os.environ.get("WANDB_PROJECT", DEFAULT_WANDB_PROJECT),
+                  "group": exp},
     }
     atomic_write_json(exp_dir / TRIAL_JSON, record)
 
@@ -337,7 +341,8 @@ def run_trial(argv: Sequence[str]) -> int:
         # Under an agent this joins the agent's run (WANDB_RUN_ID); its name stays the server's.
         run = wandb.init(project=record["wandb"]["project"], group=exp, job_type="sweep-trial",
                          name=None if agent else trial, dir=str(exp_dir), mode=mode,
-                         config={"trial/exp": exp, "trial/exp_dir": str(exp_dir), "trial/loso_args": loso_args})
+                         config={"trial/exp": exp, "trial/exp_dir": str(exp_dir),
+                                 "trial/loso_args": loso_args})
         # The agent already put the swept values into the config (and locks them); offline, the
         # overrides are the only record of them.
         run.config.update({k: v for k, v in overrides.items() if k not in run.config})
@@ -345,7 +350,8 @@ def run_trial(argv: Sequence[str]) -> int:
         atomic_write_json(exp_dir / TRIAL_JSON, record)
 
     start = time.monotonic()
-    child = subprocess.Popen(command, env=fold_env(os.environ), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    child = subprocess.Popen(command, env=fold_env(os.environ), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT)
 
     def forward(signum, _frame):  # the agent stops a trial with SIGTERM: stop its LOSO too
         child.send_signal(signum)
@@ -448,18 +454,21 @@ def _leaderboard(state: Mapping, out: Path) -> None:
 
     lines = [f"# Sweep `{out.name}`: {state['spec']['method']}, {goal} {metric}", "",
              f"Spec `{state['spec_file']}`, {len(frame)} trials ({int(done.sum())} finished). "
-             "Pooled LOSO scores, last epoch; the oracle column picks epochs on the test subject (not a result). "
-             "Ranking trials by their LOSO score also selects on the test subjects: the best row is optimistic; "
-             "confirm the chosen weights with new seeds or on another dataset before reporting them.",
+             "Pooled LOSO scores, last epoch; the oracle column picks epochs on the test subject "
+             "(not a result). Ranking trials by their LOSO score also selects on the test subjects: "
+             "the best row is optimistic; confirm the chosen weights with new seeds or on another "
+             "dataset before reporting them.",
              "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in frame.to_dict("records"):
-        values = [r["rank"], r["trial"], r["status"], *[r[n] for n in names], *[r[c] for c in columns], r["run_dir"]]
+        values = [r["rank"], r["trial"], r["status"], *[r[n] for n in names], *[r[c] for c in columns],
+                  r["run_dir"]]
         lines.append("| " + " | ".join(cell(v) for v in values) + " |")
     atomic_write_text(out / "leaderboard.md", "\n".join(lines) + "\n")
 
 
-def run_offline(spec_path: str | Path, *, count: int | None = None, seed: int = 0, out: str | Path | None = None,
-                extra: Sequence[str] = (), retry_failed: bool = False, check: bool = True) -> int:
+def run_offline(spec_path: str | Path, *, count: int | None = None, seed: int = 0,
+                out: str | Path | None = None, extra: Sequence[str] = (), retry_failed: bool = False,
+                check: bool = True) -> int:
     """Run (or continue) an offline sweep of ``count`` trials in total; see the module docstring.
 
     Args:
@@ -483,7 +492,8 @@ def run_offline(spec_path: str | Path, *, count: int | None = None, seed: int = 
         raise SweepError(f"{spec_path}: extra LOSO argument sets swept parameter {', '.join(clash)}; drop it "
                          "from the extra arguments or from the spec")
     if count is None and spec["method"] != "grid":
-        raise SweepError(f"{spec_path}: a {spec['method']} sweep never ends by itself; give --count N (COUNT=N)")
+        raise SweepError(f"{spec_path}: a {spec['method']} sweep never ends by itself; "
+                         "give --count N (COUNT=N)")
     count = math.inf if count is None else count
     if check:
         check_param_names(spec, spec_path, extra)
@@ -494,8 +504,8 @@ def run_offline(spec_path: str | Path, *, count: int | None = None, seed: int = 
     if state is None:
         state = {"spec_file": str(spec_path), "spec": spec, "extra": list(extra), "seed": seed, "trials": []}
     elif (state["spec"], state["extra"], state["seed"]) != (spec, list(extra), seed):
-        raise SweepError(f"{out / 'sweep.json'}: this sweep was started with another spec, extra LOSO arguments "
-                         "or seed; continue it with the same ones, or pick another --out")
+        raise SweepError(f"{out / 'sweep.json'}: this sweep was started with another spec, extra LOSO "
+                         "arguments or seed; continue it with the same ones, or pick another --out")
     state["spec"] = spec  # equal, but in the file's order (sweep.json has sorted keys): leaderboard columns
     runs_dir, prefix, sweep = _sweep_layout(out)
 
@@ -514,7 +524,8 @@ def run_offline(spec_path: str | Path, *, count: int | None = None, seed: int = 
         env = {**fold_env(os.environ), "WANDB_MODE": "offline", "WANDB_RUN_ID": t["wandb_run_id"]}
         log_file = out / t["trial"] / "trial.log"
         log_file.parent.mkdir(parents=True, exist_ok=True)
-        params = ", ".join(f"{k.rsplit('.', 1)[-1]}={v:.4g}" if isinstance(v, float) else f"{k.rsplit('.', 1)[-1]}={v}"
+        params = ", ".join(f"{k.rsplit('.', 1)[-1]}={v:.4g}" if isinstance(v, float)
+                           else f"{k.rsplit('.', 1)[-1]}={v}"
                            for k, v in t["params"].items())
         print(f"{t['trial']}: {params} ...", end="", flush=True)
         start = time.monotonic()
@@ -534,7 +545,8 @@ def run_offline(spec_path: str | Path, *, count: int | None = None, seed: int = 
 
     out.mkdir(parents=True, exist_ok=True)
     print(f"offline sweep {spec_path} ({spec['method']}, {spec['metric'].get('goal', 'maximize')} "
-          f"{spec['metric']['name']}): {'every grid point' if count == math.inf else f'{count} trials'} -> {out}",
+          f"{spec['metric']['name']}): {'every grid point' if count == math.inf else f'{count} trials'} "
+          f"-> {out}",
           flush=True)
     # First what a killed driver left running (its LOSO resumes finished folds), then retries.
     for t in state["trials"]:
@@ -556,8 +568,10 @@ def run_offline(spec_path: str | Path, *, count: int | None = None, seed: int = 
     if finished:
         metric, goal = spec["metric"]["name"], spec["metric"].get("goal", "maximize")
         best = (max if goal == "maximize" else min)(finished, key=lambda t: t["metrics"][metric])
-        print(f"best: {best['trial']} {metric} {best['metrics'][metric]:.4f} {best['params']} -> {best['run_dir']}")
-    print("W&B runs were logged offline (one per trial, one per fold). Upload them from a machine with network:\n"
+        print(f"best: {best['trial']} {metric} {best['metrics'][metric]:.4f} {best['params']} "
+              f"-> {best['run_dir']}")
+    print("W&B runs were logged offline (one per trial, one per fold). Upload them from a machine "
+          "with network:\n"
           f"  wandb sync {out}/*/wandb/offline-run-* {out}/*/*/fold_*/wandb/offline-run-*")
     if failed:
         print(f"failed trials: {', '.join(failed)} (logs: {out}/<trial>/trial.log); rerun them with the same "
@@ -587,8 +601,10 @@ def _offline(argv: Sequence[str]) -> int:
                         help="trials in the whole sweep (default for a grid: all its points)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the proposals")
     parser.add_argument("--out", default=None, help="sweep folder (default runs/sweeps/<spec stem>)")
-    parser.add_argument("--retry-failed", action="store_true", help="rerun failed trials with their parameters")
-    parser.add_argument("--no-check", action="store_true", help="skip the parameter-name check (saves an import)")
+    parser.add_argument("--retry-failed", action="store_true",
+                        help="rerun failed trials with their parameters")
+    parser.add_argument("--no-check", action="store_true",
+                        help="skip the parameter-name check (saves an import)")
     opts = parser.parse_args(own)
     return run_offline(opts.spec, count=opts.count, seed=opts.seed, out=opts.out, extra=extra,
                        retry_failed=opts.retry_failed, check=not opts.no_check)
@@ -597,15 +613,16 @@ def _offline(argv: Sequence[str]) -> int:
 def _check(argv: Sequence[str]) -> int:
     own, extra = _split_extra(argv)
     parser = argparse.ArgumentParser(prog="famnet-pl sweep check", allow_abbrev=False,
-                                     description="validate a sweep spec and print the command the agent would run")
+                                     description="validate a sweep spec and print the command the agent "
+                                                 "would run")
     parser.add_argument("spec")
     parser.add_argument("--seed", type=int, default=0)
     opts = parser.parse_args(own)
     spec = load_spec(opts.spec)
     check_param_names(spec, opts.spec, extra)
     params = propose(spec, [], seed=opts.seed)
-    print(f"{opts.spec}: ok ({spec['method']}, {spec['metric'].get('goal', 'maximize')} {spec['metric']['name']}, "
-          f"{len(spec['parameters'])} parameters)")
+    print(f"{opts.spec}: ok ({spec['method']}, {spec['metric'].get('goal', 'maximize')} "
+          f"{spec['metric']['name']}, {len(spec['parameters'])} parameters)")
     print("the agent would run, e.g.: " + " ".join(expand_command(spec, params, extra=extra)))
     return 0
 

@@ -31,9 +31,9 @@ def disk_full(path: str | Path, needed: int) -> DiskFullError:
     folder = next((p for p in (path, *path.parents) if p.exists()), Path("."))
     free = shutil.disk_usage(folder).free
     return DiskFullError(errno.ENOSPC, f"no space left on device for {path}: it needs {needed / 1e6:.1f} MB, "
-                                       f"{free / 1e6:.1f} MB are free there; free space (or move --runs-dir / "
-                                       "--data.cache_dir) and rerun: finished work is kept, nothing half-written "
-                                       "is left")
+                                       f"{free / 1e6:.1f} MB are free there; free space (or move --runs-dir "
+                                       "/ --data.cache_dir) and rerun: finished work is kept, nothing "
+                                       "half-written is left")
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -5,7 +5,8 @@ final softmax; the operator and its weighting are left open. :class:`BranchFusio
 (``FAMNet(fusion=...)``). Data flow::
 
     late    logits_2d, logits_3d -> softmax each -> w * p_2d + (1 - w) * p_3d -> log     w: a number
-    learned                         (as late)                                           w = sigmoid(a), a trained
+    learned                         (as late)                                           w = sigmoid(a),
+                                                                                        a trained
     gated   (as late, with a per-sample w = sigmoid(Linear(concat(feat_2d, feat_3d))))
     feature feat_2d, feat_3d -> concat -> Linear -> ReLU -> Dropout -> Linear -> logits
 
@@ -51,7 +52,8 @@ def late_fusion(logits_a: Tensor, logits_b: Tensor, weight: float | Tensor = 0.5
         ValueError: If the shapes differ or a number ``weight`` is outside [0, 1].
     """
     if logits_a.shape != logits_b.shape:
-        raise ValueError(f"late_fusion needs equal shapes, got {tuple(logits_a.shape)} and {tuple(logits_b.shape)}")
+        raise ValueError(f"late_fusion needs equal shapes, got {tuple(logits_a.shape)} and "
+                         f"{tuple(logits_b.shape)}")
     if not isinstance(weight, Tensor) and not 0.0 <= weight <= 1.0:
         raise ValueError(f"late_fusion weight must be in [0, 1], got {weight}")
     w = torch.as_tensor(weight, dtype=torch.float32, device=logits_a.device)
@@ -77,7 +79,8 @@ class FeatureFusion(nn.Module):
         dropout: Dropout probability after the hidden layer.
     """
 
-    def __init__(self, in_a: int, in_b: int, num_classes: int, hidden: int = 128, dropout: float = 0.0) -> None:
+    def __init__(self, in_a: int, in_b: int, num_classes: int, hidden: int = 128,
+                 dropout: float = 0.0) -> None:
         super().__init__()
         self.mlp = nn.Sequential(
             nn.Linear(in_a + in_b, hidden),
@@ -122,9 +125,11 @@ class BranchFusion(nn.Module):
             # Starts at w = late_weight for every sample (zero weights, bias at the logit).
             self.gate = nn.Linear(features_2d + features_3d, 1)
             nn.init.zeros_(self.gate.weight)
-            nn.init.constant_(self.gate.bias, torch.logit(torch.tensor(min(max(late_weight, 1e-3), 1 - 1e-3))).item())
+            nn.init.constant_(self.gate.bias,
+                              torch.logit(torch.tensor(min(max(late_weight, 1e-3), 1 - 1e-3))).item())
         elif mode == "feature":
-            self.feature = FeatureFusion(features_2d, features_3d, num_classes, hidden=hidden, dropout=dropout)
+            self.feature = FeatureFusion(features_2d, features_3d, num_classes, hidden=hidden,
+                                         dropout=dropout)
 
     def weight_logit_2d(self, feat_2d: Tensor, feat_3d: Tensor) -> Tensor:
         """``learned`` / ``gated``: logit of the 2D branch's weight (a scalar, or (B, 1) for ``gated``),
