@@ -35,6 +35,8 @@ SEED ?= 0
 OUT ?=
 WANDB_PROJECT ?= famnet_pl
 SEEDS ?=
+ENSEMBLE ?=
+RUNS ?=
 VARIANTS ?=
 # SLURM (experiments/slurm/submit.sh): array throttle, --slurm-* options, raw sbatch flags.
 PARALLEL ?= 16
@@ -51,7 +53,7 @@ export PYTHONUNBUFFERED := 1
 need_config = @test -f experiments/$(1)/$(2).yaml || { echo "make: unknown $(3)=$(2); choose one of: \
 	$$(ls experiments/$(1) | sed 's/\.yaml$$//' | tr '\n' ' ')" >&2; exit 2; }
 
-.PHONY: help install loso loso-slurm ablation sweep agent sweep-offline data manifests fabricate aggregate lint test \
+.PHONY: help install loso loso-slurm ablation sweep agent sweep-offline sweep-best report data manifests fabricate aggregate lint test \
 	test-full test-gpu test-slurm bench clean distclean
 
 help: ## List the targets
@@ -72,11 +74,12 @@ $(STAMP): setup.cfg pyproject.toml
 
 install: $(STAMP) ## Create .venv and install famnet_pl with its pinned dependencies
 
-loso: $(STAMP) ## LOSO run [DATASET=synth] [PROTOCOL=] [MODEL=famnet_cpu] [EXP=] [DATA_ROOT=] [WANDB=offline|online|off] [FOLDS=0,3] [JOBS=1] [THREADS=] [GPUS=0,1 JOBS_PER_GPU=2] [ARGS=]
+loso: $(STAMP) ## LOSO run [DATASET=synth] [PROTOCOL=] [MODEL=famnet_cpu] [EXP=] [DATA_ROOT=] [WANDB=offline|online|off] [FOLDS=0,3] [JOBS=1] [THREADS=] [GPUS=0,1 JOBS_PER_GPU=2] [SEEDS=0,1,2 [ENSEMBLE=mean]] [ARGS=]
 	$(call need_config,data,$(DATASET),DATASET)
 	$(call need_config,model,$(MODEL),MODEL)
 	$(BIN)/famnet-pl loso --exp $(EXP) --wandb $(WANDB) $(if $(FOLDS),--folds $(FOLDS)) --jobs $(JOBS) \
 		$(if $(GPUS),--gpus $(GPUS) --jobs-per-gpu $(JOBS_PER_GPU)) $(if $(THREADS),--threads $(THREADS)) \
+		$(if $(SEEDS),--seeds $(SEEDS)) $(if $(ENSEMBLE),--ensemble $(ENSEMBLE)) \
 		--config experiments/base.yaml --config experiments/data/$(DATASET).yaml \
 		--config experiments/model/$(MODEL).yaml $(if $(DATA_ROOT),--data.data_root=$(DATA_ROOT)) \
 		$(if $(PROTOCOL),--data.protocol=$(PROTOCOL)) $(ARGS)
@@ -104,6 +107,13 @@ agent: $(STAMP) ## Run trials of a W&B sweep (needs network): make agent SWEEP=e
 	@test -n "$(SWEEP)" || { echo "make agent SWEEP=entity/project/id (make sweep prints it)" >&2; exit 2; }
 	@# The spec's $${interpreter} is the `python` on PATH: put the venv's first.
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/wandb agent $(if $(COUNT),--count $(COUNT)) $(SWEEP)
+
+sweep-best: $(STAMP) ## The trial a sweep's validation metric chose, and its test score read once [SPEC=] [OUT=]
+	$(BIN)/famnet-pl sweep best $(SPEC) $(if $(OUT),--out $(OUT))
+
+report: $(STAMP) ## Paper-ready table (Markdown, LaTeX) + confusion grid: make report RUNS="runs/a/synth runs/b/seeds/synth" [OUT=]
+	@test -n "$(RUNS)" || { echo "make report RUNS=\"runs/<exp>/<dataset> ...\" (run dirs or seed studies)" >&2; exit 2; }
+	$(BIN)/famnet-pl report $(RUNS) $(if $(OUT),--out $(OUT))
 
 sweep-offline: $(STAMP) ## Sweep without network (local engine, W&B offline, resumable) [SPEC=] [COUNT=8] [SEED=0] [OUT=]
 	WANDB_MODE=offline $(BIN)/famnet-pl sweep offline $(SPEC) $(if $(COUNT),--count $(COUNT)) --seed $(SEED) \

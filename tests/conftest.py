@@ -72,3 +72,23 @@ def tiny_args(root: Path, cache: Path, **overrides) -> list[str]:
     }
     args.update(overrides)
     return [f"--{k}={v}" for k, v in args.items()]
+
+
+def relabel_test_predictions(run_dir: Path) -> None:
+    """The leak test's edit: every test subject's labels shifted to the next class, fold by fold, in
+    its prediction files (checksums updated as the fold would have written them); the
+    inner-validation files are left alone. Selection must not notice; test scores must move."""
+    import hashlib
+    import json
+
+    import pandas as pd
+
+    for fold_dir in sorted(Path(run_dir).glob("fold_*")):
+        meta = json.loads((fold_dir / "metrics.json").read_text())
+        n = len(meta["class_names"])
+        for name in ("predictions.csv", "predictions_epochs.csv"):
+            frame = pd.read_csv(fold_dir / name)
+            frame["y_true"] = (frame["y_true"] + 1) % n
+            frame.to_csv(fold_dir / name, index=False)
+        meta["predictions_sha256"] = hashlib.sha256((fold_dir / "predictions.csv").read_bytes()).hexdigest()
+        (fold_dir / "metrics.json").write_text(json.dumps(meta))

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from famnet_pl.studies import sweep
-from tests.conftest import REPO, tiny_args
+from tests.conftest import REPO, relabel_test_predictions, tiny_args
 
 SPECS = REPO / "experiments" / "sweeps"
 WEIGHTS = ("w2d", "w3d", "wfuse", "wau")
@@ -74,13 +74,13 @@ def _wandb_run(run_dir: Path) -> tuple[str, str, str, list[dict]]:
 @pytest.mark.parametrize("name", ["loss_weights_bayes", "loss_weights_grid"])
 def test_spec_validates_and_the_agent_command_reaches_the_fold_hparams(name, tiny_synth, tmp_path):
     spec = sweep.load_spec(SPECS / f"{name}.yaml")
-    assert spec["metric"] == {"name": "loso/uf1", "goal": "maximize"}
+    assert spec["metric"] == {"name": "loso_val/uf1", "goal": "maximize"}
     assert set(spec["parameters"]) == {f"model.loss_weights.{w}" for w in WEIGHTS}
     sweep.check_param_names(spec, SPECS / f"{name}.yaml")  # real LightningCLI keys
     proposals = []
     while len(proposals) < 10 and (params := sweep.propose(spec, [dict(trial=f"t{len(proposals)}", params=p,
                                                                        status="finished",
-                                                                       metrics={"loso/uf1": 0.5})
+                                                                       metrics={"loso_val/uf1": 0.5})
                                                                   for p in proposals], seed=0)) is not None:
         assert all(type(v) in (int, float) and v >= 0 for v in params.values()), params   # no numpy scalars
         proposals.append(params)
@@ -109,11 +109,16 @@ def test_spec_validates_and_the_agent_command_reaches_the_fold_hparams(name, tin
 def test_bad_specs_fail_with_one_line_naming_the_file(tmp_path, capsys):
     good = yaml.safe_load((SPECS / "loss_weights_grid.yaml").read_text())
     cases = {
-        "metric": ({**good, "metric": {"name": "val/uf1", "goal": "maximize"}}, "not a pooled LOSO metric"),
+        "metric": ({**good, "metric": {"name": "val/uf1", "goal": "maximize"}},
+                   "not a pooled inner-validation metric"),
+        "test": ({**good, "metric": {"name": "loso/uf1", "goal": "maximize"}},
+                 "selects on the test subjects"),
         "oracle": ({**good, "metric": {"name": "loso_oracle/uf1", "goal": "maximize"}},
-                   "not a pooled LOSO metric"),
+                   "not a pooled inner-validation metric"),
+        "noval": ({**good, "command": [*good["command"][:-1], "--data.val_subjects=0", "${args}"]},
+                  "no inner validation"),
         "noargs": ({**good, "command": [c for c in good["command"] if c != "${args}"]}, "${args}"),
-        "schema": ({**good, "metric": {"name": "loso/uf1", "goal": "maximise"}},
+        "schema": ({**good, "metric": {"name": "loso_val/uf1", "goal": "maximise"}},
                    "not a valid W&B sweep spec"),
         "typo": ({**good, "parameters": {**good["parameters"], "model.loss_weights.wax": {"values": [1.0]}}},
                  "unknown parameter model.loss_weights.wax"),
@@ -155,7 +160,8 @@ def test_offline_sweep_leaderboard_equals_the_runs_and_resumes(tiny_synth, tmp_p
 
     board = pd.read_csv(out / "leaderboard.csv")
     assert list(board["rank"]) == [1, 2, 3, 4] and set(board["status"]) == {"finished"}
-    assert list(board["loso/uf1"]) == sorted(board["loso/uf1"], reverse=True)
+    # Ranked on pooled inner validation; the test scores ride along.
+    assert list(board["loso_val/uf1"]) == sorted(board["loso_val/uf1"], reverse=True)
     state = json.loads((out / "sweep.json").read_text())
     trials = {t["trial"]: t for t in state["trials"]}
     assert sorted(trials) == ["trial_000", "trial_001", "trial_002", "trial_003"] == sorted(board["trial"])
@@ -165,7 +171,7 @@ def test_offline_sweep_leaderboard_equals_the_runs_and_resumes(tiny_synth, tmp_p
         assert run_dir == out / row["trial"] / "synth"
         summary = json.loads((run_dir / "loso_summary.json").read_text())
         assert summary["complete"] and summary["n_folds"] == 3
-        for metric in sweep.LEADERBOARD_METRICS:   # the leaderboard's numbers are the run's, exactly
+        for metric in ("loso_val/uf1", *sweep.TEST_METRICS):   # the leaderboard's numbers are the run's
             assert row[metric] == summary[metric], (row["trial"], metric)
         params = trials[row["trial"]]["params"]
         assert {f"model.loss_weights.{w}": row[f"model.loss_weights.{w}"] for w in WEIGHTS} == params
@@ -208,6 +214,29 @@ def test_offline_sweep_leaderboard_equals_the_runs_and_resumes(tiny_synth, tmp_p
     pd.testing.assert_frame_equal(again.drop(columns="seconds"), board.drop(columns="seconds"))
     assert {p: p.stat().st_mtime_ns for p in kept} == kept
     assert {t: (out / t / "trial.json").stat().st_mtime_ns for t in before} == before
+
+    # `sweep best`: the top row, its test score read once.
+    capsys.readouterr()
+    assert sweep.main(["best", str(spec_file), "--out", str(out)]) == 0
+    chosen = capsys.readouterr().out
+    top = board.iloc[0]
+    assert f"chosen on loso_val/uf1: {top['trial']}" in chosen and f"UF1 {top['loso/uf1']:.4f}" in chosen
+
+    # Leak test: every test subject's labels changed in every trial's prediction files; the runs
+    # re-aggregated. The chosen trial and every validation number stay; only test scores move.
+    from famnet_pl.loso.aggregate import aggregate_run
+
+    for row in board.to_dict("records"):
+        relabel_test_predictions(Path(row["run_dir"]))
+        aggregate_run(row["run_dir"], expected_folds=3)
+    assert sweep.main(["best", str(spec_file), "--out", str(out)]) == 0
+    after = capsys.readouterr().out
+    assert after.splitlines()[0] == chosen.splitlines()[0] and after != chosen
+    sweep._leaderboard(json.loads((out / "sweep.json").read_text()), out)
+    leaked = pd.read_csv(out / "leaderboard.csv")
+    assert list(leaked["trial"]) == list(board["trial"])
+    assert list(leaked["loso_val/uf1"]) == list(board["loso_val/uf1"])
+    assert list(leaked["loso/uf1"]) != list(board["loso/uf1"])
 
 
 def test_a_crashed_trial_is_marked_failed_not_lost(tiny_synth, tmp_path, monkeypatch, capsys):

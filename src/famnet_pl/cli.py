@@ -1,4 +1,5 @@
-"""Command line: ``famnet-pl {loso,fit,aggregate,manifest,synth,fabricate,preprocess,show,sweep,ablation}``.
+"""Command line: ``famnet-pl CMD``, CMD in loso, fit, aggregate, report, manifest, synth, fabricate,
+preprocess, show, sweep, ablation.
 
 Argument parsing and dispatch only; the work happens below this module, which nothing imports::
 
@@ -40,6 +41,16 @@ def _loso(argv: list[str]) -> int:
     parser = loso_parser()
     opts, cli_args = parser.parse_known_args(argv)
     options = LosoOptions.from_args(opts)
+    if opts.ensemble and not opts.seeds:
+        parser.error("--ensemble needs --seeds (e.g. --seeds 0,1,2)")
+    if opts.seeds:
+        if opts.launcher == "slurm":
+            parser.error("--seeds runs here; on SLURM submit one run per seed "
+                         "(--seed_everything=s --data.seed=s)")
+        from famnet_pl.studies.seeds import run_seeds
+
+        return 0 if run_seeds(cli_args, options, [int(s) for s in opts.seeds.split(",")],
+                              ensemble=opts.ensemble) else 1
     if opts.launcher == "slurm":
         if opts.jobs != 1 or opts.gpus:
             parser.error("--launcher slurm runs one fold per SLURM task: drop --jobs/--gpus")
@@ -214,6 +225,12 @@ def _ablation(argv: list[str]) -> int:
     return ablation_main(argv)
 
 
+def _report(argv: list[str]) -> int:
+    from famnet_pl.studies.report import main as report_main
+
+    return report_main(argv)
+
+
 def _slurm(argv: list[str]) -> int:
     from famnet_pl.loso.slurm import main as slurm_main
 
@@ -228,7 +245,7 @@ def _synth(argv: list[str]) -> int:
 
 COMMANDS = {"loso": _loso, "fit": _fit, "aggregate": _aggregate, "manifest": _manifest, "synth": _synth,
             "fabricate": _fabricate, "preprocess": _preprocess, "show": _show, "sweep": _sweep,
-            "ablation": _ablation}
+            "ablation": _ablation, "report": _report}
 # Started by the framework itself (fold processes, SLURM jobs), not listed in the usage line.
 INTERNAL = {"worker": _worker, "slurm": _slurm}
 

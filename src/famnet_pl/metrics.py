@@ -10,9 +10,19 @@ over the classes present and says so in ``absent_classes`` (and logs a warning) 
 silently changing the class set. Per-fold means are reported too, as a secondary, noisier number
 (folds are single subjects; most miss classes).
 
-Oracle epoch: for each fold, the epoch with the best *test* score is picked and those predictions
-pooled. That uses the test subject for selection, so it is an upper bound for comparison with
-published numbers that did this, never a result.
+Three numbers, three honesty levels (``format_summary`` prints them side by side):
+
+* ``loso/*`` (headline): the last epoch of a fixed budget. Nothing is selected.
+* ``loso_valsel/*``: the epoch chosen on *inner validation* (training subjects held out per fold,
+  ``data.val_subjects``), then the test predictions of that epoch pooled. Rule ``global`` (the
+  default): one epoch for every fold, the one whose inner-validation predictions, pooled over all
+  folds, score the best UF1; ``loso_valsel_perfold/*``: each fold's own best inner-validation epoch
+  (noisier: an inner fold is one or two subjects). Ties go to the later epoch (the longer training,
+  closer to the fixed budget). ``loso_val/*`` are the pooled inner-validation scores at the
+  headline epoch: what sweeps and model choices read. No test label is ever looked at.
+* ``loso_oracle/*``: for each fold, the epoch with the best *test* score, pooled. That uses the
+  test subject for selection, so it is an upper bound for comparison with published numbers that
+  did this, never a result.
 """
 
 from __future__ import annotations
@@ -121,8 +131,62 @@ def oracle_predictions(epochs: pd.DataFrame, *, by: str = "acc") -> pd.DataFrame
     return pd.concat(picked, ignore_index=True)
 
 
+def _best_epoch(scores: dict[int, float]) -> int:
+    """The epoch with the highest score; ties go to the later epoch."""
+    return max(scores, key=lambda e: (scores[e], e))
+
+
+def select_epochs(val_epochs: pd.DataFrame, num_classes: int) -> dict:
+    """Epochs chosen on inner-validation predictions alone (``val_predictions_epochs.csv`` of every
+    fold): ``{"global": e, "per_fold": {fold: e}, "val_uf1_by_epoch": {e: pooled val UF1}}``.
+
+    ``global`` scores only the epochs every fold evaluated; each fold's own choice ranks that fold's
+    validation UF1 (pooled over its validation subjects)."""
+    common = set.intersection(*(set(p["epoch"]) for _, p in val_epochs.groupby("fold")))
+    by_epoch = {int(e): pooled_metrics(rows["y_true"], rows["y_pred"], num_classes)["uf1"]
+                for e, rows in val_epochs[val_epochs["epoch"].isin(common)].groupby("epoch", sort=True)}
+    per_fold = {int(f): _best_epoch({int(e): pooled_metrics(r["y_true"], r["y_pred"], num_classes)["uf1"]
+                                     for e, r in part.groupby("epoch", sort=True)})
+                for f, part in val_epochs.groupby("fold", sort=True)}
+    return {"global": _best_epoch(by_epoch), "per_fold": per_fold, "val_uf1_by_epoch": by_epoch}
+
+
+def _at_epochs(frame: pd.DataFrame, chosen: dict[int, int]) -> pd.DataFrame:
+    """The rows of each fold at its chosen epoch."""
+    return frame[frame["epoch"].to_numpy() == frame["fold"].map(chosen).to_numpy()]
+
+
+def pooled_keys(frame: pd.DataFrame, prefix: str, num_classes: int) -> dict:
+    """``<prefix>/uf1``, ``/uar``, ``/acc`` of pooled predictions, and ``<prefix>/<dataset>/uf1``,
+    ``/uar`` per dataset when the predictions mix datasets (composites)."""
+    m = pooled_metrics(frame["y_true"], frame["y_pred"], num_classes)
+    out = {f"{prefix}/uf1": m["uf1"], f"{prefix}/uar": m["uar"], f"{prefix}/acc": m["acc"]}
+    if frame["dataset"].nunique() > 1:
+        for name, part in frame.groupby("dataset", sort=True):
+            d = pooled_metrics(part["y_true"], part["y_pred"], num_classes)
+            out[f"{prefix}/{name}/uf1"], out[f"{prefix}/{name}/uar"] = d["uf1"], d["uar"]
+    return out
+
+
+def validation_summary(last: pd.DataFrame, epochs: pd.DataFrame, val_epochs: pd.DataFrame,
+                       num_classes: int) -> dict:
+    """``loso_val/*`` (inner validation at each fold's headline epoch), the validation-selected
+    epochs and the pooled test scores at them (``loso_valsel/*``, ``loso_valsel_perfold/*``)."""
+    headline = last.groupby("fold")["epoch"].first().to_dict()
+    chosen = select_epochs(val_epochs, num_classes)
+    folds = sorted(headline)
+    summary = {**pooled_keys(_at_epochs(val_epochs, headline), "loso_val", num_classes),
+               **pooled_keys(_at_epochs(epochs, {f: chosen["global"] for f in folds}), "loso_valsel",
+                              num_classes),
+               **pooled_keys(_at_epochs(epochs, chosen["per_fold"]), "loso_valsel_perfold", num_classes),
+               "valsel_epoch": chosen["global"], "valsel_epochs_perfold": chosen["per_fold"],
+               "val_uf1_by_epoch": chosen["val_uf1_by_epoch"],
+               "val_subjects_per_fold": int(val_epochs.groupby("fold")["subject"].nunique().max())}
+    return summary
+
+
 def summarize(last: pd.DataFrame, epochs: pd.DataFrame | None, *, class_names: list[str],
-              au_vocab: list[int], oracle_by: str = "acc") -> dict:
+              au_vocab: list[int], oracle_by: str = "acc", val_epochs: pd.DataFrame | None = None) -> dict:
     """The LOSO summary: pooled headline metrics, per-dataset and per-fold breakdowns, AU F1,
     and (when per-epoch predictions exist) the oracle-epoch comparison.
 
@@ -132,9 +196,12 @@ def summarize(last: pd.DataFrame, epochs: pd.DataFrame | None, *, class_names: l
         class_names: protocol classes in label order.
         au_vocab: AU numbers of the AU columns.
         oracle_by: oracle epoch criterion (``acc``, the common convention, or ``uf1``).
+        val_epochs: inner-validation predictions of every evaluated epoch of every fold, or None
+            (no inner validation: no ``loso_val*`` keys).
 
     Returns:
-        A JSON-serialisable dict with ``loso/*``, ``loso_perfold/*``, ``loso_oracle/*`` keys and
+        A JSON-serialisable dict with ``loso/*``, ``loso_perfold/*``, ``loso_oracle/*`` (and, with
+        inner validation, ``loso_val/*``, ``loso_valsel/*``, ``loso_valsel_perfold/*``) keys and
         the tables behind them.
     """
     c = len(class_names)
@@ -172,4 +239,6 @@ def summarize(last: pd.DataFrame, epochs: pd.DataFrame | None, *, class_names: l
             "oracle_epochs": {int(f): int(e) for f, e in
                               oracle.groupby("fold")["epoch"].first().items()},
         })
+        if val_epochs is not None and len(val_epochs):
+            summary.update(validation_summary(last, epochs, val_epochs, c))
     return summary

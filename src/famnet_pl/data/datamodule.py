@@ -169,8 +169,12 @@ class MERDataModule(L.LightningDataModule):
         preprocess_workers: processes that fill the preprocessing cache (0: this process).
         strict: stop at the first sample whose frames are missing or unreadable instead of leaving
             it out and listing it.
-        val_subjects: training subjects held out for inner validation (0 = none). Never the test
-            subject: this is the honest place for model selection.
+        val_subjects: training subjects held out for inner validation, drawn per fold from that
+            fold's training subjects only (never the test subject: this is the honest place for
+            model and epoch selection): a count ``k`` (0 = none) or a fraction in (0, 1) of the
+            training subjects. Composites draw per dataset: a fraction takes that share of each
+            dataset's training subjects (at least one), a count is split across the datasets in
+            proportion to their training subjects (largest remainders).
         batch_size: training batch size.
         num_workers: DataLoader workers (arrays are in memory, 0 is usually fastest on CPU).
         augment: flip/translate/brightness on training samples, identical for every frame of a
@@ -217,7 +221,7 @@ class MERDataModule(L.LightningDataModule):
         clip_fps: float | None = None,
         preprocess_workers: int = 0,
         strict: bool = False,
-        val_subjects: int = 0,
+        val_subjects: int | float = 0,
         batch_size: int = 16,
         num_workers: int = 0,
         augment: bool = True,
@@ -378,12 +382,7 @@ class MERDataModule(L.LightningDataModule):
         subject_of = manifest[self.group_column].to_numpy()
         test_idx = np.flatnonzero(subject_of == self.test_subject)
         train_subjects = [s for s in subjects if s != self.test_subject]
-        if not 0 <= hp.val_subjects < len(train_subjects):
-            raise ProtocolError(f"data.val_subjects={hp.val_subjects}: needs 0 <= val_subjects < "
-                             f"{len(train_subjects)} (the training subjects of this fold)")
-        rng = np.random.default_rng([hp.seed, hp.fold])
-        val_subjects = (sorted(rng.choice(train_subjects, size=hp.val_subjects, replace=False).tolist())
-                        if hp.val_subjects else [])
+        val_subjects = self._inner_validation(train_subjects)
         val_idx = np.flatnonzero(np.isin(subject_of, val_subjects))
         train_idx = np.flatnonzero(~np.isin(subject_of, [self.test_subject, *val_subjects]))
 
@@ -402,6 +401,34 @@ class MERDataModule(L.LightningDataModule):
             log.warning("fold %d: every AU target of the training set is 0; check the AU column and "
                         "vocabulary %s", hp.fold, self.au_vocab)
         self._ready = True
+
+    def _inner_validation(self, train_subjects: list[str]) -> list[str]:
+        """This fold's inner-validation subjects (``val_subjects``), from its training subjects."""
+        hp, n = self.hparams, len(train_subjects)
+        k = hp.val_subjects
+        fraction = isinstance(k, float) and not float(k).is_integer()
+        if not (0 < k < 1 if fraction else 0 <= k < n):
+            raise ProtocolError(f"data.val_subjects={k}: needs a count 0 <= k < {n} (the training subjects "
+                                "of this fold) or a fraction 0 < f < 1 of them")
+        if not k:
+            return []
+        rng = np.random.default_rng([hp.seed, hp.fold])
+        datasets = sorted({s.split("/")[0] for s in train_subjects})
+        if len(datasets) == 1 or self.hparams.split != "subject":
+            size = max(1, round(k * n)) if fraction else int(k)
+            return sorted(rng.choice(train_subjects, size=min(size, n - 1), replace=False).tolist())
+        # A composite: each dataset keeps its share of inner-validation subjects, so validation
+        # scores weigh the datasets as the test pool does.
+        groups = {d: [s for s in train_subjects if s.split("/")[0] == d] for d in datasets}
+        if fraction:
+            sizes = {d: min(max(1, round(k * len(g))), len(g) - 1) for d, g in groups.items()}
+        else:
+            quota = {d: int(k) * len(g) / n for d, g in groups.items()}
+            sizes = {d: int(q) for d, q in quota.items()}
+            for d in sorted(quota, key=lambda d: (sizes[d] - quota[d], d))[:int(k) - sum(sizes.values())]:
+                sizes[d] += 1
+        return sorted(s for d in datasets
+                      for s in rng.choice(groups[d], size=sizes[d], replace=False).tolist())
 
     def _loader(self, dataset: Dataset, *, shuffle: bool) -> DataLoader:
         generator = torch.Generator().manual_seed(self._fold_seed)
@@ -434,17 +461,21 @@ class MERDataModule(L.LightningDataModule):
         """Shuffled training subjects."""
         return self._loader(self.train_set, shuffle=True)
 
-    def val_dataloader(self) -> DataLoader | list:
-        """Inner validation subjects (empty when ``val_subjects=0``)."""
-        return self._loader(self.val_set, shuffle=False) if self.val_set is not None else []
+    def val_dataloader(self, shard: tuple[int, int] | None = None) -> DataLoader | list:
+        """Inner validation subjects (empty when ``val_subjects=0``); ``shard`` as in
+        :meth:`test_dataloader`."""
+        return self._eval_loader(self.val_set, shard) if self.val_set is not None else []
 
     def test_dataloader(self, shard: tuple[int, int] | None = None) -> DataLoader:
         """The test subject, in manifest order; ``shard=(rank, world)``: every ``world``-th sample
         from ``rank`` on, no padding (unlike a DistributedSampler, which repeats samples)."""
+        return self._eval_loader(self.test_set, shard)
+
+    def _eval_loader(self, dataset: Dataset, shard: tuple[int, int] | None) -> DataLoader:
         if shard is None:
-            return self._loader(self.test_set, shuffle=False)
+            return self._loader(dataset, shuffle=False)
         rank, world = shard
-        return self._loader(Subset(self.test_set, range(rank, len(self.test_set), world)), shuffle=False)
+        return self._loader(Subset(dataset, range(rank, len(dataset), world)), shuffle=False)
 
 
 # --- one DataModule per dataset ----------------------------------------------------------------

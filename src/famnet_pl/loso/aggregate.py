@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,12 +31,53 @@ from famnet_pl.loso.rundir import (
     PREDICTIONS,
     PREDICTIONS_EPOCHS,
     SUMMARY,
+    VAL_PREDICTIONS_EPOCHS,
     failed_folds,
     finished_folds,
     read_plan,
 )
 from famnet_pl.metrics import summarize
 from famnet_pl.utils.io import atomic_write_bytes, atomic_write_json, sha256_file
+
+
+@dataclass
+class RunPredictions:
+    """The prediction files of a run's finished folds, checked and concatenated."""
+
+    metas: list[dict]            # each fold's metrics.json
+    last: pd.DataFrame           # headline (last-epoch) test predictions
+    epochs: pd.DataFrame | None  # test predictions of every evaluated epoch
+    val_epochs: pd.DataFrame | None  # inner-validation predictions of every evaluated epoch
+
+    def summarize(self, oracle_by: str = "acc") -> dict:
+        """The pooled summary of these predictions (metrics.summarize)."""
+        meta = self.metas[0]
+        return summarize(self.last, self.epochs, class_names=meta["class_names"], au_vocab=meta["au_vocab"],
+                         oracle_by=oracle_by, val_epochs=self.val_epochs)
+
+
+def load_predictions(run_dir: str | Path) -> RunPredictions | None:
+    """Every finished fold's prediction files of ``run_dir``, checked against what each fold recorded
+    (PredictionsError otherwise); None when no fold has finished."""
+    run_dir = Path(run_dir)
+    folds = finished_folds(run_dir)
+    if not folds:
+        return None
+    metas = [json.loads((f / METRICS).read_text()) for f in folds]
+    meta = metas[0]
+    for other, f in zip(metas, folds):
+        if (other["class_names"], other["au_vocab"]) != (meta["class_names"], meta["au_vocab"]):
+            raise ValueError(f"{f}: classes or AU vocabulary differ from {folds[0]}; folds of one run "
+                             "must share them (delete the stray fold or use another run directory)")
+    plan = read_plan(run_dir).get("folds", {})
+    last = pd.concat([_checked_predictions(f, m, plan) for f, m in zip(folds, metas)], ignore_index=True)
+    epoch_files = [f / PREDICTIONS_EPOCHS for f in folds if (f / PREDICTIONS_EPOCHS).is_file()]
+    epochs = pd.concat([pd.read_csv(f) for f in epoch_files], ignore_index=True) if epoch_files else None
+    val = [_checked_validation(f, m) for f, m in zip(folds, metas) if "val_predictions_sha256" in m]
+    # Epoch selection needs every fold's validation predictions: a run mixing folds with and
+    # without inner validation has none to select on.
+    val_epochs = pd.concat(val, ignore_index=True) if val and len(val) == len(folds) else None
+    return RunPredictions(metas=metas, last=last, epochs=epochs, val_epochs=val_epochs)
 
 
 def aggregate_run(run_dir: str | Path, *, expected_folds: int | None = None, oracle_by: str = "acc",
@@ -53,24 +95,14 @@ def aggregate_run(run_dir: str | Path, *, expected_folds: int | None = None, ora
         The summary dict, or None when no fold has finished.
     """
     run_dir = Path(run_dir)
-    folds = finished_folds(run_dir)
-    if not folds:
+    predictions = load_predictions(run_dir)
+    if predictions is None:
         return None
-    metas = [json.loads((f / METRICS).read_text()) for f in folds]
-    meta = metas[0]
-    for other, f in zip(metas, folds):
-        if (other["class_names"], other["au_vocab"]) != (meta["class_names"], meta["au_vocab"]):
-            raise ValueError(f"{f}: classes or AU vocabulary differ from {folds[0]}; folds of one run "
-                             "must share them (delete the stray fold or use another run directory)")
-    plan = read_plan(run_dir).get("folds", {})
-    last = pd.concat([_checked_predictions(f, m, plan) for f, m in zip(folds, metas)], ignore_index=True)
-    epoch_files = [f / PREDICTIONS_EPOCHS for f in folds if (f / PREDICTIONS_EPOCHS).is_file()]
-    epochs = pd.concat([pd.read_csv(f) for f in epoch_files], ignore_index=True) if epoch_files else None
-    summary = summarize(last, epochs, class_names=meta["class_names"], au_vocab=meta["au_vocab"],
-                        oracle_by=oracle_by)
+    metas = predictions.metas
+    summary = predictions.summarize(oracle_by)
     done = sorted(int(m["fold"]) for m in metas)
     failed = {str(f["fold"]): f["error"] for f in failed_folds(run_dir)}
-    summary.update({"protocol": meta["protocol"], "folds_done": done,
+    summary.update({"protocol": metas[0]["protocol"], "folds_done": done,
                     "complete": (expected_folds is None or len(done) == expected_folds) and not failed})
     if failed:
         summary["folds_failed"] = failed
@@ -79,9 +111,14 @@ def aggregate_run(run_dir: str | Path, *, expected_folds: int | None = None, ora
     if expected_folds is not None:
         summary["folds_missing"] = sorted(set(range(expected_folds)) - set(done))
     if write:
-        atomic_write_json(run_dir / SUMMARY, _finite(summary))
-        atomic_write_bytes(run_dir / CONFUSION, confusion_png(summary))
+        write_summary(run_dir, summary)
     return summary
+
+
+def write_summary(out_dir: str | Path, summary: dict) -> None:
+    """``loso_summary.json`` and ``confusion.png`` of ``summary`` into ``out_dir`` (atomically)."""
+    atomic_write_json(Path(out_dir) / SUMMARY, _finite(summary))
+    atomic_write_bytes(Path(out_dir) / CONFUSION, confusion_png(summary))
 
 
 class PredictionsError(ValueError):
@@ -118,6 +155,17 @@ def _checked_predictions(fold_dir: Path, meta: dict, plan: dict) -> pd.DataFrame
     return frame
 
 
+def _checked_validation(fold_dir: Path, meta: dict) -> pd.DataFrame:
+    """A fold's inner-validation predictions, checked against the checksum in its ``metrics.json``."""
+    path = fold_dir / VAL_PREDICTIONS_EPOCHS
+    if not path.is_file() or sha256_file(path) != meta["val_predictions_sha256"]:
+        what = ("missing, though metrics.json records its checksum" if not path.is_file()
+                else "checksum differs from the one recorded in metrics.json")
+        raise PredictionsError(f"{path}: {what}; restore it, or delete {fold_dir} and rerun the fold "
+                               f"(FOLDS={meta['fold']})")
+    return pd.read_csv(path)
+
+
 def _finite(obj):
     """JSON has no NaN: write null instead."""
     if isinstance(obj, float) and math.isnan(obj):
@@ -152,24 +200,30 @@ def confusion_png(summary: dict) -> bytes:
 def format_summary(summary: dict) -> str:
     """The printed LOSO result table."""
     names = summary["class_names"]
+    def row(label: str, prefix: str) -> str:
+        return (f"{label:38s}{summary[prefix + '/uf1']:8.3f}{summary[prefix + '/uar']:8.3f}"
+                f"{summary[prefix + '/acc']:8.3f}")
+
     lines = [
         f"LOSO {summary['protocol']}: {summary['n_samples']} samples, {summary['n_folds']} folds"
         + ("" if summary.get("complete", True)
            else f" (INCOMPLETE: missing folds {summary['folds_missing']})"),
         "",
-        f"{'':34s}{'UF1':>8s}{'UAR':>8s}{'acc':>8s}",
-        f"{'pooled, last epoch (headline)':34s}{summary['loso/uf1']:8.3f}{summary['loso/uar']:8.3f}"
-        f"{summary['loso/acc']:8.3f}",
+        f"{'':38s}{'UF1':>8s}{'UAR':>8s}{'acc':>8s}",
+        row("pooled, last epoch (headline)", "loso"),
     ]
+    if "loso_valsel/uf1" in summary:
+        lines += [row(f"pooled, val-selected (epoch {summary['valsel_epoch']})", "loso_valsel"),
+                  row("pooled, val-selected epoch per fold", "loso_valsel_perfold"),
+                  row("inner validation, last epoch (not test)", "loso_val")]
     if "loso_oracle/uf1" in summary:
-        lines.append(f"{'pooled, ORACLE epoch (not a result)':34s}{summary['loso_oracle/uf1']:8.3f}"
-                     f"{summary['loso_oracle/uar']:8.3f}{summary['loso_oracle/acc']:8.3f}")
+        lines.append(row("pooled, ORACLE epoch (not a result)", "loso_oracle"))
     lines.append(
-        f"{'per-fold mean +/- std (secondary)':34s}"
+        f"{'per-fold mean +/- std (secondary)':38s}"
         f"{summary['loso_perfold/uf1_mean']:5.3f}+/-{summary['loso_perfold/uf1_std']:.2f} "
         f"{summary['loso_perfold/uar_mean']:5.3f}+/-{summary['loso_perfold/uar_std']:.2f}")
     for key in sorted(k for k in summary if k.count("/") == 2 and k.startswith("loso/")):
-        lines.append(f"  {key:32s}{summary[key]:8.3f}")
+        lines.append(f"  {key:36s}{summary[key]:8.3f}")
     if "oracle_note" in summary:
         lines.append(f"  note: {summary['oracle_note']}")
     width = max(len(n) for n in names) + 2

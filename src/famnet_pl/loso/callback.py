@@ -3,19 +3,24 @@
 Data flow inside one fold (one ``trainer.fit``)::
 
     every ``eval_every`` epochs and at the last epoch:
-        model.eval() on datamodule.test_dataloader() (RNG state forked: the evaluation never changes
-        the training trajectory) -> rows (probabilities, AU probabilities, epoch)
+        model.eval() on datamodule.test_dataloader() and, with inner validation, val_dataloader()
+        (RNG state forked: the evaluation never changes the training trajectory)
+        -> rows (probabilities, AU probabilities, epoch), val_rows
     on_fit_end (rank 0):
-        fold_dir/predictions_epochs.csv  every evaluated epoch (oracle comparison only)
+        fold_dir/predictions_epochs.csv  every evaluated epoch (validation-selected epoch, oracle)
+        fold_dir/val_predictions_epochs.csv  inner-validation subjects, every evaluated epoch:
+                                         what epoch selection reads (aggregate.py)
         fold_dir/metrics.json            fold metadata + last-epoch fold scores
         fold_dir/predictions.csv         last epoch = headline; written LAST: the fold-done marker
         run_dir/loso_summary.json        pooled over every finished fold (aggregate.py; run_dir is
                                          fold_dir's parent); logged as ``loso/*`` once complete
 
 Nothing here selects an epoch: the test subject's predictions are recorded, never used to stop,
-checkpoint or schedule. The fold's folder and index come from the runner (run_fold), which named
-them; the DataModule must expose ``manifest``, ``test_set``, ``test_subject``, ``class_names``,
-``au_vocab``, ``protocol``, ``split``, ``dropped()`` and ``test_dataloader()`` (MERDataModule does).
+checkpoint or schedule; the selection on inner validation happens after the run, in aggregation.
+The fold's folder and index come from the runner (run_fold), which named them; the DataModule
+must expose ``manifest``, ``test_set``, ``val_set``, ``test_subject``, ``class_names``, ``au_vocab``,
+``protocol``, ``split``, ``dropped()``, ``test_dataloader()`` and ``val_dataloader()`` (MERDataModule
+does).
 """
 
 from __future__ import annotations
@@ -32,7 +37,14 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from famnet_pl.loso.aggregate import aggregate_run
-from famnet_pl.loso.rundir import CHECKPOINTS, METRICS, PREDICTIONS, PREDICTIONS_EPOCHS, resume_checkpoint
+from famnet_pl.loso.rundir import (
+    CHECKPOINTS,
+    METRICS,
+    PREDICTIONS,
+    PREDICTIONS_EPOCHS,
+    VAL_PREDICTIONS_EPOCHS,
+    resume_checkpoint,
+)
 from famnet_pl.metrics import fold_scores
 from famnet_pl.utils.io import atomic_write_bytes, atomic_write_csv, atomic_write_json, csv_bytes
 
@@ -91,11 +103,12 @@ class LOSOCallback(Callback):
         self.n_folds, self.config_hash = n_folds, config_hash
         self.eval_every, self.oracle_by, self.resume_every = eval_every, oracle_by, resume_every
         self.rows: list[pd.DataFrame] = []
+        self.val_rows: list[pd.DataFrame] = []
         self.summary: dict | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # Here, not in on_fit_start: a resume checkpoint restores ``rows`` between the two.
-        self.rows = []
+        self.rows, self.val_rows = [], []
 
     def _non_finite(self, trainer: L.Trainer, what: str) -> NonFiniteError:
         dm = trainer.datamodule
@@ -117,16 +130,18 @@ class LOSOCallback(Callback):
         epoch = trainer.current_epoch
         last = bool(trainer.max_epochs and trainer.max_epochs > 0 and epoch + 1 >= trainer.max_epochs)
         if last or (self.eval_every and (epoch + 1) % self.eval_every == 0):
-            self.rows.append(self.predict_test(trainer, pl_module, epoch))
+            self._evaluate(trainer, pl_module, epoch)
         if self.resume_every and not last and (epoch + 1) % self.resume_every == 0:
             # Every rank calls it (collective under DDP); rank 0 writes, atomically.
             trainer.save_checkpoint(resume_checkpoint(self.fold_dir, self.config_hash))
 
     def state_dict(self) -> dict:
-        """What a resumed fold needs besides weights, optimiser and loops: the test predictions
-        recorded so far and the global random streams (python, numpy, torch, CUDA)."""
+        """What a resumed fold needs besides weights, optimiser and loops: the test and validation
+        predictions recorded so far and the global random streams (python, numpy, torch, CUDA)."""
         cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-        return {"rows": [r.to_dict(orient="list") for r in self.rows], "config_hash": self.config_hash,
+        return {"rows": [r.to_dict(orient="list") for r in self.rows],
+                "val_rows": [r.to_dict(orient="list") for r in self.val_rows],
+                "config_hash": self.config_hash,
                 "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
                         "torch": torch.get_rng_state(),
                         "cuda": cuda}}
@@ -134,6 +149,7 @@ class LOSOCallback(Callback):
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore :meth:`state_dict`."""
         self.rows = [pd.DataFrame(r) for r in state_dict["rows"]]
+        self.val_rows = [pd.DataFrame(r) for r in state_dict.get("val_rows", [])]
         rng = state_dict["rng"]
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])
@@ -141,10 +157,23 @@ class LOSOCallback(Callback):
         if rng["cuda"] and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(rng["cuda"])
 
-    @torch.no_grad()
+    def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int) -> None:
+        self.rows.append(self.predict(trainer, pl_module, epoch, "test"))
+        if getattr(trainer.datamodule, "val_set", None) is not None:
+            self.val_rows.append(self.predict(trainer, pl_module, epoch, "val"))
+
     def predict_test(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int) -> pd.DataFrame:
         """Predictions on the test subject at ``epoch`` as a table (one row per sample)."""
+        return self.predict(trainer, pl_module, epoch, "test")
+
+    @torch.no_grad()
+    def predict(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int,
+                split: str = "test") -> pd.DataFrame:
+        """Predictions on the ``test`` subject or the inner-``val`` subjects at ``epoch`` as a table
+        (one row per sample; ``group`` is the fold's held-out subject either way)."""
         dm = trainer.datamodule
+        dataset, loader_of = ((dm.test_set, dm.test_dataloader) if split == "test"
+                              else (dm.val_set, dm.val_dataloader))
         was_training = pl_module.training
         pl_module.eval()
         device = pl_module.device
@@ -158,7 +187,7 @@ class LOSOCallback(Callback):
         probs, au_probs, index = [], [], []
         with torch.random.fork_rng(devices=devices):
             shard = {"shard": (trainer.global_rank, world)} if world > 1 else {}
-            loader = dm.test_dataloader(**shard)
+            loader = loader_of(**shard)
             for batch in loader:
                 batch = {k: v.to(device) for k, v in batch.items()}
                 out = pl_module.predict_step(batch)
@@ -169,9 +198,10 @@ class LOSOCallback(Callback):
         probs, au_probs = _cat(probs).numpy(), _cat(au_probs).numpy()
         index = _cat(index).numpy()
         if not (np.isfinite(probs).all() and np.isfinite(au_probs).all()):
-            raise self._non_finite(trainer, "test-subject output")
+            raise self._non_finite(trainer, "test-subject output" if split == "test"
+                                   else "inner-validation output")
         if world > 1:
-            probs, au_probs, index = gather_shards(probs, au_probs, index, expected=len(dm.test_set))
+            probs, au_probs, index = gather_shards(probs, au_probs, index, expected=len(dataset))
         rows = dm.manifest.iloc[index]
         table = pd.DataFrame({
             "sample_id": rows["sample_id"].to_numpy(), "dataset": rows["dataset"].to_numpy(),
@@ -181,11 +211,10 @@ class LOSOCallback(Callback):
         })
         for c, name in enumerate(dm.class_names):
             table[f"prob_{name}"] = probs[:, c]
-        test = dm.test_set
         for j, au in enumerate(dm.au_vocab):
-            table[f"au{au}_true"] = test.au[index, j]
+            table[f"au{au}_true"] = dataset.au[index, j]
             table[f"au{au}_prob"] = au_probs[:, j] if au_probs.shape[1] else np.nan
-            table[f"au{au}_mask"] = test.au_mask[index, j]
+            table[f"au{au}_mask"] = dataset.au_mask[index, j]
         return table
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -194,7 +223,7 @@ class LOSOCallback(Callback):
         if trainer.interrupted or not self.rows:
             return
         if self.rows[-1]["epoch"].iloc[0] != trainer.current_epoch - 1 and trainer.current_epoch > 0:
-            self.rows.append(self.predict_test(trainer, pl_module, trainer.current_epoch - 1))
+            self._evaluate(trainer, pl_module, trainer.current_epoch - 1)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.interrupted or not self.rows:
@@ -205,6 +234,11 @@ class LOSOCallback(Callback):
         epochs = pd.concat(self.rows, ignore_index=True)
         last = self.rows[-1]
         atomic_write_csv(out / PREDICTIONS_EPOCHS, epochs)
+        validation = {}
+        if self.val_rows:
+            val_bytes = csv_bytes(pd.concat(self.val_rows, ignore_index=True))
+            atomic_write_bytes(out / VAL_PREDICTIONS_EPOCHS, val_bytes)
+            validation = {"val_predictions_sha256": hashlib.sha256(val_bytes).hexdigest()}
         predictions = csv_bytes(last)
         # What aggregation checks the prediction file against: its bytes, its samples (the test
         # subject's, each once), so an edited, truncated or duplicated file is an error, not a score.
@@ -214,7 +248,7 @@ class LOSOCallback(Callback):
             "epoch": int(last["epoch"].iloc[0]), "n_test": len(last), "split": dm.split,
             "config_hash": self.config_hash, "world_size": trainer.world_size,
             "sample_ids": last["sample_id"].tolist(),
-            "predictions_sha256": hashlib.sha256(predictions).hexdigest(),
+            "predictions_sha256": hashlib.sha256(predictions).hexdigest(), **validation,
             "dropped": dm.dropped(),
             **{f"test/{k}": v for k, v in fold_scores(last["y_true"], last["y_pred"]).items()},
         })

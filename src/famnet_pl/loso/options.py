@@ -132,6 +132,11 @@ def loso_parser() -> argparse.ArgumentParser:
                         help="save each fold's resume checkpoint every N "
                         "epochs (0: never); a killed or requeued fold continues from it")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (logs, batch jobs)")
+    seeds = parser.add_argument_group("seeds", "the whole LOSO run once per seed (runs/<exp>/seed<s>/), then "
+                                      "mean ± std of the pooled scores (famnet_pl.studies.seeds)")
+    seeds.add_argument("--seeds", default=None, help="comma-separated seeds, e.g. 0,1,2")
+    seeds.add_argument("--ensemble", choices=["mean"], default=None,
+                       help="with --seeds: also pool the seeds' averaged class probabilities")
     slurm = parser.add_argument_group("SLURM", "--launcher slurm: a job array of the pending folds (one fold "
                                       "per task) + a dependent aggregation job, through submitit "
                                       "(famnet_pl.loso.slurm); experiments/slurm/submit.sh takes the same "

@@ -9,7 +9,8 @@ Layout::
       logs/fold_<kk>.log                    fold-parallel processes; logs/submitit/ (SLURM, Python path)
       fold_<kk>_<subject>/                  one fold (callback.py writes it, runner.py wipes a partial one)
         predictions.csv                     headline (last epoch); written LAST: the fold-done marker
-        predictions_epochs.csv              every evaluated epoch (oracle comparison only)
+        predictions_epochs.csv              every evaluated epoch (validation-selected epoch, oracle)
+        val_predictions_epochs.csv          inner-validation subjects, every evaluated epoch
         metrics.json                        fold metadata, checksum of predictions.csv, fold scores
         failed.json                         a fold stopped on a non-finite loss or output
         checkpoints/resume-<hash>.ckpt      epoch-boundary resume point (removed when the fold ends)
@@ -29,6 +30,7 @@ JOBS_FILE = "slurm_jobs.txt"
 LOGS = "logs"
 PREDICTIONS = "predictions.csv"
 PREDICTIONS_EPOCHS = "predictions_epochs.csv"
+VAL_PREDICTIONS_EPOCHS = "val_predictions_epochs.csv"
 METRICS = "metrics.json"
 FAILED = "failed.json"
 CHECKPOINTS = "checkpoints"

@@ -8,7 +8,9 @@ Data flow::
                                       + --seed_everything=s --data.seed=s)
                              -> runs/ablation/<variant>/seed<s>/<dataset run>/loso_summary.json
       -> runs/ablation/<dataset>/results.csv  one row per (variant, seed): pooled metrics, run dir, seconds
-      -> runs/ablation/<dataset>/table.md     mean +/- std over seeds (sample std, n-1), honest and oracle
+      -> runs/ablation/<dataset>/table.md     mean +/- std over seeds (sample std, n-1): last epoch,
+                                              validation-selected epoch, inner validation, the seed
+                                              ensemble, and the oracle (not a result)
 
 Every number comes from the runs' own ``loso_summary.json`` (pooled over all folds, MEGC
 convention); nothing here trains or scores. The honest columns are the last epoch of the fixed
@@ -22,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import statistics
 import time
 from pathlib import Path
 
@@ -33,11 +33,13 @@ import yaml
 from famnet_pl.loso.options import LosoOptions
 from famnet_pl.loso.rundir import SUMMARY
 from famnet_pl.loso.runner import run_loso
+from famnet_pl.studies.seeds import ensemble_summary, format_mean_std, mean_std, seed_args
 from famnet_pl.utils.errors import BadInput
 from famnet_pl.utils.io import atomic_write_csv, atomic_write_text
 
-METRICS = {"uf1": "loso/uf1", "uar": "loso/uar", "oracle_uf1": "loso_oracle/uf1",
-           "oracle_uar": "loso_oracle/uar"}
+METRICS = {"uf1": "loso/uf1", "uar": "loso/uar", "valsel_uf1": "loso_valsel/uf1", "val_uf1": "loso_val/uf1",
+           "oracle_uf1": "loso_oracle/uf1", "oracle_uar": "loso_oracle/uar", "valsel_uar": "loso_valsel/uar"}
+TABLE = ("uf1", "uar", "valsel_uf1", "val_uf1", "oracle_uf1", "oracle_uar")  # results.csv columns shown
 
 
 def load_variants(spec: str | Path) -> tuple[list[int], list[dict]]:
@@ -57,28 +59,39 @@ def load_variants(spec: str | Path) -> tuple[list[int], list[dict]]:
     return seeds, variants
 
 
-def mean_std(values: list[float]) -> str:
-    """``0.812 ± 0.031`` (sample std over seeds; one seed: no std)."""
-    values = [v for v in values if v is not None and not math.isnan(v)]
-    if not values:
-        return "n/a"
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
-
-
-def format_table(results: pd.DataFrame, order: list[str]) -> str:
-    """Markdown table: one row per variant, mean ± std over its seeds."""
-    lines = ["| variant | UF1 | UAR | UF1 (oracle) | UAR (oracle) | seeds | minutes |",
-             "|---|---|---|---|---|---|---|"]
+def format_table(results: pd.DataFrame, order: list[str], ensembles: dict[str, float] | None = None) -> str:
+    """Markdown table: one row per variant, mean ± std over its seeds; ``ensembles``: the pooled UF1
+    of each variant's seed ensemble (studies/seeds.py)."""
+    ensembles = ensembles or {}
+    lines = ["| variant | UF1 | UAR | UF1 (val-selected) | UF1 (inner val) | UF1 (seed ensemble) "
+             "| UF1 (oracle, not a result) | UAR (oracle) | seeds | minutes |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name in order:
         rows = results[results["variant"] == name]
         if rows.empty:
             continue
-        cells = [mean_std(rows[col].tolist()) for col in METRICS]
+        cells = [format_mean_std(mean_std(rows[col].tolist())) if col in rows else "n/a" for col in TABLE]
+        ensemble = f"{ensembles[name]:.3f}" if name in ensembles else "–"
+        cells.insert(4, ensemble)
         lines.append(f"| {name} | " + " | ".join(cells)
                      + f" | {len(rows)} | {rows['seconds'].sum() / 60:.1f} |")
     return "\n".join(lines)
+
+
+def _loso_dir(run_root: Path) -> Path | None:
+    """The LOSO run directory (runs/ablation/<variant>/seed<s>/<dataset>) under ``run_root``."""
+    found = sorted(p.parent for p in run_root.glob(f"*/{SUMMARY}"))
+    return found[0] if found else None
+
+
+def _ensembles(results: pd.DataFrame) -> dict[str, float]:
+    """Pooled UF1 of every variant's seed ensemble (variants with two or more finished seeds)."""
+    out = {}
+    for name, rows in results.groupby("variant", sort=False):
+        dirs = [d for d in (_loso_dir(Path(r)) for r in rows["run_dir"]) if d is not None]
+        if len(dirs) > 1:
+            out[name] = ensemble_summary(dirs)["loso/uf1"]
+    return out
 
 
 def run_ablation(*, dataset: str, spec: str = "experiments/ablation.yaml", experiments: str = "experiments",
@@ -117,7 +130,7 @@ def run_ablation(*, dataset: str, spec: str = "experiments/ablation.yaml", exper
             args = ["--config", str(exp_dir / "base.yaml"),
                     "--config", str(exp_dir / "data" / f"{dataset}.yaml"),
                     "--config", str(exp_dir / "model" / f"{variant['model']}.yaml"), *variant["args"],
-                    f"--seed_everything={seed}", f"--data.seed={seed}", *extra]
+                    *seed_args([], seed), *extra]
             print(f"== ablation {dataset}: {variant['name']}, seed {seed}", flush=True)
             run_root = Path(runs_dir) / "ablation" / variant["name"] / f"seed{seed}"
             finished_before = any(json.loads(p.read_text()).get("complete")
@@ -141,7 +154,8 @@ def run_ablation(*, dataset: str, spec: str = "experiments/ablation.yaml", exper
             atomic_write_text(out / "table.md",
                               format_table(results, [v["name"] for v in spec_variants]) + "\n")
     results = pd.DataFrame(rows)
-    table = format_table(results, [v["name"] for v in spec_variants])
+    table = format_table(results, [v["name"] for v in spec_variants], _ensembles(results))
+    atomic_write_text(out / "table.md", table + "\n")
     print(f"\nablation on {dataset}, seeds {seeds} (mean ± std over seeds; pooled over all LOSO folds)\n")
     print(table)
     print(f"\nresults: {results_csv}; table: {out / 'table.md'}")

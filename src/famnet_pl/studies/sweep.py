@@ -1,11 +1,14 @@
 """W&B sweeps over LOSO hyperparameters (the multi-task loss weights first): one trial = one full LOSO run.
 
-The sweep metric must be the pooled LOSO score, which exists only once every fold has finished, so
-a trial runs a whole protocol and logs ``loso/uf1`` (and UAR, accuracy, oracle) once at the end.
+The sweep metric is the pooled *inner-validation* score ``loso_val/uf1`` (training subjects held out
+in every fold, ``data.val_subjects``): choosing trials on the pooled test score ``loso/uf1`` would
+be test-subject selection one level up, so a spec may not name it. The score exists only once every
+fold has finished, so a trial runs a whole protocol and logs ``loso_val/*`` and the test scores
+(``loso/*``, read once, for the chosen trial only) once at the end.
 
 Data flow::
 
-    experiments/sweeps/<name>.yaml  (W&B sweep spec: method, metric loso/*, parameters, command)
+    experiments/sweeps/<name>.yaml  (W&B sweep spec: method, metric loso_val/*, parameters, command)
       online:  wandb sweep SPEC -> sweep id;  wandb agent entity/project/id
                the agent sets WANDB_RUN_ID / WANDB_SWEEP_ID / ... and runs the spec's `command`
                with ${args} = --model.loss_weights.w2d=0.7 ...
@@ -58,8 +61,10 @@ from famnet_pl.loso.rundir import RUN_JSON, SUMMARY
 
 TRIAL_JSON = "trial.json"  # in a trial's experiment folder, beside its LOSO run directory
 # Metrics copied from loso_summary.json into the trial run and the leaderboard.
-_METRIC_PREFIXES = ("loso/", "loso_oracle/", "loso_perfold/")
-LEADERBOARD_METRICS = ("loso/uf1", "loso/uar", "loso/acc", "loso_oracle/uf1")
+_METRIC_PREFIXES = ("loso/", "loso_oracle/", "loso_perfold/", "loso_val/", "loso_valsel/",
+                    "loso_valsel_perfold/")
+# Leaderboard columns after the (validation) ranking metric: the test scores, read once.
+TEST_METRICS = ("loso/uf1", "loso/uar", "loso_valsel/uf1", "loso_oracle/uf1")
 _METHODS = ("grid", "random", "bayes")  # what both the W&B server and the local engine run
 
 # W&B variables a fold process may keep: where and how to log, never *which run*. Everything else
@@ -93,8 +98,8 @@ def _import_sweeps():
 
 
 def load_spec(path: str | Path) -> dict:
-    """Read and check a W&B sweep spec: schema (``sweeps`` engine), method, a ``loso/*`` metric and
-    a ``command`` that passes the parameters through ``${args}``."""
+    """Read and check a W&B sweep spec: schema (``sweeps`` engine), method, a ``loso_val/*`` metric
+    and a ``command`` that passes the parameters through ``${args}``."""
     path = Path(path)
     if not path.is_file():
         raise SweepError(f"{path}: no such sweep spec; pick one of experiments/sweeps/*.yaml")
@@ -110,11 +115,14 @@ def load_spec(path: str | Path) -> dict:
     if spec.get("method") not in _METHODS:
         raise SweepError(f"{path}: method {spec.get('method')!r}; use one of {', '.join(_METHODS)}")
     metric = (spec.get("metric") or {}).get("name", "")
-    # The pooled headline only: loso_oracle/* picks epochs on the test subject, loso_perfold/* is
-    # secondary, and anything logged per fold or per epoch does not exist in the trial's run.
-    if not metric.startswith("loso/"):
-        raise SweepError(f"{path}: metric {metric!r} is not a pooled LOSO metric; use metric.name loso/uf1 "
-                         "(or loso/uar, loso/acc): a trial logs only loso_summary.json's values")
+    # Pooled inner validation only: loso/* and loso_valsel/* are test scores (ranking trials on them
+    # is test-subject selection), loso_oracle/* even picks epochs on the test subject, and anything
+    # logged per fold or per epoch does not exist in the trial's run.
+    if not metric.startswith("loso_val/"):
+        raise SweepError(f"{path}: metric {metric!r} is not a pooled inner-validation metric; use "
+                         "metric.name loso_val/uf1 (or loso_val/uar): ranking trials on a test score "
+                         "(loso/*) selects on the test subjects, and a trial logs only loso_summary.json's "
+                         "values")
     command = spec.get("command")
     if not isinstance(command, list) or "${args}" not in command:
         raise SweepError(f"{path}: `command:` must be a list containing ${{args}} (e.g. [${{env}}, "
@@ -167,7 +175,7 @@ def _config_args(tokens: Sequence[str]) -> list[str]:
 def check_param_names(spec: Mapping, spec_path: str | Path, extra: Sequence[str] = ()) -> None:
     """Every swept parameter must be a key of the resolved LightningCLI config of the spec's command
     (a misspelt name would otherwise fail every trial, or silently sweep nothing)."""
-    from famnet_pl.config import FamNetCLI, build_cli, config_key
+    from famnet_pl.config import FamNetCLI, build_cli, config_key, data_args
 
     class _ParseOnly(FamNetCLI):
         """Parse and validate the config; build no model, data or trainer."""
@@ -192,6 +200,10 @@ def check_param_names(spec: Mapping, spec_path: str | Path, extra: Sequence[str]
         raise SweepError(f"{spec_path}: unknown parameter {', '.join(unknown)}: not a config key of "
                          f"{' '.join(args)}; use names like model.loss_weights.w2d "
                          "(famnet-pl fit --print_config)")
+    if not data_args(cli.config).val_subjects:
+        raise SweepError(f"{spec_path}: the command's data has no inner validation (data.val_subjects=0), so "
+                         f"there is no {spec['metric']['name']} to rank trials by; add --data.val_subjects=1 "
+                         "(or more, or a fraction) to `command:`")
 
 
 def _plain(value: Any) -> Any:
@@ -421,7 +433,7 @@ def _leaderboard(state: Mapping, out: Path) -> None:
     from famnet_pl.utils.io import atomic_write_text
 
     metric, goal = state["spec"]["metric"]["name"], state["spec"]["metric"].get("goal", "maximize")
-    columns = list(dict.fromkeys([metric, *LEADERBOARD_METRICS]))
+    columns = list(dict.fromkeys([metric, *TEST_METRICS]))
     names = list(state["spec"]["parameters"])
     rows = []
     for t in state["trials"]:
@@ -445,7 +457,8 @@ def _leaderboard(state: Mapping, out: Path) -> None:
     short = {n: n.rsplit(".", 1)[-1] for n in names}
     if len(set(short.values())) < len(short):
         short = {n: n for n in names}
-    header = ["rank", "trial", "status", *short.values(), *columns, "run dir"]
+    header = ["rank", "trial", "status", *short.values(),
+              *[c if c == metric else f"{c} (test, read once)" for c in columns], "run dir"]
 
     def cell(value: Any) -> str:
         if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA:
@@ -454,10 +467,12 @@ def _leaderboard(state: Mapping, out: Path) -> None:
 
     lines = [f"# Sweep `{out.name}`: {state['spec']['method']}, {goal} {metric}", "",
              f"Spec `{state['spec_file']}`, {len(frame)} trials ({int(done.sum())} finished). "
-             "Pooled LOSO scores, last epoch; the oracle column picks epochs on the test subject "
-             "(not a result). Ranking trials by their LOSO score also selects on the test subjects: "
-             "the best row is optimistic; confirm the chosen weights with new seeds or on another "
-             "dataset before reporting them.",
+             f"Ranked by `{metric}`, pooled inner validation (training subjects held out in every "
+             "fold): no test label chose the order. The test columns (`loso/*` last epoch, "
+             "`loso_valsel/*` at the validation-chosen epoch, the oracle: not a result) are there to "
+             "be read once, for the top row: that is the honest result of the sweep "
+             "(`famnet-pl sweep best`). Reading them for every row and picking the best is "
+             "test-subject selection again.",
              "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in frame.to_dict("records"):
         values = [r["rank"], r["trial"], r["status"], *[r[n] for n in names], *[r[c] for c in columns],
@@ -564,12 +579,8 @@ def run_offline(spec_path: str | Path, *, count: int | None = None, seed: int = 
 
     failed = [t["trial"] for t in state["trials"] if t["status"] == "failed"]
     print(f"\nleaderboard: {out / 'leaderboard.md'} (and .csv)")
-    finished = [t for t in state["trials"] if t["status"] == "finished"]
-    if finished:
-        metric, goal = spec["metric"]["name"], spec["metric"].get("goal", "maximize")
-        best = (max if goal == "maximize" else min)(finished, key=lambda t: t["metrics"][metric])
-        print(f"best: {best['trial']} {metric} {best['metrics'][metric]:.4f} {best['params']} "
-              f"-> {best['run_dir']}")
+    if any(t["status"] == "finished" for t in state["trials"]):
+        print(format_best(state["spec"], state["trials"]))
     print("W&B runs were logged offline (one per trial, one per fold). Upload them from a machine "
           "with network:\n"
           f"  wandb sync {out}/*/wandb/offline-run-* {out}/*/*/fold_*/wandb/offline-run-*")
@@ -627,17 +638,80 @@ def _check(argv: Sequence[str]) -> int:
     return 0
 
 
-COMMANDS = {"trial": run_trial, "offline": _offline, "check": _check}
+def best_trial(spec: Mapping, trials: Sequence[Mapping]) -> Mapping | None:
+    """The finished trial with the best value of the spec's (inner-validation) metric; ties go to
+    the earlier trial. Only that metric is read: the test scores play no part."""
+    metric, goal = spec["metric"]["name"], spec["metric"].get("goal", "maximize")
+    finished = [t for t in trials if t["status"] == "finished" and metric in (t.get("metrics") or {})]
+    if not finished:
+        return None
+    sign = 1 if goal == "maximize" else -1
+    return max(finished, key=lambda t: (sign * t["metrics"][metric], -trials.index(t)))
+
+
+def format_best(spec: Mapping, trials: Sequence[Mapping]) -> str:
+    """The chosen trial and, read once, its test scores."""
+    best = best_trial(spec, trials)
+    metric = spec["metric"]["name"]
+    if best is None:
+        return f"no finished trial with {metric}"
+    m = best["metrics"]
+
+    def score(key: str) -> str:
+        return f"{m[key]:.4f}" if key in m else "n/a"
+
+    params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                       for k, v in (best.get("params") or {}).items())
+    return (f"chosen on {metric}: {best['trial']} ({params}) {metric} {score(metric)}\n"
+            f"its test score, read once: UF1 {score('loso/uf1')} UAR {score('loso/uar')} (last epoch); "
+            f"UF1 {score('loso_valsel/uf1')} UAR {score('loso_valsel/uar')} (validation-selected epoch)\n"
+            f"run: {best.get('run_dir')}")
+
+
+def _trials_of(target: Path) -> tuple[dict, list[dict]]:
+    """(spec, trials) of an offline sweep folder (sweep.json) or of a folder of trials (trial.json
+    each, e.g. runs/sweeps/<W&B sweep id> of an online sweep, with the spec file given)."""
+    state = _read_state(target)
+    if state is not None:
+        return state["spec"], state["trials"]
+    records = [json.loads(p.read_text()) for p in sorted(target.glob(f"*/{TRIAL_JSON}"))]
+    if not records:
+        raise SweepError(f"{target}: neither a sweep.json nor trials (*/{TRIAL_JSON}) here; give the "
+                         "offline sweep's folder (--out) or runs/sweeps/<sweep id>")
+    return {}, records
+
+
+def _best(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="famnet-pl sweep best", allow_abbrev=False,
+                                     description="the trial the sweep's validation metric chooses, and its "
+                                                 "test score read once")
+    parser.add_argument("spec", help="experiments/sweeps/<name>.yaml")
+    parser.add_argument("--out", default=None, help="the sweep's folder (default runs/sweeps/<spec stem>; an "
+                        "online sweep: runs/sweeps/<sweep id>)")
+    opts = parser.parse_args(list(argv))
+    spec = load_spec(opts.spec)
+    folder = Path(opts.out or Path("runs") / "sweeps" / Path(opts.spec).stem)
+    _, trials = _trials_of(folder)
+    for t in trials:  # the runs' own summaries are the source of truth
+        summary_file = Path(t["run_dir"]) / SUMMARY if t.get("run_dir") else None
+        if t["status"] == "finished" and summary_file and summary_file.is_file():
+            t["metrics"] = _summary_metrics(json.loads(summary_file.read_text()))
+    print(format_best(spec, trials))
+    return 0 if best_trial(spec, trials) is not None else 1
+
+
+COMMANDS = {"trial": run_trial, "offline": _offline, "check": _check, "best": _best}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``famnet-pl sweep {trial,offline,check}`` (``python -m famnet_pl.cli sweep``)."""
+    """Entry point of ``famnet-pl sweep {trial,offline,check,best}`` (``python -m famnet_pl.cli sweep``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
-        print("usage: famnet-pl sweep {trial,offline,check} ...  (famnet-pl sweep CMD --help)\n"
+        print("usage: famnet-pl sweep {trial,offline,check,best} ...  (famnet-pl sweep CMD --help)\n"
               "  trial   ARGS             one trial = one LOSO run (the command in a sweep spec)\n"
               "  offline SPEC [--count N] sweep without network (local engine, W&B offline) [-- LOSO args]\n"
-              "  check   SPEC             validate a spec, print the agent's command [-- LOSO args]",
+              "  check   SPEC             validate a spec, print the agent's command [-- LOSO args]\n"
+              "  best    SPEC [--out DIR] the trial chosen on the spec's validation metric, its test score",
               file=sys.stderr)
         return 2
     try:
