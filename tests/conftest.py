@@ -37,26 +37,25 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def _tiny_set(tmp_path_factory, name: str, *, n_subjects: int, max_frames: int, seed: int) -> Path:
+    from famnet_pl.data import synthetic
+
+    root = tmp_path_factory.mktemp(name)
+    synthetic.generate(root, synthetic.SynthSpec(n_subjects=n_subjects, clips_per_class=1, image_size=64,
+                                                 min_frames=8, max_frames=max_frames, seed=seed))
+    return root
+
+
 @pytest.fixture(scope="session")
 def tiny_synth(tmp_path_factory) -> Path:
     """3 subjects x 4 classes x 1 clip, 64 px, 8-10 frames: seconds to generate."""
-    from famnet_pl.data import synthetic
-
-    root = tmp_path_factory.mktemp("synth")
-    synthetic.generate(root, synthetic.SynthSpec(n_subjects=3, clips_per_class=1, image_size=64,
-                                                 min_frames=8, max_frames=10, seed=1))
-    return root
+    return _tiny_set(tmp_path_factory, "synth", n_subjects=3, max_frames=10, seed=1)
 
 
 @pytest.fixture(scope="session")
 def two_subjects(tmp_path_factory) -> Path:
     """2 subjects x 4 classes x 1 clip, 64 px, 8-9 frames: a 2-fold LOSO in seconds."""
-    from famnet_pl.data import synthetic
-
-    root = tmp_path_factory.mktemp("synth2")
-    synthetic.generate(root, synthetic.SynthSpec(n_subjects=2, clips_per_class=1, image_size=64,
-                                                 min_frames=8, max_frames=9, seed=2))
-    return root
+    return _tiny_set(tmp_path_factory, "synth2", n_subjects=2, max_frames=9, seed=2)
 
 
 def tiny_args(root: Path, cache: Path, **overrides) -> list[str]:
