@@ -73,21 +73,28 @@ def tiny_args(root: Path, cache: Path, **overrides) -> list[str]:
     return [f"--{k}={v}" for k, v in args.items()]
 
 
-def relabel_test_predictions(run_dir: Path) -> None:
-    """The leak test's edit: every test subject's labels shifted to the next class, fold by fold, in
-    its prediction files (checksums updated as the fold would have written them); the
-    inner-validation files are left alone. Selection must not notice; test scores must move."""
+def relabel(run_dir: Path, subject: str | None = None) -> None:
+    """The leak tests' edit: labels shifted to the next class in a run's prediction files, checksums
+    updated as the folds would have written them. ``subject=None``: every test subject's labels in
+    the test files (``predictions*.csv``; the inner-validation files untouched). ``subject``: that
+    subject's labels in every file where it appears, its own fold's test files and the other folds'
+    inner-validation files alike."""
     import hashlib
     import json
 
     import pandas as pd
 
+    files = ["predictions.csv", "predictions_epochs.csv"]
+    files += ["val_predictions_epochs.csv"] if subject else []
     for fold_dir in sorted(Path(run_dir).glob("fold_*")):
         meta = json.loads((fold_dir / "metrics.json").read_text())
-        n = len(meta["class_names"])
-        for name in ("predictions.csv", "predictions_epochs.csv"):
+        for name in files:
             frame = pd.read_csv(fold_dir / name)
-            frame["y_true"] = (frame["y_true"] + 1) % n
+            rows = frame["subject"] == subject if subject else slice(None)
+            frame.loc[rows, "y_true"] = (frame.loc[rows, "y_true"] + 1) % len(meta["class_names"])
             frame.to_csv(fold_dir / name, index=False)
-        meta["predictions_sha256"] = hashlib.sha256((fold_dir / "predictions.csv").read_bytes()).hexdigest()
+        for name, key in (("predictions.csv", "predictions_sha256"), ("val_predictions_epochs.csv",
+                                                                      "val_predictions_sha256")):
+            if key in meta:
+                meta[key] = hashlib.sha256((fold_dir / name).read_bytes()).hexdigest()
         (fold_dir / "metrics.json").write_text(json.dumps(meta))

@@ -14,9 +14,9 @@ from famnet_pl.loso.aggregate import aggregate_run, format_summary
 from famnet_pl.loso.rundir import PREDICTIONS, VAL_PREDICTIONS_EPOCHS
 from famnet_pl.loso.runner import run_loso
 from famnet_pl.metrics import select_epochs
-from tests.conftest import relabel_test_predictions, tiny_args
+from tests.conftest import relabel, tiny_args
 
-SELECTION_KEYS = ("valsel_epoch", "valsel_epochs_perfold")
+SELECTION_KEYS = ("valsel_epochs", "valsel_epochs_perfold")
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +33,9 @@ def test_inner_validation_is_recorded_pooled_and_selects_an_epoch(val_run):
     for key in ("loso_val/uf1", "loso_val/uar", "loso_valsel/uf1", "loso_valsel/uar",
                 "loso_valsel_perfold/uf1"):
         assert 0.0 <= summary[key] <= 1.0, key
-    assert summary["valsel_epoch"] in {0, 1, 2} and set(summary["val_uf1_by_epoch"]) == {0, 1, 2}
-    assert set(summary["valsel_epochs_perfold"]) == {0, 1, 2}
+    assert set(summary["valsel_epochs"]) == set(summary["valsel_epochs_perfold"]) == {0, 1, 2}   # folds
+    assert set(summary["valsel_epochs"].values()) <= {0, 1, 2}
+    assert set(summary["val_uf1_by_epoch"]) == {0, 1, 2}
     for fold_dir in sorted(run_dir.glob("fold_*")):
         val = pd.read_csv(fold_dir / VAL_PREDICTIONS_EPOCHS)
         test_subject = pd.read_csv(fold_dir / PREDICTIONS)["subject"].iloc[0]
@@ -43,18 +44,32 @@ def test_inner_validation_is_recorded_pooled_and_selects_an_epoch(val_run):
     on_disk = json.loads((run_dir / "loso_summary.json").read_text())
     assert on_disk["loso_valsel/uf1"] == summary["loso_valsel/uf1"]
     table = format_summary(summary)
-    assert f"val-selected (epoch {summary['valsel_epoch']})" in table and "inner validation" in table
+    assert "pooled, val-selected (epoch" in table and "inner validation" in table
 
 
 def test_leak_test_labels_move_only_test_scores(val_run, tmp_path):
     run_dir, _, _, summary = val_run
     copy = tmp_path / "synth"
     shutil.copytree(run_dir, copy)
-    relabel_test_predictions(copy)
+    relabel(copy)
     moved = aggregate_run(copy, expected_folds=3)
     for key in (*SELECTION_KEYS, "val_uf1_by_epoch", *[k for k in summary if k.startswith("loso_val/")]):
         assert moved[key] == summary[key], key                     # selection never read a test label
     assert moved["confusion"] != summary["confusion"]                  # the test scores did see them
+
+
+def test_leak_test_a_subject_never_chooses_its_own_folds_epoch(val_run, tmp_path):
+    """Subject k is an inner-validation subject of other folds: its labels changed everywhere (its
+    test files and the other folds' validation files) must leave fold k's chosen epochs alone."""
+    run_dir, _, _, summary = val_run
+    for fold, subject in enumerate(pd.read_csv(p)["subject"][0]
+                                   for p in sorted(run_dir.glob(f"fold_*/{PREDICTIONS}"))):
+        copy = tmp_path / f"k{fold}" / "synth"
+        shutil.copytree(run_dir, copy)
+        relabel(copy, subject)
+        moved = aggregate_run(copy, expected_folds=3)
+        assert moved["valsel_epochs"][fold] == summary["valsel_epochs"][fold], subject
+        assert moved["valsel_epochs_perfold"][fold] == summary["valsel_epochs_perfold"][fold], subject
 
 
 def test_selection_rules_read_validation_only_and_ties_go_to_the_later_epoch():
@@ -63,9 +78,18 @@ def test_selection_rules_read_validation_only_and_ties_go_to_the_later_epoch():
         for epoch, correct in ((0, [1, 0]), (1, [1, 1]), (2, [1, 1])):
             for i, ok in enumerate(correct):
                 rows.append({"fold": fold, "epoch": epoch, "y_true": i, "y_pred": i if ok else 1 - i})
-    chosen = select_epochs(pd.DataFrame(rows), num_classes=2)
-    assert chosen["global"] == 2 and chosen["per_fold"] == {0: 2, 1: 2}   # 1 and 2 tie: the later
+    frame = pd.DataFrame(rows).assign(subject=lambda f: np.where(f["fold"] == 0, "s1", "s0"))
+    chosen = select_epochs(frame, 2, {0: "s0", 1: "s1"}, "subject")
+    assert chosen["per_fold"] == {0: 2, 1: 2}                             # 1 and 2 tie: the later
+    assert chosen["global"] == {0: 2, 1: 2}
     assert chosen["val_uf1_by_epoch"][0] < chosen["val_uf1_by_epoch"][1] == chosen["val_uf1_by_epoch"][2]
+    # Fold 0's epoch is chosen without subject s0 (fold 1's validation subject here): make s0 prefer
+    # epoch 0 and s1 epoch 1; fold 0 then follows s1 only, fold 1 s0 only.
+    frame["y_pred"] = frame["y_true"]
+    preferred = frame["subject"].map({"s0": 0, "s1": 1})
+    wrong = frame["epoch"] != preferred
+    frame.loc[wrong, "y_pred"] = 1 - frame.loc[wrong, "y_true"]
+    assert select_epochs(frame, 2, {0: "s0", 1: "s1"}, "subject")["global"] == {0: 1, 1: 0}
 
 
 def _inner(subjects, val_subjects, seed=0, fold=0):

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from famnet_pl.studies import sweep
-from tests.conftest import REPO, relabel_test_predictions, tiny_args
+from tests.conftest import REPO, relabel, tiny_args
 
 SPECS = REPO / "experiments" / "sweeps"
 WEIGHTS = ("w2d", "w3d", "wfuse", "wau")
@@ -222,12 +222,28 @@ def test_offline_sweep_leaderboard_equals_the_runs_and_resumes(tiny_synth, tmp_p
     top = board.iloc[0]
     assert f"chosen on loso_val/uf1: {top['trial']}" in chosen and f"UF1 {top['loso/uf1']:.4f}" in chosen
 
-    # Leak test: every test subject's labels changed in every trial's prediction files; the runs
-    # re-aggregated. The chosen trial and every validation number stay; only test scores move.
+    # Leak test, nested: subject k's labels changed everywhere (its test files and the other folds'
+    # validation files) in every trial leave the trial chosen for fold k alone.
     from famnet_pl.loso.aggregate import aggregate_run
 
+    spec, trials = state["spec"], json.loads((out / "sweep.json").read_text())["trials"]
+    nested = sweep.nested_selection(spec, trials)
+    assert set(nested["per_fold"]) == {0, 1, 2} and 0 <= nested["loso/uf1"] <= 1
+    first_run = Path(board["run_dir"][0])
+    for fold, subject in enumerate(pd.read_csv(p)["subject"][0]
+                                   for p in sorted(first_run.glob("fold_*/predictions.csv"))):
+        copies = []
+        for t in trials:
+            copy = tmp_path / f"leak{fold}" / t["trial"] / "synth"
+            shutil.copytree(t["run_dir"], copy)
+            relabel(copy, subject)
+            copies.append({**t, "run_dir": str(copy)})
+        assert sweep.nested_selection(spec, copies)["per_fold"][fold] == nested["per_fold"][fold], subject
+
+    # Leak test: every test subject's labels changed in every trial's prediction files; the runs
+    # re-aggregated. The chosen trial and every validation number stay; only test scores move.
     for row in board.to_dict("records"):
-        relabel_test_predictions(Path(row["run_dir"]))
+        relabel(Path(row["run_dir"]))
         aggregate_run(row["run_dir"], expected_folds=3)
     assert sweep.main(["best", str(spec_file), "--out", str(out)]) == 0
     after = capsys.readouterr().out

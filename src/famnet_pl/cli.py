@@ -43,14 +43,17 @@ def _loso(argv: list[str]) -> int:
     options = LosoOptions.from_args(opts)
     if opts.ensemble and not opts.seeds:
         parser.error("--ensemble needs --seeds (e.g. --seeds 0,1,2)")
+    if opts.seeds and opts.folds:
+        parser.error("--seeds compares complete runs: drop --folds (or run the folds per seed with "
+                     "--seed_everything=s --data.seed=s)")
     if opts.seeds:
         if opts.launcher == "slurm":
             parser.error("--seeds runs here; on SLURM submit one run per seed "
                          "(--seed_everything=s --data.seed=s)")
         from famnet_pl.studies.seeds import run_seeds
 
-        return 0 if run_seeds(cli_args, options, [int(s) for s in opts.seeds.split(",")],
-                              ensemble=opts.ensemble) else 1
+        study = run_seeds(cli_args, options, [int(s) for s in opts.seeds.split(",")], ensemble=opts.ensemble)
+        return 0 if study is not None else 1
     if opts.launcher == "slurm":
         if opts.jobs != 1 or opts.gpus:
             parser.error("--launcher slurm runs one fold per SLURM task: drop --jobs/--gpus")

@@ -15,11 +15,13 @@ Three numbers, three honesty levels (``format_summary`` prints them side by side
 * ``loso/*`` (headline): the last epoch of a fixed budget. Nothing is selected.
 * ``loso_valsel/*``: the epoch chosen on *inner validation* (training subjects held out per fold,
   ``data.val_subjects``), then the test predictions of that epoch pooled. Rule ``global`` (the
-  default): one epoch for every fold, the one whose inner-validation predictions, pooled over all
-  folds, score the best UF1; ``loso_valsel_perfold/*``: each fold's own best inner-validation epoch
-  (noisier: an inner fold is one or two subjects). Ties go to the later epoch (the longer training,
-  closer to the fixed budget). ``loso_val/*`` are the pooled inner-validation scores at the
-  headline epoch: what sweeps and model choices read. No test label is ever looked at.
+  default): for fold k, the epoch whose inner-validation predictions, pooled over all folds but
+  leaving out fold k's test subject (which is a validation subject of other folds), score the best
+  UF1: in practice one shared epoch, chosen stably on many subjects, and nested so that no test
+  label of fold k helps choose fold k's epoch. ``loso_valsel_perfold/*``: each fold's own best
+  inner-validation epoch (noisier: an inner fold is one or two subjects). Ties go to the later
+  epoch (the longer training, closer to the fixed budget). ``loso_val/*`` are the pooled
+  inner-validation scores at the headline epoch.
 * ``loso_oracle/*``: for each fold, the epoch with the best *test* score, pooled. That uses the
   test subject for selection, so it is an upper bound for comparison with published numbers that
   did this, never a result.
@@ -43,13 +45,15 @@ def confusion(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.nd
     return matrix
 
 
-def pooled_metrics(y_true, y_pred, num_classes: int) -> dict:
+def pooled_metrics(y_true, y_pred, num_classes: int, *, warn: bool = True) -> dict:
     """UF1, UAR, accuracy, per-class F1/recall and the confusion matrix of pooled predictions.
 
     Args:
         y_true: true labels of every test sample of every fold.
         y_pred: predicted labels, same order.
         num_classes: size of the protocol's class set.
+        warn: log a warning when a class is absent from the targets (off for epoch selection, which
+            scores many small subsets).
 
     Returns:
         ``{"uf1", "uar", "acc", "f1_per_class", "recall_per_class", "confusion", "n",
@@ -60,7 +64,7 @@ def pooled_metrics(y_true, y_pred, num_classes: int) -> dict:
     fp, fn, support = cm.sum(0) - tp, cm.sum(1) - tp, cm.sum(1)
     present = support > 0
     absent = [int(c) for c in np.flatnonzero(~present)]
-    if absent:
+    if absent and warn:
         log.warning("classes %s absent from the pooled targets: UF1/UAR averaged over classes %s",
                     absent, np.flatnonzero(present).tolist())
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -136,22 +140,40 @@ def _best_epoch(scores: dict[int, float]) -> int:
     return max(scores, key=lambda e: (scores[e], e))
 
 
-def select_epochs(val_epochs: pd.DataFrame, num_classes: int) -> dict:
+def held_out_groups(frame: pd.DataFrame) -> tuple[dict[int, str], str]:
+    """``{fold: its held-out group}`` and the column that names a sample's own group: ``subject``
+    (LOSO), or ``dataset`` when the held-out groups are datasets (leave-one-dataset-out)."""
+    held = {int(f): g for f, g in frame.groupby("fold")["group"].first().items()}
+    return held, "subject" if (frame["group"] == frame["subject"]).all() else "dataset"
+
+
+def select_epochs(val_epochs: pd.DataFrame, num_classes: int, held_out: dict[int, str], column: str) -> dict:
     """Epochs chosen on inner-validation predictions alone (``val_predictions_epochs.csv`` of every
-    fold): ``{"global": e, "per_fold": {fold: e}, "val_uf1_by_epoch": {e: pooled val UF1}}``.
+    fold): ``{"global": {fold: e}, "per_fold": {fold: e}, "val_uf1_by_epoch": {e: pooled UF1}}``.
 
-    ``global`` scores only the epochs every fold evaluated; each fold's own choice ranks that fold's
-    validation UF1 (pooled over its validation subjects)."""
+    ``global``: for fold k, the epoch whose validation predictions, pooled over every fold, score the
+    best UF1, leaving out the samples of fold k's held-out group (``held_out[k]`` in ``column``).
+    Subject k is a training, and so possibly an inner-validation, subject of the other folds: left
+    in, its labels would help choose the epoch at which its own test predictions are read. Only the
+    epochs every fold evaluated are scored. ``per_fold``: each fold's own validation predictions
+    (never its test subject). ``val_uf1_by_epoch``: every validation sample pooled (for reading only)."""
     common = set.intersection(*(set(p["epoch"]) for _, p in val_epochs.groupby("fold")))
-    by_epoch = {int(e): pooled_metrics(rows["y_true"], rows["y_pred"], num_classes)["uf1"]
-                for e, rows in val_epochs[val_epochs["epoch"].isin(common)].groupby("epoch", sort=True)}
-    per_fold = {int(f): _best_epoch({int(e): pooled_metrics(r["y_true"], r["y_pred"], num_classes)["uf1"]
-                                     for e, r in part.groupby("epoch", sort=True)})
-                for f, part in val_epochs.groupby("fold", sort=True)}
-    return {"global": _best_epoch(by_epoch), "per_fold": per_fold, "val_uf1_by_epoch": by_epoch}
+    scored = val_epochs[val_epochs["epoch"].isin(common)]
+
+    def by_epoch(rows: pd.DataFrame) -> dict[int, float]:
+        return {int(e): pooled_metrics(r["y_true"], r["y_pred"], num_classes, warn=False)["uf1"]
+                for e, r in rows.groupby("epoch", sort=True)}
+
+    chosen = {}
+    for fold, group in held_out.items():
+        scores = by_epoch(scored[scored[column] != group])
+        if scores:
+            chosen[fold] = _best_epoch(scores)
+    per_fold = {int(f): _best_epoch(by_epoch(part)) for f, part in val_epochs.groupby("fold", sort=True)}
+    return {"global": chosen, "per_fold": per_fold, "val_uf1_by_epoch": by_epoch(scored)}
 
 
-def _at_epochs(frame: pd.DataFrame, chosen: dict[int, int]) -> pd.DataFrame:
+def at_epochs(frame: pd.DataFrame, chosen: dict[int, int]) -> pd.DataFrame:
     """The rows of each fold at its chosen epoch."""
     return frame[frame["epoch"].to_numpy() == frame["fold"].map(chosen).to_numpy()]
 
@@ -173,15 +195,15 @@ def validation_summary(last: pd.DataFrame, epochs: pd.DataFrame, val_epochs: pd.
     """``loso_val/*`` (inner validation at each fold's headline epoch), the validation-selected
     epochs and the pooled test scores at them (``loso_valsel/*``, ``loso_valsel_perfold/*``)."""
     headline = last.groupby("fold")["epoch"].first().to_dict()
-    chosen = select_epochs(val_epochs, num_classes)
-    folds = sorted(headline)
-    summary = {**pooled_keys(_at_epochs(val_epochs, headline), "loso_val", num_classes),
-               **pooled_keys(_at_epochs(epochs, {f: chosen["global"] for f in folds}), "loso_valsel",
-                              num_classes),
-               **pooled_keys(_at_epochs(epochs, chosen["per_fold"]), "loso_valsel_perfold", num_classes),
-               "valsel_epoch": chosen["global"], "valsel_epochs_perfold": chosen["per_fold"],
-               "val_uf1_by_epoch": chosen["val_uf1_by_epoch"],
+    held_out, column = held_out_groups(last)
+    chosen = select_epochs(val_epochs, num_classes, held_out, column)
+    summary = {**pooled_keys(at_epochs(val_epochs, headline), "loso_val", num_classes),
+               **pooled_keys(at_epochs(epochs, chosen["per_fold"]), "loso_valsel_perfold", num_classes),
+               "valsel_epochs_perfold": chosen["per_fold"], "val_uf1_by_epoch": chosen["val_uf1_by_epoch"],
                "val_subjects_per_fold": int(val_epochs.groupby("fold")["subject"].nunique().max())}
+    if len(chosen["global"]) == len(headline):  # else the folds share no evaluated epoch
+        summary.update({**pooled_keys(at_epochs(epochs, chosen["global"]), "loso_valsel", num_classes),
+                        "valsel_epochs": chosen["global"]})
     return summary
 
 

@@ -6,6 +6,8 @@ import warnings
 import famnet_pl.loso.slurm as _moved
 
 if __name__ == "__main__":  # python -m famnet_pl.slurm ... (old scripts and sweep specs)
-    sys.exit(_moved.main())
+    from famnet_pl.cli import main
+
+    sys.exit(main(["slurm", *sys.argv[1:]]))
 warnings.warn("famnet_pl.slurm moved to famnet_pl.loso.slurm", DeprecationWarning, stacklevel=2)
 sys.modules[__name__] = _moved

@@ -6,6 +6,8 @@ import warnings
 import famnet_pl.studies.sweep as _moved
 
 if __name__ == "__main__":  # python -m famnet_pl.sweep ... (old scripts and sweep specs)
-    sys.exit(_moved.main())
+    from famnet_pl.cli import main
+
+    sys.exit(main(["sweep", *sys.argv[1:]]))
 warnings.warn("famnet_pl.sweep moved to famnet_pl.studies.sweep", DeprecationWarning, stacklevel=2)
 sys.modules[__name__] = _moved

@@ -379,12 +379,17 @@ class MERDataModule(L.LightningDataModule):
                                  manifest["au_unknown"].to_numpy(dtype=bool), self.au_vocab, coded)
         labels = manifest["label"].to_numpy()
 
-        subject_of = manifest[self.group_column].to_numpy()
-        test_idx = np.flatnonzero(subject_of == self.test_subject)
+        group_of = manifest[self.group_column].to_numpy()  # = subject, or dataset (leave-one-dataset-out)
+        test_idx = np.flatnonzero(group_of == self.test_subject)
         train_subjects = [s for s in subjects if s != self.test_subject]
-        val_subjects = self._inner_validation(train_subjects)
-        val_idx = np.flatnonzero(np.isin(subject_of, val_subjects))
-        train_idx = np.flatnonzero(~np.isin(subject_of, [self.test_subject, *val_subjects]))
+        # Inner validation holds out training *subjects* under either split (not whole datasets).
+        subject_of = manifest["subject"].to_numpy()
+        pool = (train_subjects if self.group_column == "subject"
+                else sorted(set(subject_of[group_of != self.test_subject])))
+        val_subjects = self._inner_validation(pool)
+        in_val = np.isin(subject_of, val_subjects)
+        val_idx = np.flatnonzero(in_val)
+        train_idx = np.flatnonzero(~in_val & (group_of != self.test_subject))
 
         def make(idx: np.ndarray, augment: ClipAugment | None, stats: dict) -> MERDataset:
             return MERDataset(arrays, idx, labels, au, au_mask, input_2d=hp.input_2d,
@@ -414,7 +419,7 @@ class MERDataModule(L.LightningDataModule):
             return []
         rng = np.random.default_rng([hp.seed, hp.fold])
         datasets = sorted({s.split("/")[0] for s in train_subjects})
-        if len(datasets) == 1 or self.hparams.split != "subject":
+        if len(datasets) == 1:
             size = max(1, round(k * n)) if fraction else int(k)
             return sorted(rng.choice(train_subjects, size=min(size, n - 1), replace=False).tolist())
         # A composite: each dataset keeps its share of inner-validation subjects, so validation

@@ -36,7 +36,7 @@ from famnet_pl.loso.rundir import (
     finished_folds,
     read_plan,
 )
-from famnet_pl.metrics import summarize
+from famnet_pl.metrics import held_out_groups, select_epochs, summarize
 from famnet_pl.utils.io import atomic_write_bytes, atomic_write_json, sha256_file
 
 
@@ -48,6 +48,15 @@ class RunPredictions:
     last: pd.DataFrame           # headline (last-epoch) test predictions
     epochs: pd.DataFrame | None  # test predictions of every evaluated epoch
     val_epochs: pd.DataFrame | None  # inner-validation predictions of every evaluated epoch
+
+    def selected_epochs(self) -> dict[int, int] | None:
+        """Each fold's validation-selected epoch (rule ``global``, metrics.select_epochs), or None
+        without inner validation or a common evaluated epoch."""
+        if self.val_epochs is None:
+            return None
+        held_out, column = held_out_groups(self.last)
+        chosen = select_epochs(self.val_epochs, len(self.metas[0]["class_names"]), held_out, column)["global"]
+        return chosen if len(chosen) == len(held_out) else None
 
     def summarize(self, oracle_by: str = "acc") -> dict:
         """The pooled summary of these predictions (metrics.summarize)."""
@@ -197,6 +206,12 @@ def confusion_png(summary: dict) -> bytes:
     return figure_png(fig, dpi=110)
 
 
+def epoch_range(epochs: dict) -> str:
+    """``epoch 15`` or ``epochs 14-16``: the 0-based epochs chosen for the folds."""
+    low, high = min(epochs.values()), max(epochs.values())
+    return f"epoch {low}" if low == high else f"epochs {low}-{high}"
+
+
 def format_summary(summary: dict) -> str:
     """The printed LOSO result table."""
     names = summary["class_names"]
@@ -213,8 +228,9 @@ def format_summary(summary: dict) -> str:
         row("pooled, last epoch (headline)", "loso"),
     ]
     if "loso_valsel/uf1" in summary:
-        lines += [row(f"pooled, val-selected (epoch {summary['valsel_epoch']})", "loso_valsel"),
-                  row("pooled, val-selected epoch per fold", "loso_valsel_perfold"),
+        lines.append(row(f"pooled, val-selected ({epoch_range(summary['valsel_epochs'])})", "loso_valsel"))
+    if "loso_val/uf1" in summary:
+        lines += [row("pooled, val-selected epoch per fold", "loso_valsel_perfold"),
                   row("inner validation, last epoch (not test)", "loso_val")]
     if "loso_oracle/uf1" in summary:
         lines.append(row("pooled, ORACLE epoch (not a result)", "loso_oracle"))

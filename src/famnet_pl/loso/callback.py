@@ -39,6 +39,7 @@ from lightning.pytorch.callbacks import Callback
 from famnet_pl.loso.aggregate import aggregate_run
 from famnet_pl.loso.rundir import (
     CHECKPOINTS,
+    HPC_CHECKPOINTS,
     METRICS,
     PREDICTIONS,
     PREDICTIONS_EPOCHS,
@@ -86,8 +87,8 @@ class LOSOCallback(Callback):
             run's pooled summary goes to its parent.
         fold: this fold's index in the run's plan.
         n_folds: folds of the protocol (the summary is complete when all have finished).
-        eval_every: evaluate the test subject every N epochs for the oracle comparison (0: last
-            epoch only).
+        eval_every: evaluate the inner-validation subjects and the test subject every N epochs
+            (0: last epoch only): the epochs validation selection can choose, and the oracle.
         oracle_by: oracle criterion, ``acc`` or ``uf1``.
         config_hash: fingerprint of the run's config, stored with the fold so a resumed run never
             mixes folds trained under different configs.
@@ -258,7 +259,7 @@ class LOSOCallback(Callback):
         # not know it).
         saved = trainer.checkpoint_callback
         keep = {str(Path(p)) for p in (saved.best_model_path, saved.last_model_path) if p} if saved else set()
-        for stale in [*out.glob(f"{CHECKPOINTS}/*.ckpt"), *out.glob("hpc_ckpt_*.ckpt")]:
+        for stale in [*out.glob(f"{CHECKPOINTS}/*.ckpt"), *out.glob(HPC_CHECKPOINTS)]:
             if str(stale) not in keep:
                 stale.unlink(missing_ok=True)
         self.summary = aggregate_run(self.fold_dir.parent, expected_folds=self.n_folds,

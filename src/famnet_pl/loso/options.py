@@ -34,7 +34,8 @@ class LosoOptions:
         folds: fold indices or subject ids to run (None: all); the summary covers every finished
             fold and lists the missing ones.
         wandb: ``off`` (CSV logs), ``offline`` or ``online``: one W&B run per fold.
-        eval_every: record test-subject predictions every N epochs (oracle comparison only).
+        eval_every: record inner-validation and test-subject predictions every N epochs (and at the
+            last): the epochs validation selection can choose, and the oracle comparison.
         oracle_by: oracle criterion (``acc`` or ``uf1``).
         jobs: folds run at the same time, each in its own process (1: in this process).
         gpus: GPU ids for fold processes; ``jobs_per_gpu`` folds run on each at once.
@@ -121,7 +122,8 @@ def loso_parser() -> argparse.ArgumentParser:
     parser.add_argument("--wandb", choices=["off", "offline", "online"], default="offline",
                         help="offline (default) writes wandb/offline-run-* per fold; online uploads")
     parser.add_argument("--eval-every", type=int, default=1,
-                        help="record test-subject predictions every N epochs (oracle comparison only)")
+                        help="record inner-validation and test predictions every N epochs: the epochs "
+                        "validation selection can choose (and the oracle comparison)")
     parser.add_argument("--oracle-by", choices=["acc", "uf1"], default="acc")
     parser.add_argument("--jobs", type=int, default=1, help="folds run at once, each in its own process")
     parser.add_argument("--gpus", default=None, help="comma-separated GPU ids for fold processes")

@@ -31,6 +31,10 @@ from famnet_pl.loso.rundir import METRICS, RUN_JSON, finished_folds, fold_dir, i
 from famnet_pl.utils.errors import BadInput
 from famnet_pl.utils.io import atomic_write_json, csv_bytes
 
+# What a fold writes and checkpoints; changing it changes every run's hash, so no fold resumes from
+# a checkpoint of the older format (2: inner-validation predictions recorded every evaluated epoch).
+FOLD_FORMAT = "fold files 2"
+
 
 def rank() -> int:
     """This process's global rank from the launcher's environment (0 outside DDP)."""
@@ -58,6 +62,7 @@ def config_fingerprint(cli, options: LosoOptions | None = None) -> str:
     cfg = cli.config.clone()
     data_args(cfg).fold, cfg.trainer.default_root_dir, cfg.trainer.logger = 0, None, None
     digest = hashlib.sha256(cli.parser.dump(cfg, skip_check=True).encode())
+    digest.update(FOLD_FORMAT.encode())
     if options is not None:
         digest.update(json.dumps(options.fingerprint(), sort_keys=True).encode())
     digest.update(csv_bytes(cli.datamodule.load_manifest()))
@@ -143,6 +148,15 @@ class LosoPlan:
     def pending(self, folds: tuple[str, ...] | list[str] | None = None) -> list[int]:
         """Selected folds (indices or subject ids; default all) without a ``predictions.csv``."""
         return [k for k in select_folds(folds, self.subjects) if not is_finished(self.fold_dir(k))]
+
+
+def recorded_run(runs_dir: str | Path, exp: str, cli_args: list[str]) -> Path | None:
+    """The run directory under ``<runs_dir>/<exp>/`` whose ``run.json`` records exactly
+    ``cli_args`` (where :func:`plan_loso` put that run), or None."""
+    for path in sorted((Path(runs_dir) / exp).glob(f"*/{RUN_JSON}")):
+        if json.loads(path.read_text()).get("args") == list(cli_args):
+            return path.parent
+    return None
 
 
 def plan_loso(cli_args: list[str], options: LosoOptions | None = None, *, record: bool = True,

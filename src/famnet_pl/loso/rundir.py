@@ -34,6 +34,7 @@ VAL_PREDICTIONS_EPOCHS = "val_predictions_epochs.csv"
 METRICS = "metrics.json"
 FAILED = "failed.json"
 CHECKPOINTS = "checkpoints"
+HPC_CHECKPOINTS = "hpc_ckpt_*.ckpt"  # Lightning's mid-epoch SLURM checkpoints: never resumed from
 
 
 def fold_dir_name(fold: int, subject: str) -> str:
@@ -55,6 +56,11 @@ def resume_checkpoint(fold_dir: str | Path, config_hash: str | None) -> Path:
     """The fold's resume checkpoint, named by the config fingerprint: a fold never resumes from a
     checkpoint trained under another config."""
     return Path(fold_dir) / CHECKPOINTS / f"resume-{config_hash or 'any'}.ckpt"
+
+
+def corrupt_checkpoint(run_dir: str | Path, fold_dir: str | Path, checkpoint: Path) -> Path:
+    """Where an unreadable resume checkpoint is set aside, beside the fold folders."""
+    return Path(run_dir) / f"{Path(fold_dir).name}-{checkpoint.name}.corrupt"
 
 
 def is_finished(fold_dir: str | Path) -> bool:

@@ -51,9 +51,17 @@ from famnet_pl.config import build_cli
 from famnet_pl.loso.aggregate import aggregate_run, print_summary
 from famnet_pl.loso.callback import LOSOCallback, NonFiniteError
 from famnet_pl.loso.options import DEFAULT_WANDB_PROJECT, LosoOptions
-from famnet_pl.loso.plan import LosoPlan, plan_loso, rank, select_folds
+from famnet_pl.loso.plan import LosoPlan, config_fingerprint, plan_loso, rank, select_folds
 from famnet_pl.loso.progress import EpochProgress
-from famnet_pl.loso.rundir import FAILED, fold_log, resume_checkpoint
+from famnet_pl.loso.rundir import (
+    FAILED,
+    HPC_CHECKPOINTS,
+    RUN_JSON,
+    corrupt_checkpoint,
+    fold_log,
+    resume_checkpoint,
+)
+from famnet_pl.utils.errors import BadInput
 from famnet_pl.utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -166,12 +174,12 @@ def run_fold(plan: LosoPlan, k: int, *, progress: bool = False) -> None:
     options, fold_dir = plan.options, plan.fold_dir(k)
     resume = resume_checkpoint(fold_dir, plan.config_hash)
     if resume.is_file() and rank() == 0:
-        _set_aside_if_unreadable(resume, plan.run_dir / f"{fold_dir.name}-{resume.name}.corrupt",
+        _set_aside_if_unreadable(resume, corrupt_checkpoint(plan.run_dir, fold_dir, resume),
                                  f"fold {k} ({plan.subjects[k]})")
     ckpt_path = str(resume) if resume.is_file() else None
     # Lightning's mid-epoch SLURM checkpoints are never resumed from; with ckpt_path=None under SLURM
     # it would pick one up on its own, so every rank removes them first (all ranks then agree).
-    for hpc in fold_dir.glob("hpc_ckpt_*.ckpt"):
+    for hpc in fold_dir.glob(HPC_CHECKPOINTS):
         hpc.unlink(missing_ok=True)
     if ckpt_path is None and rank() == 0:
         shutil.rmtree(fold_dir, ignore_errors=True)  # a partial fold without a resume point starts over
@@ -186,6 +194,14 @@ def run_fold(plan: LosoPlan, k: int, *, progress: bool = False) -> None:
         callbacks.append(EpochProgress(desc=f"fold {k:02d} epochs"))
     cli = build_cli([*plan.cli_args, f"--data.fold={k}", f"--trainer.default_root_dir={fold_dir}"],
                     extra_callbacks=callbacks, logger=logger)
+    # A worker builds its fold from run.json's arguments, whose config files and sheets are read
+    # as they are now: a fold never trains under another config than the one its run was planned with.
+    now = config_fingerprint(cli, options)
+    if now != plan.config_hash:
+        _finish_logger(logger)
+        raise BadInput(f"fold {k} ({plan.subjects[k]}): the config files or annotations changed since the "
+                       f"run was planned (hash {plan.config_hash} in {plan.run_dir / RUN_JSON}, {now} now); "
+                       "restore them, or start the run under another EXP= (--exp)")
     checkpoint = cli.trainer.checkpoint_callback
     if checkpoint is not None and checkpoint.dirpath is None:
         checkpoint.dirpath = str(resume.parent)  # not under the logger's own folders

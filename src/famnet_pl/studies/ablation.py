@@ -31,6 +31,7 @@ import pandas as pd
 import yaml
 
 from famnet_pl.loso.options import LosoOptions
+from famnet_pl.loso.plan import rank, recorded_run
 from famnet_pl.loso.rundir import SUMMARY
 from famnet_pl.loso.runner import run_loso
 from famnet_pl.studies.seeds import ensemble_summary, format_mean_std, mean_std, seed_args
@@ -78,17 +79,11 @@ def format_table(results: pd.DataFrame, order: list[str], ensembles: dict[str, f
     return "\n".join(lines)
 
 
-def _loso_dir(run_root: Path) -> Path | None:
-    """The LOSO run directory (runs/ablation/<variant>/seed<s>/<dataset>) under ``run_root``."""
-    found = sorted(p.parent for p in run_root.glob(f"*/{SUMMARY}"))
-    return found[0] if found else None
-
-
 def _ensembles(results: pd.DataFrame) -> dict[str, float]:
     """Pooled UF1 of every variant's seed ensemble (variants with two or more finished seeds)."""
     out = {}
     for name, rows in results.groupby("variant", sort=False):
-        dirs = [d for d in (_loso_dir(Path(r)) for r in rows["run_dir"]) if d is not None]
+        dirs = [Path(d) for d in rows["run_dir"] if (Path(d) / SUMMARY).is_file()]
         if len(dirs) > 1:
             out[name] = ensemble_summary(dirs)["loso/uf1"]
     return out
@@ -136,8 +131,11 @@ def run_ablation(*, dataset: str, spec: str = "experiments/ablation.yaml", exper
             finished_before = any(json.loads(p.read_text()).get("complete")
                                   for p in run_root.glob(f"*/{SUMMARY}"))
             start = time.perf_counter()
-            summary = run_loso(args, options, exp=f"ablation/{variant['name']}/seed{seed}")
+            exp = f"ablation/{variant['name']}/seed{seed}"
+            summary = run_loso(args, options, exp=exp)
             seconds = time.perf_counter() - start
+            if rank() != 0:  # DDP ranks started by srun/torchrun: rank 0 keeps the table
+                continue
             if summary is None or not summary.get("complete"):
                 raise BadInput(f"ablation {variant['name']} seed {seed}: the LOSO run did not finish; rerun "
                                "the same command to complete it (finished folds are kept)")
@@ -148,12 +146,14 @@ def run_ablation(*, dataset: str, spec: str = "experiments/ablation.yaml", exper
             rows.append({"variant": variant["name"], "seed": seed, "dataset": dataset,
                          **{col: summary.get(key) for col, key in METRICS.items()},
                          "n_folds": summary["n_folds"], "seconds": round(seconds, 1),
-                         "run_dir": str(run_root)})
+                         "run_dir": str(recorded_run(runs_dir, exp, args))})
             results = pd.DataFrame(rows)
             atomic_write_csv(results_csv, results)
             atomic_write_text(out / "table.md",
                               format_table(results, [v["name"] for v in spec_variants]) + "\n")
     results = pd.DataFrame(rows)
+    if rank() != 0:
+        return results
     table = format_table(results, [v["name"] for v in spec_variants], _ensembles(results))
     atomic_write_text(out / "table.md", table + "\n")
     print(f"\nablation on {dataset}, seeds {seeds} (mean ± std over seeds; pooled over all LOSO folds)\n")

@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 
 from famnet_pl.loso.aggregate import load_predictions
-from famnet_pl.loso.rundir import read_plan
+from famnet_pl.loso.rundir import PREDICTIONS, read_plan
 from famnet_pl.studies.seeds import ENSEMBLE_DIR, SEEDS_JSON, ensemble_summary, format_mean_std, mean_std
 from famnet_pl.utils.errors import BadInput
 from famnet_pl.utils.io import atomic_write_bytes, atomic_write_text
@@ -34,7 +34,7 @@ COLUMNS = (("UF1", "loso/uf1"), ("UAR", "loso/uar"), ("UF1 val-sel.", "loso_vals
 def _run_summary(run_dir: Path) -> dict:
     predictions = load_predictions(run_dir)
     if predictions is None:
-        raise BadInput(f"{run_dir}: no finished fold (no fold_*/predictions.csv); give a LOSO run directory "
+        raise BadInput(f"{run_dir}: no finished fold (no fold_*/{PREDICTIONS}); give a LOSO run directory "
                        "(runs/<exp>/<dataset>) or a seed study (runs/<exp>/seeds/<dataset>)")
     return predictions.summarize(read_plan(run_dir).get("oracle_by", "acc"))
 

@@ -31,7 +31,7 @@ import pandas as pd
 from famnet_pl.loso.aggregate import load_predictions, write_summary
 from famnet_pl.loso.options import LosoOptions
 from famnet_pl.loso.rundir import read_plan
-from famnet_pl.metrics import pooled_keys, summarize
+from famnet_pl.metrics import at_epochs, pooled_keys, summarize
 from famnet_pl.utils.errors import BadInput
 from famnet_pl.utils.io import atomic_write_json
 
@@ -88,9 +88,9 @@ def ensemble_summary(run_dirs: list[Path]) -> dict:
     names = meta["class_names"]
     summary = summarize(_averaged([m.last for m in members], names), None, class_names=names,
                         au_vocab=meta["au_vocab"])
-    chosen = [m.summarize().get("valsel_epoch") for m in members]
-    if all(e is not None for e in chosen):
-        at_choice = [m.epochs[m.epochs["epoch"] == e] for m, e in zip(members, chosen)]
+    chosen = [m.selected_epochs() for m in members]
+    if all(chosen):
+        at_choice = [at_epochs(m.epochs, c) for m, c in zip(members, chosen)]
         summary.update(pooled_keys(_averaged(at_choice, names), "loso_valsel", len(names)))
         summary["valsel_epochs_per_seed"] = chosen
     summary.update({"protocol": meta["protocol"], "ensemble": "mean", "members": [str(d) for d in run_dirs],
@@ -131,8 +131,9 @@ def format_study(study: dict) -> str:
 
 def run_seeds(cli_args: list[str], options: LosoOptions, seeds: list[int], *,
               ensemble: str | None = None) -> dict | None:
-    """Run (or complete) the LOSO run once per seed, then the seed study; None if a run did not finish."""
-    from famnet_pl.loso.plan import plan_loso
+    """Run (or complete) the LOSO run once per seed, then the seed study; None if a run did not finish
+    ({} on DDP ranks other than 0)."""
+    from famnet_pl.loso.plan import rank, recorded_run
     from famnet_pl.loso.runner import run_loso
 
     run_dirs = {}
@@ -140,11 +141,15 @@ def run_seeds(cli_args: list[str], options: LosoOptions, seeds: list[int], *,
         args, opts = seed_args(cli_args, seed), replace(options, exp=f"{options.exp}/seed{seed}")
         print(f"== seed {seed}", flush=True)
         summary = run_loso(args, opts)
+        if rank() != 0:  # DDP ranks started by srun/torchrun: every rank runs every seed, rank 0 reports
+            continue
         if summary is None or not summary.get("complete"):
             print(f"seed {seed}: the LOSO run did not finish; rerun the same command to complete it "
                   "(finished folds are kept)", flush=True)
             return None
-        run_dirs[seed] = plan_loso(args, opts, record=False).run_dir
+        run_dirs[seed] = recorded_run(opts.runs_dir, opts.exp, args)
+    if rank() != 0:
+        return {}
     out_dir = Path(options.runs_dir) / options.exp / "seeds" / next(iter(run_dirs.values())).name
     study = seed_study(run_dirs, out_dir, ensemble=ensemble)
     print("\n" + format_study(study) + f"\n\nseed study: {out_dir / SEEDS_JSON}", flush=True)

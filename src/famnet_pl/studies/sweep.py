@@ -4,7 +4,12 @@ The sweep metric is the pooled *inner-validation* score ``loso_val/uf1`` (traini
 in every fold, ``data.val_subjects``): choosing trials on the pooled test score ``loso/uf1`` would
 be test-subject selection one level up, so a spec may not name it. The score exists only once every
 fold has finished, so a trial runs a whole protocol and logs ``loso_val/*`` and the test scores
-(``loso/*``, read once, for the chosen trial only) once at the end.
+(``loso/*``) once at the end; the test scores are for reading once, for the chosen trial.
+
+``sweep best`` reports that honestly (:func:`nested_selection`): subject k is an inner-validation
+subject of other folds, so ``loso_val`` of a trial also depends on subject k's labels; for fold k the
+trial is chosen on the validation predictions without subject k's, and fold k's test predictions
+are taken from that trial; pooled, that is the sweep's test score.
 
 Data flow::
 
@@ -321,7 +326,7 @@ def run_trial(argv: Sequence[str]) -> int:
 
     opts, loso_args = _trial_parser().parse_known_args(list(argv))
     for token in loso_args:
-        if token.split("=")[0] in ("--exp", "--folds", "--worker"):
+        if token.split("=")[0] in ("--exp", "--folds", "--seeds"):
             raise SweepError(f"trial: {token.split('=')[0]} is not allowed: a trial is one whole LOSO run "
                              "whose experiment is <--exp-prefix>/<--sweep>/<--trial>")
     agent = "WANDB_SWEEP_ID" in os.environ
@@ -550,13 +555,15 @@ def run_offline(spec_path: str | Path, *, count: int | None = None, seed: int = 
             returncode = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
         record_file = out / t["trial"] / TRIAL_JSON
         record = json.loads(record_file.read_text()) if record_file.is_file() else {}
-        ok = returncode == 0 and record.get("status") == "finished"
+        metric = spec["metric"]["name"]
+        # A trial without the metric (e.g. its inner validation was empty) cannot be ranked: failed.
+        ok = returncode == 0 and record.get("status") == "finished" and metric in record.get("metrics", {})
         t.update(status="finished" if ok else "failed", returncode=returncode, run_dir=record.get("run_dir"),
                  metrics=record.get("metrics", {}) if ok else {}, seconds=round(time.monotonic() - start, 1))
         save()
-        metric = spec["metric"]["name"]
+        why = f"no {metric} in its summary" if returncode == 0 else f"exit code {returncode}"
         print(f" {metric} {t['metrics'][metric]:.4f} ({t['seconds']:.0f} s)" if ok
-              else f" FAILED (exit code {returncode}): see {log_file}", flush=True)
+              else f" FAILED ({why}): see {log_file}", flush=True)
 
     out.mkdir(parents=True, exist_ok=True)
     print(f"offline sweep {spec_path} ({spec['method']}, {spec['metric'].get('goal', 'maximize')} "
@@ -649,8 +656,48 @@ def best_trial(spec: Mapping, trials: Sequence[Mapping]) -> Mapping | None:
     return max(finished, key=lambda t: (sign * t["metrics"][metric], -trials.index(t)))
 
 
+def nested_selection(spec: Mapping, trials: Sequence[Mapping]) -> dict | None:
+    """The sweep's honest test score: for each fold k, the finished trial whose pooled
+    inner-validation score (the spec's metric, at the headline epoch) is best *without the samples of
+    fold k's test subject* (ties: the earlier trial), and fold k's test predictions from that trial;
+    pooled over the folds. ``{"per_fold": {fold: trial}, "loso/uf1", "loso/uar", "loso/acc"}``, or
+    None when no finished trial has inner-validation predictions."""
+    import pandas as pd
+
+    from famnet_pl.loso.aggregate import load_predictions
+    from famnet_pl.metrics import at_epochs, held_out_groups, pooled_metrics
+
+    score_key = spec["metric"]["name"].split("/", 1)[1]
+    sign = 1 if spec["metric"].get("goal", "maximize") == "maximize" else -1
+    runs = {}
+    for t in trials:
+        if t["status"] == "finished" and t.get("run_dir"):
+            predictions = load_predictions(t["run_dir"])
+            if predictions is not None and predictions.val_epochs is not None:
+                runs[t["trial"]] = predictions
+    if not runs:
+        return None
+    first = next(iter(runs.values()))
+    held_out, column = held_out_groups(first.last)
+    num_classes = len(first.metas[0]["class_names"])
+    per_fold, picked = {}, []
+    for fold, group in held_out.items():
+        def score(p):
+            val = at_epochs(p.val_epochs, p.last.groupby("fold")["epoch"].first().to_dict())
+            val = val[val[column] != group]
+            return sign * pooled_metrics(val["y_true"], val["y_pred"], num_classes, warn=False)[score_key]
+
+        best = max(runs, key=lambda name: (score(runs[name]), -list(runs).index(name)))
+        per_fold[fold] = best
+        picked.append(runs[best].last[runs[best].last["fold"] == fold])
+    pooled = pd.concat(picked, ignore_index=True)
+    m = pooled_metrics(pooled["y_true"], pooled["y_pred"], num_classes)
+    return {"per_fold": per_fold, "loso/uf1": m["uf1"], "loso/uar": m["uar"], "loso/acc": m["acc"]}
+
+
 def format_best(spec: Mapping, trials: Sequence[Mapping]) -> str:
-    """The chosen trial and, read once, its test scores."""
+    """The trial chosen on all validation data (the configuration to use), and the sweep's test
+    score, read once: nested (:func:`nested_selection`), and the chosen trial's own."""
     best = best_trial(spec, trials)
     metric = spec["metric"]["name"]
     if best is None:
@@ -662,10 +709,18 @@ def format_best(spec: Mapping, trials: Sequence[Mapping]) -> str:
 
     params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                        for k, v in (best.get("params") or {}).items())
-    return (f"chosen on {metric}: {best['trial']} ({params}) {metric} {score(metric)}\n"
-            f"its test score, read once: UF1 {score('loso/uf1')} UAR {score('loso/uar')} (last epoch); "
-            f"UF1 {score('loso_valsel/uf1')} UAR {score('loso_valsel/uar')} (validation-selected epoch)\n"
-            f"run: {best.get('run_dir')}")
+    lines = [f"chosen on {metric}: {best['trial']} ({params}) {metric} {score(metric)}"]
+    nested = nested_selection(spec, trials)
+    if nested is not None:
+        chosen = sorted(set(nested["per_fold"].values()))
+        lines.append(f"the sweep's test score, read once (nested: each fold's trial chosen without its test "
+                     f"subject; trials {', '.join(chosen)}): UF1 {nested['loso/uf1']:.4f} UAR "
+                     f"{nested['loso/uar']:.4f}")
+    lines += [f"{best['trial']}'s own test score: UF1 {score('loso/uf1')} UAR {score('loso/uar')} "
+              f"(last epoch); UF1 {score('loso_valsel/uf1')} UAR {score('loso_valsel/uar')} "
+              "(validation-selected epochs); its choice also saw the test subjects' labels through the "
+              "other folds' validation, so report the nested score", f"run: {best.get('run_dir')}"]
+    return "\n".join(lines)
 
 
 def _trials_of(target: Path) -> tuple[dict, list[dict]]:
@@ -691,7 +746,10 @@ def _best(argv: Sequence[str]) -> int:
     opts = parser.parse_args(list(argv))
     spec = load_spec(opts.spec)
     folder = Path(opts.out or Path("runs") / "sweeps" / Path(opts.spec).stem)
-    _, trials = _trials_of(folder)
+    recorded, trials = _trials_of(folder)
+    if recorded and recorded.get("metric") != spec["metric"]:
+        raise SweepError(f"{folder / 'sweep.json'}: this sweep ranked on {recorded['metric']['name']}, "
+                         f"{opts.spec} names {spec['metric']['name']}; give the spec the sweep ran")
     for t in trials:  # the runs' own summaries are the source of truth
         summary_file = Path(t["run_dir"]) / SUMMARY if t.get("run_dir") else None
         if t["status"] == "finished" and summary_file and summary_file.is_file():

@@ -1,7 +1,7 @@
 """The error for bad input to a command: one line naming what is wrong and what to do, exit code 2.
 
 ``BadInput`` is a ``SystemExit`` (code 2), so a command stops wherever it is raised; the command
-entry points (``famnet_pl.cli.main``, ``python -m famnet_pl.slurm``) print its message as one line,
+entry points (``famnet_pl.cli.main``, ``famnet-pl slurm``) print its message as one line,
 ``famnet-pl CMD: error: MESSAGE``, as they do for the data errors (sheets, frames, protocols).
 """
 
