@@ -190,20 +190,34 @@ def confusion_png(summary: dict) -> bytes:
     """The pooled confusion matrix as PNG bytes (rows true, columns predicted)."""
     from famnet_pl.utils.plot import figure_png, pyplot
 
-    names, cm = summary["class_names"], summary["confusion"]
+    names = summary["class_names"]
     fig, ax = pyplot().subplots(figsize=(1.2 * len(names) + 2, 1.2 * len(names) + 1.5))
+    draw_confusion(ax, names, summary["confusion"], f"LOSO pooled, {summary['protocol']}: UF1 "
+                   f"{summary['loso/uf1']:.3f}, UAR {summary['loso/uar']:.3f}")
+    return figure_png(fig, dpi=110)
+
+
+def draw_confusion(ax, names: list[str], cm: list[list[int]], title: str, **text) -> None:
+    """A confusion matrix on ``ax`` (rows true, columns predicted, counts written in the cells);
+    ``text``: font options of the labels and counts (e.g. ``fontsize=7`` in a grid of panels)."""
     ax.imshow(cm, cmap="Blues")
-    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
-    ax.set_yticks(range(len(names)), names)
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", **text)
+    ax.set_yticks(range(len(names)), names, **text)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     peak = max(max(row) for row in cm) or 1
     for i, row in enumerate(cm):
         for j, v in enumerate(row):
-            ax.text(j, i, str(v), ha="center", va="center", color="white" if v > peak / 2 else "black")
-    ax.set_title(f"LOSO pooled, {summary['protocol']}: UF1 {summary['loso/uf1']:.3f}, "
-                 f"UAR {summary['loso/uar']:.3f}", fontsize=9)
-    return figure_png(fig, dpi=110)
+            ax.text(j, i, str(v), ha="center", va="center", color="white" if v > peak / 2 else "black",
+                    **text)
+    ax.set_title(title, fontsize=9)
+
+
+def summarize_run(run_dir: str | Path) -> dict | None:
+    """The pooled summary of a run's prediction files, with the oracle criterion it ran under (no
+    files written); None when no fold has finished."""
+    predictions = load_predictions(run_dir)
+    return None if predictions is None else predictions.summarize(read_plan(run_dir).get("oracle_by", "acc"))
 
 
 def epoch_range(epochs: dict) -> str:

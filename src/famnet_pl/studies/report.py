@@ -19,8 +19,8 @@ import argparse
 import json
 from pathlib import Path
 
-from famnet_pl.loso.aggregate import load_predictions
-from famnet_pl.loso.rundir import PREDICTIONS, read_plan
+from famnet_pl.loso.aggregate import draw_confusion, summarize_run
+from famnet_pl.loso.rundir import PREDICTIONS
 from famnet_pl.studies.seeds import ENSEMBLE_DIR, SEEDS_JSON, ensemble_summary, format_mean_std, mean_std
 from famnet_pl.utils.errors import BadInput
 from famnet_pl.utils.io import atomic_write_bytes, atomic_write_text
@@ -32,11 +32,11 @@ COLUMNS = (("UF1", "loso/uf1"), ("UAR", "loso/uar"), ("UF1 val-sel.", "loso_vals
 
 
 def _run_summary(run_dir: Path) -> dict:
-    predictions = load_predictions(run_dir)
-    if predictions is None:
+    summary = summarize_run(run_dir)
+    if summary is None:
         raise BadInput(f"{run_dir}: no finished fold (no fold_*/{PREDICTIONS}); give a LOSO run directory "
                        "(runs/<exp>/<dataset>) or a seed study (runs/<exp>/seeds/<dataset>)")
-    return predictions.summarize(read_plan(run_dir).get("oracle_by", "acc"))
+    return summary
 
 
 def _datasets(summary: dict) -> list[str]:
@@ -133,16 +133,8 @@ def confusion_grid_png(rows: list[dict]) -> bytes:
     for ax in axes.flat[len(rows):]:
         ax.axis("off")
     for ax, r in zip(axes.flat, rows):
-        names, cm = r["class_names"], r["confusion"]
-        ax.imshow(cm, cmap="Blues")
-        ax.set_xticks(range(len(names)), [n[:8] for n in names], rotation=30, ha="right", fontsize=7)
-        ax.set_yticks(range(len(names)), [n[:8] for n in names], fontsize=7)
-        peak = max(max(row) for row in cm) or 1
-        for i, line in enumerate(cm):
-            for j, v in enumerate(line):
-                ax.text(j, i, str(v), ha="center", va="center", fontsize=7,
-                        color="white" if v > peak / 2 else "black")
-        ax.set_title(r["name"] + (f" (sum of {r['n']})" if r["n"] > 1 else ""), fontsize=8)
+        draw_confusion(ax, [n[:8] for n in r["class_names"]], r["confusion"],
+                       r["name"] + (f" (sum of {r['n']})" if r["n"] > 1 else ""), fontsize=7)
     return figure_png(fig, dpi=110)
 
 

@@ -28,9 +28,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from famnet_pl.loso.aggregate import load_predictions, write_summary
+from famnet_pl.loso.aggregate import load_predictions, summarize_run, write_summary
 from famnet_pl.loso.options import LosoOptions
-from famnet_pl.loso.rundir import read_plan
 from famnet_pl.metrics import at_epochs, pooled_keys, summarize
 from famnet_pl.utils.errors import BadInput
 from famnet_pl.utils.io import atomic_write_json
@@ -101,8 +100,7 @@ def ensemble_summary(run_dirs: list[Path]) -> dict:
 def seed_study(run_dirs: dict[int, Path], out_dir: Path, *, ensemble: str | None = None) -> dict:
     """``seeds.json`` (and with ``ensemble``, ``ensemble/``) for finished runs ``{seed: run dir}``:
     every number recomputed from the runs' prediction files."""
-    summaries = {s: load_predictions(d).summarize(read_plan(d).get("oracle_by", "acc"))
-                 for s, d in run_dirs.items()}
+    summaries = {s: summarize_run(d) for s, d in run_dirs.items()}
     keys = [k for k in (*SEED_METRICS, *sorted(k for k in summaries[min(summaries)] if k.count("/") == 2))
             if all(k in s for s in summaries.values())]
     study = {"seeds": list(run_dirs), "runs": {str(s): str(d) for s, d in run_dirs.items()},
