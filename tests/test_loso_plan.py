@@ -55,3 +55,17 @@ def test_eval_every_is_in_the_fingerprint_and_threads_are_not(two_subjects, tmp_
     base = plan_loso(args, record=False).config_hash
     assert plan_loso(args, eval_every=2, record=False).config_hash != base
     assert plan_loso(args, threads=1, jobs=2, oracle_by="uf1", record=False).config_hash == base
+
+
+def test_a_worker_refuses_a_config_changed_since_planning(two_subjects, tmp_path, capsys):
+    from famnet_pl.cli import main
+
+    extra = tmp_path / "extra.yaml"
+    extra.write_text("model:\n  lr: 0.001\n")
+    args = [*tiny_args(two_subjects, tmp_path / "cache"), "--config", str(extra)]
+    plan = plan_loso(args, exp="changed", runs_dir=str(tmp_path / "runs"), wandb="off")
+    extra.write_text("model:\n  lr: 0.1\n")               # edited while the fold was queued
+    assert main(["worker", str(plan.run_dir), "--fold", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "the config files or annotations changed since the run was planned" in err
+    assert not is_finished(plan.run_dir / fold_dir_name(0, plan.subjects[0]))
