@@ -182,7 +182,13 @@ def pooled_keys(frame: pd.DataFrame, prefix: str, num_classes: int) -> dict:
     """``<prefix>/uf1``, ``/uar``, ``/acc`` of pooled predictions, and ``<prefix>/<dataset>/uf1``,
     ``/uar`` per dataset when the predictions mix datasets (composites)."""
     m = pooled_metrics(frame["y_true"], frame["y_pred"], num_classes)
-    out = {f"{prefix}/uf1": m["uf1"], f"{prefix}/uar": m["uar"], f"{prefix}/acc": m["acc"]}
+    return {f"{prefix}/uf1": m["uf1"], f"{prefix}/uar": m["uar"], f"{prefix}/acc": m["acc"],
+            **_per_dataset(frame, prefix, num_classes)}
+
+
+def _per_dataset(frame: pd.DataFrame, prefix: str, num_classes: int) -> dict:
+    """``<prefix>/<dataset>/uf1`` and ``/uar`` when the predictions mix datasets (composites)."""
+    out = {}
     if frame["dataset"].nunique() > 1:
         for name, part in frame.groupby("dataset", sort=True):
             d = pooled_metrics(part["y_true"], part["y_pred"], num_classes)
@@ -242,10 +248,7 @@ def summarize(last: pd.DataFrame, epochs: pd.DataFrame | None, *, class_names: l
         "loso_perfold/acc_std": float(np.std([f["acc"] for f in folds])),
         "per_fold": folds,
     }
-    if last["dataset"].nunique() > 1:
-        for name, part in last.groupby("dataset", sort=True):
-            m = pooled_metrics(part["y_true"], part["y_pred"], c)
-            summary[f"loso/{name}/uf1"], summary[f"loso/{name}/uar"] = m["uf1"], m["uar"]
+    summary.update(_per_dataset(last, "loso", c))
     # AU scores only where an AU head was trained: its probability columns hold numbers.
     au_vocab = [a for a in au_vocab if f"au{a}_prob" in last and last[f"au{a}_prob"].notna().any()]
     if au_vocab:

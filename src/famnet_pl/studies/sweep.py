@@ -680,14 +680,16 @@ def nested_selection(spec: Mapping, trials: Sequence[Mapping]) -> dict | None:
     first = next(iter(runs.values()))
     held_out, column = held_out_groups(first.last)
     num_classes = len(first.metas[0]["class_names"])
+    # Each trial's inner-validation predictions at its headline epochs, selected once.
+    headline_val = {name: at_epochs(p.val_epochs, p.last.groupby("fold")["epoch"].first().to_dict())
+                    for name, p in runs.items()}
     per_fold, picked = {}, []
     for fold, group in held_out.items():
-        def score(p):
-            val = at_epochs(p.val_epochs, p.last.groupby("fold")["epoch"].first().to_dict())
-            val = val[val[column] != group]
+        def score(name: str) -> float:
+            val = headline_val[name][headline_val[name][column] != group]
             return sign * pooled_metrics(val["y_true"], val["y_pred"], num_classes, warn=False)[score_key]
 
-        best = max(runs, key=lambda name: (score(runs[name]), -list(runs).index(name)))
+        best = max(runs, key=lambda name: (score(name), -list(runs).index(name)))
         per_fold[fold] = best
         picked.append(runs[best].last[runs[best].last["fold"] == fold])
     pooled = pd.concat(picked, ignore_index=True)
