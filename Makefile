@@ -94,6 +94,15 @@ loso-slurm: $(STAMP) ## LOSO as a SLURM job array (one pending fold per task) + 
 		--config experiments/model/$(MODEL).yaml $(if $(DATA_ROOT),--data.data_root=$(DATA_ROOT)) \
 		$(if $(PROTOCOL),--data.protocol=$(PROTOCOL)) $(ARGS)
 
+train-final: $(STAMP) ## One model on every subject -> runs/<exp>/<dataset>/final [DATASET=synth] [MODEL=famnet_cpu] [EXP=final] [FROM_RUN=runs/x/synth] [THREADS=] [ARGS=]
+	$(call need_config,data,$(DATASET),DATASET)
+	$(call need_config,model,$(MODEL),MODEL)
+	$(BIN)/famnet-pl train-final --exp $(if $(filter command line environment,$(origin EXP)),$(EXP),final) \
+		$(if $(FROM_RUN),--from-run $(FROM_RUN)) $(if $(THREADS),--threads $(THREADS)) \
+		--config experiments/base.yaml --config experiments/data/$(DATASET).yaml \
+		--config experiments/model/$(MODEL).yaml $(if $(DATA_ROOT),--data.data_root=$(DATA_ROOT)) \
+		$(if $(PROTOCOL),--data.protocol=$(PROTOCOL)) $(ARGS)
+
 ablation: $(STAMP) ## Ablation table, every variant x seed a full LOSO [DATASET=synth] [JOBS=1] [SEEDS=0,1,2] [VARIANTS=a,b]
 	$(BIN)/famnet-pl ablation --dataset $(DATASET) --jobs $(JOBS) $(if $(THREADS),--threads $(THREADS)) \
 		$(if $(SEEDS),--seeds $(SEEDS)) $(if $(VARIANTS),--variants $(VARIANTS)) \

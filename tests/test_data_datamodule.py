@@ -232,3 +232,33 @@ def test_synth_datamodule_is_merdatamodule_on_the_synthetic_protocol(tiny_synth,
     assert synth.split == plain.split
     for a, b in zip(synth.train_dataloader(), plain.train_dataloader()):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_hflip_is_the_training_flip():
+    """Flip TTA mirrors a sample exactly as the training augmentation's flip does (flow u negated)."""
+    from famnet_pl.data.transforms import hflip
+
+    x = np.random.default_rng(1).normal(size=(3, 16, 16, 3)).astype(np.float32)
+    always = ClipAugment(flip_p=1.0, translate=0.0, seed=0)
+    np.testing.assert_array_equal(hflip(x, 0), always(x.copy(), rgb=None, flow_u=0))
+    np.testing.assert_array_equal(hflip(hflip(x, 0), 0), x)
+
+
+@pytest.mark.parametrize("input_2d, clip_mode", [("flow", "flow"), ("both", "frames")])
+def test_tta_hflip_adds_the_mirrored_views_to_evaluation_batches_only(tiny_synth, tmp_path, input_2d,
+                                                                      clip_mode):
+    dm = _dm(tiny_synth, tmp_path, input_2d=input_2d, clip_mode=clip_mode, val_subjects=1, tta="hflip")
+    dm.setup("fit")
+    assert "x2d_flip" not in next(iter(dm.train_dataloader()))
+    for loader in (dm.val_dataloader(), dm.test_dataloader()):
+        batch = next(iter(loader))
+        stats = dm.test_set.stats
+        flow_u = dm_module.flow_u_channels(input_2d, clip_mode)
+        for key, mean, std in (("x2d", "mean_2d", "std_2d"), ("x3d", "mean_3d", "std_3d")):
+            # un-normalise, mirror, negate u: the original view back
+            view = batch[key].movedim(1, -1).numpy() * stats[std] + stats[mean]
+            mirrored = batch[f"{key}_flip"].movedim(1, -1).numpy() * stats[std] + stats[mean]
+            back = mirrored[..., ::-1, :].copy()
+            if flow_u[key] is not None:
+                back[..., flow_u[key]] *= -1
+            np.testing.assert_allclose(back, view, atol=1e-5)

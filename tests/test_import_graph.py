@@ -62,6 +62,7 @@ LAYERS = (
     ("famnet_pl.cli", "famnet_pl.sweep", "famnet_pl.slurm", "famnet_pl.aggregate"),
     ("famnet_pl.studies",),
     ("famnet_pl.loso",),
+    ("famnet_pl.deploy",),
     ("famnet_pl.config",),
     ("famnet_pl.models", "famnet_pl.data"),
     ("famnet_pl.losses", "famnet_pl.metrics", "famnet_pl.utils"),

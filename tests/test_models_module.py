@@ -68,3 +68,19 @@ def test_frl_dgt_checkpoint_with_a_moved_loss_weight_stops_and_loads_with_the_ne
                                                   loss_weights={"dgm_flow": 0.0})
     assert loaded.criterion.weights.dgm_flow == 0.0
     assert loaded.net.active_aux_losses == ("dgm_photo", "dgm_smooth")
+
+
+def test_flip_tta_averages_the_emotion_distributions_of_both_views():
+    """With mirrored views in the batch (data.tta=hflip) every emotion output is the log of the mean
+    of the two softmaxes, the fused one included; without them the outputs are the network's own."""
+    torch.manual_seed(0)
+    module = MERLitModule(model="famnet_r18", num_classes=3, net={**NET, "width_3d": 4}).eval()
+    x2d, x3d = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 4, 16, 16)
+    batch = {"x2d": x2d, "x3d": x3d, "index": torch.arange(2)}
+    plain, mirrored = module(x2d, x3d), module(x2d.flip(-1), x3d.flip(-1))
+    assert torch.equal(module.predict_step(batch)["probs"], torch.softmax(plain["emotion"], 1))
+    out = module._outputs({**batch, "x2d_flip": x2d.flip(-1), "x3d_flip": x3d.flip(-1)})
+    for key in ("emotion", "emotion_2d", "emotion_3d", "emotion_fused"):
+        mean = (torch.softmax(plain[key], 1) + torch.softmax(mirrored[key], 1)) / 2
+        torch.testing.assert_close(out[key].exp(), mean)
+    torch.testing.assert_close(out["au_2d"], plain["au_2d"])

@@ -1,10 +1,11 @@
 """Command line: ``famnet-pl CMD``, CMD in loso, fit, aggregate, report, manifest, synth, fabricate,
-preprocess, show, sweep, ablation.
+preprocess, show, sweep, ablation, train-final, predict, export.
 
 Argument parsing and dispatch only; the work happens below this module, which nothing imports::
 
-    cli -> studies (sweep, ablation) -> loso (options, plan, runner, slurm, aggregate) -> config
-        -> models, data -> losses, metrics, utils
+    cli -> studies (sweep, ablation) -> loso (options, plan, runner, final, slurm, aggregate)
+        -> deploy (model directories, predict, export) -> config -> models, data
+        -> losses, metrics, utils
 
 Every process the framework starts re-enters through ``python -m famnet_pl.cli CMD``: fold workers
 (``worker RUN_DIR --fold k``, which read the plan from ``run.json``), SLURM jobs (``slurm
@@ -81,6 +82,89 @@ def _worker(argv: list[str]) -> int:
     from famnet_pl.loso.runner import run_worker
 
     return run_worker(opts.run_dir, opts.fold, threads=opts.threads)
+
+
+def _train_final(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="famnet-pl train-final",
+                                     description="train one model on every subject of a protocol and write a "
+                                                 "model directory (runs/<exp>/<dataset>/final); unknown "
+                                                 "--a.b=v options go to LightningCLI, as for famnet-pl loso")
+    parser.add_argument("--exp", default="final", help="experiment name: runs/<exp>/<dataset>/final")
+    parser.add_argument("--runs-dir", default="runs")
+    parser.add_argument("--from-run", default=None, metavar="RUN_DIR",
+                        help="a finished LOSO run: train to its validation-selected epoch and record "
+                             "its result")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    opts, cli_args = parser.parse_known_args(argv)
+    if opts.threads:
+        import torch
+
+        torch.set_num_threads(opts.threads)
+    from famnet_pl.loso.final import train_final
+
+    out = train_final(cli_args, exp=opts.exp, runs_dir=opts.runs_dir, run=opts.from_run)
+    print(f"wrote {out}: model.ckpt, preprocess.json, model_card.md, model_card.json")
+    return 0
+
+
+def _predict(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="famnet-pl predict",
+                                     description="apply a model directory to new clips with its training "
+                                                 "preprocessing; JSON (one object per clip) or CSV")
+    parser.add_argument("model_dir", help="a model directory (train-final's runs/<exp>/<dataset>/final, or a "
+                                          "fold folder of famnet-pl loso --keep-models)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--frames", metavar="DIR", help="a folder of one clip's frames (img46.jpg, ...)")
+    source.add_argument("--video", metavar="FILE", help="one clip as a video file (decord)")
+    source.add_argument("--manifest", metavar="CSV", help="many clips: columns clip, onset, apex, offset"
+                                                          "[, first_frame, id]; paths relative to the CSV")
+    for name in ("onset", "apex", "offset"):
+        parser.add_argument(f"--{name}", type=int, default=None, help=f"{name} frame number (coding sheet)")
+    parser.add_argument("--first-frame", type=int, default=0,
+                        help="--video: the frame number of its first picture (default 0)")
+    parser.add_argument("--spot", action="store_true",
+                        help="onset/apex unknown: the clip's first/last frames and its motion peak")
+    parser.add_argument("--out", default=None, help="FILE.json or FILE.csv (default: JSON on stdout)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    opts = parser.parse_args(argv)
+    from famnet_pl.deploy.predict import ClipSpec, predict_clips, read_clip_manifest, results_table
+    from famnet_pl.utils.io import atomic_write_csv, atomic_write_json
+
+    if opts.manifest:
+        specs = read_clip_manifest(opts.manifest, spot=opts.spot)
+    else:
+        specs = [ClipSpec(Path(opts.frames or opts.video), opts.onset, opts.apex, opts.offset, spot=opts.spot,
+                          first_frame=opts.first_frame)]
+    results = predict_clips(opts.model_dir, specs, batch_size=opts.batch_size)
+    if opts.out and opts.out.endswith(".csv"):
+        atomic_write_csv(opts.out, results_table(results))
+    elif opts.out:
+        atomic_write_json(opts.out, results)
+    else:
+        print(json.dumps(results, indent=2))
+    if opts.out:
+        counts = {}
+        for r in results:
+            counts[r["predicted"]] = counts.get(r["predicted"], 0) + 1
+        print(f"wrote {opts.out}: {len(results)} clip(s); predicted "
+              + ", ".join(f"{c} {n}" for c, n in sorted(counts.items())))
+    return 0
+
+
+def _export(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="famnet-pl export",
+                                     description="export a model directory's network (ONNX or TorchScript), "
+                                                 "checked against the eager model, with preprocess.json "
+                                                 "beside it")
+    parser.add_argument("model_dir")
+    parser.add_argument("--format", choices=["onnx", "torchscript"], required=True)
+    parser.add_argument("--out", default=None, help="folder to write (default: MODEL_DIR/export_<format>)")
+    opts = parser.parse_args(argv)
+    from famnet_pl.deploy.export import export_model
+
+    path, error = export_model(opts.model_dir, opts.format, out=opts.out)
+    print(f"wrote {path} and {Path(path).parent / 'preprocess.json'}; max |exported - eager| = {error:.2e}")
+    return 0
 
 
 def _fit(argv: list[str]) -> int:
@@ -248,7 +332,8 @@ def _synth(argv: list[str]) -> int:
 
 COMMANDS = {"loso": _loso, "fit": _fit, "aggregate": _aggregate, "manifest": _manifest, "synth": _synth,
             "fabricate": _fabricate, "preprocess": _preprocess, "show": _show, "sweep": _sweep,
-            "ablation": _ablation, "report": _report}
+            "ablation": _ablation, "report": _report, "train-final": _train_final, "predict": _predict,
+            "export": _export}
 # Started by the framework itself (fold processes, SLURM jobs), not listed in the usage line.
 INTERNAL = {"worker": _worker, "slurm": _slurm}
 

@@ -130,12 +130,12 @@ def oracle_predictions(epochs: pd.DataFrame, *, by: str = "acc") -> pd.DataFrame
     for _, part in epochs.groupby("fold", sort=True):
         scores = [(fold_scores(rows["y_true"], rows["y_pred"])[by], -epoch)
                   for epoch, rows in part.groupby("epoch", sort=True)]
-        best_epoch = -max(scores)[1]
-        picked.append(part[part["epoch"] == best_epoch])
+        top = -max(scores)[1]
+        picked.append(part[part["epoch"] == top])
     return pd.concat(picked, ignore_index=True)
 
 
-def _best_epoch(scores: dict[int, float]) -> int:
+def best_epoch(scores: dict[int, float]) -> int:
     """The epoch with the highest score; ties go to the later epoch."""
     return max(scores, key=lambda e: (scores[e], e))
 
@@ -168,8 +168,8 @@ def select_epochs(val_epochs: pd.DataFrame, num_classes: int, held_out: dict[int
     for fold, group in held_out.items():
         scores = by_epoch(scored[scored[column] != group])
         if scores:
-            chosen[fold] = _best_epoch(scores)
-    per_fold = {int(f): _best_epoch(by_epoch(part)) for f, part in val_epochs.groupby("fold", sort=True)}
+            chosen[fold] = best_epoch(scores)
+    per_fold = {int(f): best_epoch(by_epoch(part)) for f, part in val_epochs.groupby("fold", sort=True)}
     return {"global": chosen, "per_fold": per_fold, "val_uf1_by_epoch": by_epoch(scored)}
 
 

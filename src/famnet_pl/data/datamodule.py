@@ -51,7 +51,7 @@ from famnet_pl.data.frames import FlowAlgorithm
 from famnet_pl.data.manifest import ApexFix, ManifestError, build_manifest, part_root, part_sheet
 from famnet_pl.data.preprocess import Prepared, ViewConfig, preprocess
 from famnet_pl.data.protocols import PROTOCOLS, ProtocolError, dataset_protocols, get_dataset, get_protocol
-from famnet_pl.data.transforms import ClipAugment
+from famnet_pl.data.transforms import ClipAugment, hflip, hflip_points
 
 log = logging.getLogger(__name__)
 
@@ -62,15 +62,25 @@ VIEWS_2D: dict[str, tuple[str, ...]] = {"apex": ("apex",), "flow": ("flow",), "b
 INPUT_2D_CHANNELS = {name: 3 * len(parts) for name, parts in VIEWS_2D.items()}
 
 
+def flow_u_channels(input_2d: str, clip_mode: str) -> dict[str, int | None]:
+    """Channel of the horizontal flow component ``u`` in each view (None: the view holds no flow),
+    which a horizontal flip negates: ``{"x2d": ..., "x3d": ...}``. Training augmentation and flip
+    test-time augmentation both read it here."""
+    parts = VIEWS_2D[input_2d]
+    return {"x2d": 3 * parts.index("flow") if "flow" in parts else None,
+            "x3d": 0 if clip_mode == "flow" else None}
+
+
 class MERDataset(Dataset):
     """Indexable view over cached arrays for a subset of manifest rows (see module docstring)."""
 
     def __init__(self, arrays: dict[str, np.ndarray], indices: np.ndarray, labels: np.ndarray,
                  au: np.ndarray, au_mask: np.ndarray, *, input_2d: str, clip_mode: str,
-                 stats: dict[str, np.ndarray], augment: ClipAugment | None) -> None:
+                 stats: dict[str, np.ndarray], augment: ClipAugment | None, tta: str = "none") -> None:
         self.arrays, self.indices = arrays, indices
         self.labels, self.au, self.au_mask = labels, au, au_mask
         self.input_2d, self.clip_mode, self.stats, self.augment = input_2d, clip_mode, stats, augment
+        self.tta = tta
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -90,30 +100,41 @@ class MERDataset(Dataset):
         return (clip.astype(np.float32) / 255.0 if clip.dtype == np.uint8
                 else np.asarray(clip, dtype=np.float32))
 
-    def __getitem__(self, item: int) -> dict[str, torch.Tensor]:
-        i = int(self.indices[item])
-        x2d, x3d = self.view_2d(i)[None], self.view_3d(i)
-        landmarks = np.array(self.arrays["landmarks"][i], np.float32) if "landmarks" in self.arrays else None
-        if self.augment is not None:
-            parts = VIEWS_2D[self.input_2d]
-            n_rgb = 3 * sum(name != "flow" for name in parts)  # one photometric draw for onset and apex:
-            x2d = self.augment(x2d, rgb=slice(0, n_rgb) if n_rgb else None,  # no fake motion between them
-                               flow_u=3 * parts.index("flow") if "flow" in parts else None, points=landmarks)
-            if landmarks is not None:  # the landmarks move with the 2D view they locate regions in
-                x2d, landmarks = x2d
-            if x3d is not None:
-                flow = self.clip_mode == "flow"
-                x3d = self.augment(x3d, rgb=None if flow else slice(0, 3), flow_u=0 if flow else None)
+    def _tensors(self, x2d: np.ndarray, x3d: np.ndarray | None, landmarks: np.ndarray | None,
+                 suffix: str = "") -> dict[str, torch.Tensor]:
+        """Normalised ``(C, H, W)`` / ``(C, T, H, W)`` tensors of one sample's (augmented) views."""
         x2d = (x2d[0] - self.stats["mean_2d"]) / self.stats["std_2d"]
-        item_out = {"x2d": torch.from_numpy(np.ascontiguousarray(x2d.transpose(2, 0, 1), dtype=np.float32))}
+        x2d = np.ascontiguousarray(x2d.transpose(2, 0, 1), dtype=np.float32)
+        out = {f"x2d{suffix}": torch.from_numpy(x2d)}
         if x3d is not None:
             x3d = (x3d - self.stats["mean_3d"]) / self.stats["std_3d"]
             if self.clip_mode == "diff":
                 x3d = x3d - x3d[:1]
-            item_out["x3d"] = torch.from_numpy(np.ascontiguousarray(x3d.transpose(3, 0, 1, 2),
-                                                                    dtype=np.float32))
+            out[f"x3d{suffix}"] = torch.from_numpy(np.ascontiguousarray(x3d.transpose(3, 0, 1, 2),
+                                                                       dtype=np.float32))
         if landmarks is not None:
-            item_out["landmarks"] = torch.from_numpy(landmarks)
+            out[f"landmarks{suffix}"] = torch.from_numpy(landmarks)
+        return out
+
+    def __getitem__(self, item: int) -> dict[str, torch.Tensor]:
+        i = int(self.indices[item])
+        x2d, x3d = self.view_2d(i)[None], self.view_3d(i)
+        landmarks = np.array(self.arrays["landmarks"][i], np.float32) if "landmarks" in self.arrays else None
+        flow_u = flow_u_channels(self.input_2d, self.clip_mode)
+        if self.augment is not None:
+            n_rgb = 3 * sum(name != "flow" for name in VIEWS_2D[self.input_2d])  # one photometric draw
+            x2d = self.augment(x2d, rgb=slice(0, n_rgb) if n_rgb else None,  # for onset and apex: no
+                               flow_u=flow_u["x2d"], points=landmarks)  # fake motion between them
+            if landmarks is not None:  # the landmarks move with the 2D view they locate regions in
+                x2d, landmarks = x2d
+            if x3d is not None:
+                x3d = self.augment(x3d, rgb=None if self.clip_mode == "flow" else slice(0, 3),
+                                   flow_u=flow_u["x3d"])
+        item_out = self._tensors(x2d, x3d, landmarks)
+        if self.tta == "hflip":  # the mirrored sample too: the model averages both predictions
+            item_out |= self._tensors(hflip(x2d, flow_u["x2d"]),
+                                      None if x3d is None else hflip(x3d, flow_u["x3d"]),
+                                      None if landmarks is None else hflip_points(landmarks), suffix="_flip")
         return {
             **item_out,
             "label": torch.tensor(self.labels[i], dtype=torch.long),
@@ -140,7 +161,8 @@ class MERDataModule(L.LightningDataModule):
         drop: sample ids to drop (logged in the manifest report).
         layout: on-disk layout (``raw``, ``cropped``); ``auto`` picks the one found on disk.
         split: fold groups: ``subject`` (LOSO) or ``dataset`` (leave-one-dataset-out).
-        fold: index into the sorted group list; that group is the test set.
+        fold: index into the sorted group list; that group is the test set. ``-1``: none, every
+            group trains (``famnet-pl train-final``: a final model; no test set).
         input_2d: 2D view: ``apex``, ``flow``, ``both`` (apex + flow), ``pair`` (onset + apex RGB, for
             FRL-DGT) or ``pair_flow`` (onset + apex + flow).
         clip_mode: 3D view: raw ``frames``, ``diff`` (each frame minus the onset frame) or ``flow``
@@ -179,6 +201,9 @@ class MERDataModule(L.LightningDataModule):
         num_workers: DataLoader workers (arrays are in memory, 0 is usually fastest on CPU).
         augment: flip/translate/brightness on training samples, identical for every frame of a
             view (the 2D and the 3D view draw their parameters separately).
+        tta: test-time augmentation of the evaluation samples (inner validation, test subject):
+            ``hflip`` adds each sample mirrored (flow ``u`` negated, as the training flip), and the
+            model averages the two predicted emotion distributions; ``none``: as they are.
         au_vocab: AU numbers for the AU head; default: the dataset's vocabulary.
         cache_dir: where decoded arrays are cached.
         seed: seed of the augmentation stream and of the inner-validation draw.
@@ -225,6 +250,7 @@ class MERDataModule(L.LightningDataModule):
         batch_size: int = 16,
         num_workers: int = 0,
         augment: bool = True,
+        tta: Literal["none", "hflip"] = "none",
         au_vocab: list[int] | None = None,
         cache_dir: str = ".cache/famnet_pl",
         seed: int = 0,
@@ -280,7 +306,7 @@ class MERDataModule(L.LightningDataModule):
     @property
     def _fold_seed(self) -> int:
         """Seed of this fold's augmentation and shuffling streams."""
-        return self.hparams.seed * 1000 + self.hparams.fold
+        return self.hparams.seed * 1000 + _stream_fold(self.hparams.fold)
 
     def prepare_data(self) -> None:
         """Generate the synthetic dataset if this protocol uses it and the root holds none (or one
@@ -366,11 +392,11 @@ class MERDataModule(L.LightningDataModule):
         hp = self.hparams
         arrays = self.prepare().arrays
         manifest, subjects = self.manifest, self.subjects()
-        if not 0 <= hp.fold < len(subjects):
+        if not -1 <= hp.fold < len(subjects):
             raise ProtocolError(f"fold {hp.fold} out of range: protocol {self.protocol.name} has "
-                             f"{len(subjects)} subjects (folds 0..{len(subjects) - 1})")
-        self.test_subject = subjects[hp.fold]
-        if not (manifest[self.group_column] == self.test_subject).any():
+                             f"{len(subjects)} subjects (folds 0..{len(subjects) - 1}; -1: none held out)")
+        self.test_subject = subjects[hp.fold] if hp.fold >= 0 else None  # -1: a final model, no test group
+        if self.test_subject is not None and not (manifest[self.group_column] == self.test_subject).any():
             raise ProtocolError(f"fold {hp.fold}: every sample of {self.test_subject} was left out in "
                              "preprocessing (see the warning above); restore its frames or drop the subject")
         # Composites: an AU a sample's dataset never codes is masked, not read as "absent".
@@ -391,17 +417,17 @@ class MERDataModule(L.LightningDataModule):
         val_idx = np.flatnonzero(in_val)
         train_idx = np.flatnonzero(~in_val & (group_of != self.test_subject))
 
-        def make(idx: np.ndarray, augment: ClipAugment | None, stats: dict) -> MERDataset:
+        def make(idx: np.ndarray, augment: ClipAugment | None, stats: dict, tta: str = "none") -> MERDataset:
             return MERDataset(arrays, idx, labels, au, au_mask, input_2d=hp.input_2d,
-                              clip_mode=hp.clip_mode, stats=stats, augment=augment)
+                              clip_mode=hp.clip_mode, stats=stats, augment=augment, tta=tta)
 
         stats = _channel_stats(make(train_idx, None, {}), train_idx)
         augmenter = ClipAugment(seed=self._fold_seed) if hp.augment else None
         self.train_set = make(train_idx, augmenter, stats)
-        self.val_set = make(val_idx, None, stats) if len(val_idx) else None
-        self.test_set = make(test_idx, None, stats)
+        self.val_set = make(val_idx, None, stats, hp.tta) if len(val_idx) else None
+        self.test_set = make(test_idx, None, stats, hp.tta) if self.test_subject is not None else None
         self.split = {"train": [s for s in train_subjects if s not in val_subjects],
-                      "val": list(val_subjects), "test": [self.test_subject]}
+                      "val": list(val_subjects), "test": [self.test_subject] if self.test_subject else []}
         if au[train_idx].sum() == 0 and self.num_aus:
             log.warning("fold %d: every AU target of the training set is 0; check the AU column and "
                         "vocabulary %s", hp.fold, self.au_vocab)
@@ -417,7 +443,7 @@ class MERDataModule(L.LightningDataModule):
                                 "of this fold) or a fraction 0 < f < 1 of them")
         if not k:
             return []
-        rng = np.random.default_rng([hp.seed, hp.fold])
+        rng = np.random.default_rng([hp.seed, _stream_fold(hp.fold)])
         datasets = sorted({s.split("/")[0] for s in train_subjects})
         if len(datasets) == 1:
             size = max(1, round(k * n)) if fraction else int(k)
@@ -589,6 +615,11 @@ def _sheet_stamps(protocol, root, annotation, annotations, roots) -> list:
             files.append(base / "HS")  # SMIC: the frame tree is the annotation
     files += [p for folder in folders if folder.is_dir() for p in folder.iterdir() if p.is_file()]
     return sorted((str(p), p.stat().st_mtime_ns) for p in set(files) if p.exists())
+
+
+def _stream_fold(fold: int) -> int:
+    """The fold index in random streams; a final model (``fold=-1``) gets its own (999)."""
+    return fold if fold >= 0 else 999
 
 
 def _channel_stats(dataset: MERDataset, idx: np.ndarray) -> dict[str, np.ndarray]:

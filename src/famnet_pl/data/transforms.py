@@ -97,8 +97,24 @@ class ClipAugment:
         if points is None:
             return out
         points = np.array(points, dtype=np.float32)
-        if flipped:  # image[:, ::-1]: pixel i -> W - 1 - i, i.e. x -> 1 - x for pixel-centre coordinates
-            points[:, 0] = 1.0 - points[:, 0]
-            points = points[list(FLIP_ORDER)] if len(points) == len(FLIP_ORDER) else points
+        if flipped:
+            points = hflip_points(points)
         shift = applied["Affine"]["matrix"][:2, 2]  # pixels (translation only: scale 1, no rotation)
         return out, points + (shift / (frames.shape[2], frames.shape[1])).astype(np.float32)
+
+
+def hflip_points(points: np.ndarray) -> np.ndarray:
+    """``(K, 2)`` xy in [0, 1] (pixel centres) after ``image[:, ::-1]``: pixel i -> W - 1 - i, i.e.
+    x -> 1 - x, and left/right landmarks swapped (:data:`FLIP_ORDER`) when there are five."""
+    points = np.array(points, dtype=np.float32)
+    points[:, 0] = 1.0 - points[:, 0]
+    return points[list(FLIP_ORDER)] if len(points) == len(FLIP_ORDER) else points
+
+
+def hflip(frames: np.ndarray, flow_u: int | None) -> np.ndarray:
+    """``(N, H, W, C)`` frames mirrored left-right, as :class:`ClipAugment`'s flip does: the
+    horizontal flow channel ``flow_u`` (None: no flow) negated. For flip test-time augmentation."""
+    out = np.ascontiguousarray(frames[:, :, ::-1])
+    if flow_u is not None:
+        out[..., flow_u] *= -1.0
+    return out

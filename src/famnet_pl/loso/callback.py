@@ -36,6 +36,7 @@ import pandas as pd
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from famnet_pl.deploy.bundle import write_bundle
 from famnet_pl.loso.aggregate import aggregate_run
 from famnet_pl.loso.rundir import (
     CHECKPOINTS,
@@ -95,11 +96,15 @@ class LOSOCallback(Callback):
         resume_every: save the fold's resume checkpoint (``checkpoints/resume-<hash>.ckpt``: weights,
             optimiser, loops, recorded predictions, random streams) every N epochs; 0: never.
             A killed or requeued fold continues from it and ends exactly as an uninterrupted one.
+        keep_model: write the fold's final model as a model directory (deploy/bundle.py:
+            ``model.ckpt`` + ``preprocess.json``) in ``fold_dir``, before ``predictions.csv``.
     """
 
     def __init__(self, fold_dir: str | Path, fold: int, n_folds: int | None = None, eval_every: int = 1,
-                 oracle_by: str = "acc", config_hash: str | None = None, resume_every: int = 1) -> None:
+                 oracle_by: str = "acc", config_hash: str | None = None, resume_every: int = 1,
+                 keep_model: bool = False) -> None:
         super().__init__()
+        self.keep_model = keep_model
         self.fold_dir, self.fold = Path(fold_dir), fold
         self.n_folds, self.config_hash = n_folds, config_hash
         self.eval_every, self.oracle_by, self.resume_every = eval_every, oracle_by, resume_every
@@ -253,6 +258,8 @@ class LOSOCallback(Callback):
             "dropped": dm.dropped(),
             **{f"test/{k}": v for k, v in fold_scores(last["y_true"], last["y_pred"]).items()},
         })
+        if self.keep_model:  # before the fold-done marker: a finished fold with the option has its model
+            write_bundle(out, pl_module, dm)
         atomic_write_bytes(out / PREDICTIONS, predictions)
         # The fold is done: its resume points (ours, and Lightning's SLURM ones) are dead weight, and
         # so is a checkpoint a killed first part of the fold saved (this run's ModelCheckpoint does

@@ -10,9 +10,10 @@ Data flow::
 
 ``LosoOptions`` is the one place these options are named: the runner, the fold workers, the SLURM
 paths, the sweeps and the ablation pass the object, not the fields one by one. Of them, only
-``eval_every`` changes what a fold writes (which epochs ``predictions_epochs.csv`` holds), so it is
-part of the run's fingerprint (:meth:`LosoOptions.fingerprint`); the others change where, how fast
-or how the pool is read, and a resumed run may change them.
+``eval_every`` and ``keep_models`` change what a fold writes (which epochs ``predictions_epochs.csv``
+holds, whether it keeps its model), so they are part of the run's fingerprint
+(:meth:`LosoOptions.fingerprint`); the others change where, how fast or how the pool is read, and a
+resumed run may change them.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ class LosoOptions:
         resume_every: a fold saves its resume checkpoint every N epochs (0: never); a killed or
             requeued fold continues from it.
         progress: progress bars over folds and epochs.
+        keep_models: every finished fold keeps its final model as a model directory (``model.ckpt``
+            + ``preprocess.json`` in the fold folder: ``famnet-pl predict`` and ``export`` take it).
     """
 
     exp: str = "famnet"
@@ -60,6 +63,7 @@ class LosoOptions:
     threads: int | None = None
     resume_every: int = 1
     progress: bool = True
+    keep_models: bool = False
 
     def __post_init__(self) -> None:
         # Lists from Python callers and JSON (run.json) become tuples: the object stays hashable.
@@ -75,7 +79,7 @@ class LosoOptions:
                    eval_every=opts.eval_every, oracle_by=opts.oracle_by, jobs=opts.jobs,
                    gpus=_split(opts.gpus),
                    jobs_per_gpu=opts.jobs_per_gpu, threads=opts.threads, resume_every=opts.resume_every,
-                   progress=not opts.no_progress)
+                   progress=not opts.no_progress, keep_models=opts.keep_models)
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> LosoOptions:
@@ -96,6 +100,8 @@ class LosoOptions:
                 continue
             if f.name == "progress":
                 argv.append("--no-progress")
+            elif f.name == "keep_models":
+                argv.append("--keep-models")
             else:
                 text = ",".join(value) if isinstance(value, tuple) else str(value)
                 argv += [f"--{f.name.replace('_', '-')}", text]
@@ -103,7 +109,8 @@ class LosoOptions:
 
     def fingerprint(self) -> dict[str, Any]:
         """The options that change what a fold writes (part of the run's config hash)."""
-        return {"eval_every": self.eval_every}
+        # keep_models only when on: the hashes of runs without it stay what they were.
+        return {"eval_every": self.eval_every, **({"keep_models": True} if self.keep_models else {})}
 
 
 def _split(value: str | None) -> tuple[str, ...] | None:
@@ -134,6 +141,9 @@ def loso_parser() -> argparse.ArgumentParser:
                         help="save each fold's resume checkpoint every N "
                         "epochs (0: never); a killed or requeued fold continues from it")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (logs, batch jobs)")
+    parser.add_argument("--keep-models", action="store_true",
+                        help="keep every fold's final model (model.ckpt + preprocess.json in its folder) for "
+                        "famnet-pl predict / export")
     seeds = parser.add_argument_group("seeds", "the whole LOSO run once per seed (runs/<exp>/seed<s>/), then "
                                       "mean ± std of the pooled scores (famnet_pl.studies.seeds)")
     seeds.add_argument("--seeds", default=None, help="comma-separated seeds, e.g. 0,1,2")

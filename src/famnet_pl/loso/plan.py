@@ -43,7 +43,7 @@ def rank() -> int:
     return _get_rank() or 0
 
 
-def _git_state() -> dict:
+def git_state() -> dict:
     def git(*cmd: str) -> str:
         try:
             return subprocess.run(["git", *cmd], capture_output=True, text=True, check=True).stdout.strip()
@@ -130,7 +130,7 @@ class LosoPlan:
             "command": ["famnet-pl", "loso", *self.options.to_argv(), *self.cli_args],
             "options": self.options.to_dict(), "config_hash": self.config_hash, "n_folds": len(self.subjects),
             "oracle_by": self.options.oracle_by, "folds": {k: s for k, s in enumerate(self.subjects)},
-            "git": _git_state(), **({"dropped": dropped} if dropped is not None else {}),
+            "git": git_state(), **({"dropped": dropped} if dropped is not None else {}),
         })
 
     @classmethod

@@ -14,6 +14,9 @@ Layout::
         metrics.json                        fold metadata, checksum of predictions.csv, fold scores
         failed.json                         a fold stopped on a non-finite loss or output
         checkpoints/resume-<hash>.ckpt      epoch-boundary resume point (removed when the fold ends)
+        model.ckpt, preprocess.json         with --keep-models: the fold's final model (deploy/bundle.py)
+      final/                                famnet-pl train-final: model.ckpt, preprocess.json,
+                                            model_card.md, model_card.json (deploy/bundle.py names them)
 
 A fold is finished exactly when its ``predictions.csv`` exists; everything else derives from that.
 """
@@ -35,6 +38,7 @@ METRICS = "metrics.json"
 FAILED = "failed.json"
 CHECKPOINTS = "checkpoints"
 HPC_CHECKPOINTS = "hpc_ckpt_*.ckpt"  # Lightning's mid-epoch SLURM checkpoints: never resumed from
+FINAL = "final"  # train-final's model directory in the run folder
 
 
 def fold_dir_name(fold: int, subject: str) -> str:

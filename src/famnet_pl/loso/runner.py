@@ -189,7 +189,7 @@ def run_fold(plan: LosoPlan, k: int, *, progress: bool = False) -> None:
                           name=fold_dir.name, resumed=ckpt_path is not None)
     callbacks = [LOSOCallback(fold_dir, k, n_folds=len(plan.subjects), eval_every=options.eval_every,
                               oracle_by=options.oracle_by, config_hash=plan.config_hash,
-                              resume_every=options.resume_every)]
+                              resume_every=options.resume_every, keep_model=options.keep_models)]
     if progress:
         callbacks.append(EpochProgress(desc=f"fold {k:02d} epochs"))
     cli = build_cli([*plan.cli_args, f"--data.fold={k}", f"--trainer.default_root_dir={fold_dir}"],

@@ -88,6 +88,9 @@ class MERLitModule(L.LightningModule):
             branches alone). Needs ``data.val_subjects >= 1`` (without, ``net.late_weight`` is kept
             and a warning says so) and validation every epoch; the test subject is never read. The
             weight is a buffer of the network, saved in checkpoints.
+        schedule_epochs: length of the learning-rate schedule in epochs (None: ``trainer.max_epochs``).
+            ``famnet-pl train-final --from-run`` trains a LOSO run's schedule up to its
+            validation-selected epoch: ``max_epochs`` = that epoch + 1, ``schedule_epochs`` = the run's.
     """
 
     def __init__(
@@ -105,6 +108,7 @@ class MERLitModule(L.LightningModule):
         warmup_epochs: int = 0,
         pretrain_steps: int = 0,
         late_weight_from: Literal["config", "val"] = "config",
+        schedule_epochs: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -179,8 +183,20 @@ class MERLitModule(L.LightningModule):
             return self.net(x2d=x2d, x3d=x3d, landmarks=landmarks)
         return self.net(x2d=x2d, x3d=x3d)
 
-    def _step(self, batch: dict[str, Tensor], stage: str, metrics: MetricCollection, keep: bool = False):
+    def _outputs(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Network outputs; with a mirrored copy of the batch (``data.tta=hflip``: ``x2d_flip``...),
+        every emotion output is the log of the mean of the two softmaxes (late fusion is linear in
+        the branch probabilities, so the fused output is the fusion of the averaged branches)."""
         outputs = self(batch["x2d"], batch.get("x3d"), batch.get("landmarks"))
+        if "x2d_flip" not in batch:
+            return outputs
+        mirrored = self(batch["x2d_flip"], batch.get("x3d_flip"), batch.get("landmarks_flip"))
+        return outputs | {key: late_fusion(value, mirrored[key], 0.5) for key, value in outputs.items()
+                          if key.startswith("emotion")}
+
+    def _step(self, batch: dict[str, Tensor], stage: str, metrics: MetricCollection, keep: bool = False):
+        outputs = self._outputs(batch) if stage != "train" else self(batch["x2d"], batch.get("x3d"),
+                                                                     batch.get("landmarks"))
         loss, parts = self.criterion(outputs, batch["label"], batch["au"], batch["au_mask"])
         batch_size = batch["label"].shape[0]
         trainer = self._trainer  # None when called outside a Trainer (unit tests)
@@ -250,7 +266,7 @@ class MERLitModule(L.LightningModule):
             ``{"probs": (B, C), "au_probs": (B, A), "index": (B,)}``. AU probabilities average the
             branches that have an AU head; A = 0 when no AU head was trained (:attr:`trains_au`).
         """
-        outputs = self(batch["x2d"], batch.get("x3d"), batch.get("landmarks"))
+        outputs = self._outputs(batch)
         au = [torch.sigmoid(outputs[k].float()) for k in ("au_2d", "au_3d")
               if k in outputs and self.trains_au]
         au_probs = torch.stack(au).mean(0) if au else outputs["emotion"].new_zeros((len(batch["index"]), 0))
@@ -266,7 +282,7 @@ class MERLitModule(L.LightningModule):
             opt = torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=0.9, weight_decay=hp.weight_decay)
         if hp.scheduler == "none":
             return {"optimizer": opt}
-        epochs = max(1, self.trainer.max_epochs or 1)
+        epochs = max(1, hp.schedule_epochs or self.trainer.max_epochs or 1)
         warmup = min(hp.warmup_epochs, epochs - 1)
 
         def factor(epoch: int) -> float:

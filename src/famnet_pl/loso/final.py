@@ -1,0 +1,183 @@
+"""``famnet-pl train-final``: one model trained on every subject of a protocol, as a model directory.
+
+Data flow::
+
+    config args (as famnet-pl loso) [+ --from-run RUN_DIR: its validation-selected epoch]
+        -> build_cli(args, --data.fold=-1)        (no test group: every subject trains; the config's
+                                                   inner-validation subjects stay out when it has any,
+                                                   for what the model chooses there: the fusion weight)
+        -> trainer.fit                             (no LOSO callback, no test subject)
+        -> runs/<exp>/<dataset>/final/            model.ckpt, preprocess.json (deploy/bundle.py),
+                                                   model_card.json, model_card.md, config.yaml
+
+The epoch budget is the config's ``trainer.max_epochs``, or with ``--from-run`` the epoch a finished
+LOSO run's inner validation chose: the best pooled inner-validation UF1 over all folds (no test
+subject is read; the final model has none), trained on the run's schedule (``model.schedule_epochs``
+= the run's ``max_epochs``) and stopped there.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import yaml
+
+from famnet_pl.config import build_cli
+from famnet_pl.deploy.bundle import MODEL_CARD_JSON, MODEL_CARD_MD, write_bundle
+from famnet_pl.loso.plan import git_state
+from famnet_pl.loso.rundir import FINAL, SUMMARY, read_plan
+from famnet_pl.metrics import best_epoch
+from famnet_pl.utils.errors import BadInput
+from famnet_pl.utils.io import atomic_write_json, atomic_write_text
+
+INTENDED_USE = ("Research on micro-expression recognition: scoring new clips coded like the training "
+                "data (onset, apex and offset known, or estimated with --spot), and checking a model on "
+                "another dataset. Not for decisions about people: micro-expression labels are not a lie "
+                "or emotion detector, and a model's probabilities are not calibrated for individuals.")
+
+
+def from_run(run_dir: str | Path) -> dict:
+    """What a finished LOSO run fixes for a final model: the validation-selected epoch (0-based), the
+    run's schedule length, its protocol and its pooled results."""
+    run_dir = Path(run_dir)
+    summary_path = run_dir / SUMMARY
+    if not summary_path.is_file():
+        raise BadInput(f"--from-run {run_dir}: no {SUMMARY}; give a finished famnet-pl loso run "
+                       "(runs/<exp>/<dataset>)")
+    summary = json.loads(summary_path.read_text())
+    by_epoch = {int(e): float(v) for e, v in (summary.get("val_uf1_by_epoch") or {}).items()}
+    if not summary.get("complete") or not by_epoch:
+        raise BadInput(f"--from-run {run_dir}: the run is incomplete or has no inner-validation "
+                       "predictions (data.val_subjects=0); finish it, or run it with --data.val_subjects=1")
+    configs = sorted(run_dir.glob("fold_*/config.yaml"))
+    max_epochs = yaml.safe_load(configs[0].read_text())["trainer"]["max_epochs"] if configs else None
+    epoch = best_epoch(by_epoch)
+    return {"run_dir": str(run_dir), "epoch": epoch, "schedule_epochs": max_epochs,
+            "protocol": summary.get("protocol"), "val_uf1": by_epoch[epoch],
+            "loso": {k: summary[k] for k in ("loso/uf1", "loso/uar", "loso_valsel/uf1", "loso_valsel/uar",
+                                             "loso_val/uf1") if k in summary},
+            "folds": summary.get("n_folds"), "command": read_plan(run_dir).get("command")}
+
+
+def train_final(cli_args: list[str], *, exp: str = "final", runs_dir: str = "runs",
+                run: str | Path | None = None) -> Path:
+    """Train on every subject and write the model directory; returns its path. No logger (the
+    model card is the record) and no checkpoints but the final one."""
+    source = from_run(run) if run else None
+    extra = ["--data.fold=-1", "--trainer.logger=false", "--trainer.enable_checkpointing=false"]
+    if source:
+        extra += [f"--trainer.max_epochs={source['epoch'] + 1}"]
+        if source["schedule_epochs"]:
+            extra += [f"--model.schedule_epochs={source['schedule_epochs']}"]
+    cli = build_cli([*cli_args, *extra], save_config_callback=None)  # config.yaml goes into final/
+    dm, module, trainer = cli.datamodule, cli.model, cli.trainer
+    if source and source["protocol"] and source["protocol"] != dm.protocol.name:
+        raise BadInput(f"--from-run {run}: a run of protocol {source['protocol']}, and this config trains "
+                       f"{dm.protocol.name}; give the same dataset and model as the run")
+    out = Path(runs_dir) / exp / dm.run_name / FINAL
+    staging = out.with_name(f"{FINAL}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    trainer.fit(module, datamodule=dm)
+    if trainer.interrupted:
+        raise KeyboardInterrupt
+    card = model_card(cli, source)
+    write_bundle(staging, module, dm)
+    atomic_write_text(staging / "config.yaml", cli.parser.dump(cli.config))
+    atomic_write_json(staging / MODEL_CARD_JSON, card)
+    atomic_write_text(staging / MODEL_CARD_MD, card_markdown(card))
+    # The complete directory replaces the old one in one step: a reader never sees half of each.
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+    return out
+
+
+def _versions() -> dict:
+    import lightning
+    import timm
+    import torch
+    import torchvision
+
+    import famnet_pl
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "lightning": lightning.__version__,
+            "timm": timm.__version__, "torchvision": torchvision.__version__,
+            "famnet_pl": getattr(famnet_pl, "__version__", "unknown")}
+
+
+def model_card(cli, source: dict | None) -> dict:
+    """The model card's facts (``model_card.json``; :func:`card_markdown` renders them)."""
+    dm, module, trainer = cli.datamodule, cli.model, cli.trainer
+    hp = module.hparams
+    subject = dm.manifest["subject"]
+    train_subjects, val_subjects = dm.split["train"], dm.split["val"]
+    config = cli.config.clone()
+    return {
+        "model": {"name": hp.model, "net": dict(hp.net or {}),
+                  "parameters": sum(p.numel() for p in module.parameters()),
+                  "loss_weights": asdict(module.criterion.weights), "late_weight_from": hp.late_weight_from,
+                  "trains_au": bool(module.trains_au)},
+        "data": {"protocol": dm.protocol.name, "classes": list(dm.class_names), "au_vocab": list(dm.au_vocab),
+                 "samples": len(dm.manifest), "subjects": int(subject.nunique()),
+                 "training_samples": len(dm.train_set), "training_subjects": len(train_subjects),
+                 "validation_samples": len(dm.val_set) if dm.val_set is not None else 0,
+                 "validation_subjects": val_subjects,
+                 "class_counts": {c: int((dm.manifest["label"] == i).sum())
+                                  for i, c in enumerate(dm.class_names)}},
+        "training": {"epochs": trainer.current_epoch,
+                     "schedule_epochs": hp.schedule_epochs or trainer.max_epochs,
+                     "epochs_from": "the LOSO run's validation-selected epoch" if source else "the config",
+                     "seed": config.get("seed_everything"), "optimizer": hp.optimizer, "lr": hp.lr},
+        "loso": ({"run": source["run_dir"], "folds": source["folds"], **source["loso"],
+                  "selection": "loso/*: last epoch of each fold (the run's headline); loso_valsel/*: each "
+                               "fold's epoch chosen on inner validation without its test subject; this "
+                               f"model's epoch {source['epoch']}: the best pooled inner-validation UF1 "
+                               f"({source['val_uf1']:.3f}) over all folds"} if source else None),
+        "config": json.loads(json.dumps(config.as_dict(), default=str)),
+        "versions": _versions(), "git": git_state(),
+        "intended_use": INTENDED_USE,
+        "limits": [
+            f"Trained on {len(train_subjects)} subjects of {dm.protocol.name}; expect lower scores on other "
+            "cameras, frame rates, lighting and populations (cross-dataset MER drops sharply).",
+            "Inputs must be made as preprocess.json says (famnet-pl predict does it): a face crop, frames "
+            "registered to the onset, the coded onset/apex/offset.",
+            "The LOSO figures describe the training protocol's subjects, not this model on new data.",
+        ],
+    }
+
+
+def card_markdown(card: dict) -> str:
+    """``model_card.md``: the card for people."""
+    m, d, t, loso = card["model"], card["data"], card["training"], card["loso"]
+    lines = [f"# Model card: {m['name']} on {d['protocol']}", "",
+             "## Model",
+             f"- `{m['name']}`, {m['parameters']:,} parameters; options `{json.dumps(m['net'])}`",
+             f"- loss weights `{json.dumps(m['loss_weights'])}`; AU head trained: {m['trains_au']}", "",
+             "## Data and protocol",
+             f"- protocol `{d['protocol']}`: {d['samples']} samples, {d['subjects']} subjects, classes "
+             f"{', '.join(d['classes'])} ({', '.join(f'{c} {n}' for c, n in d['class_counts'].items())})",
+             f"- trained on {d['training_samples']} samples of {d['training_subjects']} subjects; "
+             + (f"{d['validation_samples']} samples of {', '.join(d['validation_subjects'])} held out for "
+                "inner validation (the fusion weight is chosen there)" if d["validation_subjects"]
+                else "no subject held out"),
+             f"- {t['epochs']} epochs ({t['epochs_from']}), schedule of {t['schedule_epochs']}, "
+             f"seed {t['seed']}", "",
+             "## LOSO result of the run it came from"]
+    if loso:
+        nan = float("nan")
+        lines += [f"- run `{loso['run']}`, {loso['folds']} folds: UF1 {loso.get('loso/uf1', nan):.3f}, "
+                  f"UAR {loso.get('loso/uar', float('nan')):.3f} (last epoch); validation-selected UF1 "
+                  f"{loso.get('loso_valsel/uf1', nan):.3f}", f"- selection: {loso['selection']}"]
+    else:
+        lines += ["- none given (`--from-run RUN_DIR` records one)"]
+    lines += ["", "## Intended use", card["intended_use"], "",
+              "## Limits", *[f"- {x}" for x in card["limits"]],
+              "", "## Versions",
+              f"- {', '.join(f'{k} {v}' for k, v in card['versions'].items())}; git "
+              f"{card['git']['sha'][:12] or 'unknown'}{' (dirty)' if card['git']['dirty'] else ''}", ""]
+    return "\n".join(lines)
