@@ -8,7 +8,7 @@ per-dataset subclass such as ``CASME2DataModule``) whose model sizes that follow
 
 This module knows nothing about launching: the runner layer (``loso/``) and the studies
 (``studies/``) import it, and ``cli.py`` dispatches commands on top of all of them, so imports run
-one way (cli -> studies -> loso -> config -> models and data).
+one way (cli -> studies -> loso -> deploy -> config -> models and data).
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ subject is read; the final model has none), trained on the run's schedule (``mod
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import platform
 import shutil
@@ -102,12 +103,14 @@ def _versions() -> dict:
     import torch
     import torchvision
 
-    import famnet_pl
-
+    try:
+        version = importlib.metadata.version("famnet_pl")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        version = "unknown"
     return {"python": platform.python_version(), "torch": torch.__version__,
             "lightning": lightning.__version__,
             "timm": timm.__version__, "torchvision": torchvision.__version__,
-            "famnet_pl": getattr(famnet_pl, "__version__", "unknown")}
+            "famnet_pl": version}
 
 
 def model_card(cli, source: dict | None) -> dict:
