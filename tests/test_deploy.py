@@ -218,3 +218,63 @@ def test_no_face_names_the_frame(final_dir, tmp_path, capsys):
     line = _error(capsys, ["predict", str(model), "--frames", str(clip), "--onset", "5", "--apex", "8",
                            "--offset", "11"])
     assert "no face found on frame 5" in line
+
+
+def test_train_final_from_a_run_without_inner_validation_is_refused(two_subjects, tmp_path):
+    from famnet_pl.utils.errors import BadInput
+
+    args = tiny_args(two_subjects, tmp_path / "cache")
+    run_loso(args, exp="r", runs_dir=str(tmp_path / "runs"), wandb="off", progress=False)
+    with pytest.raises(BadInput, match="no inner-validation"):
+        train_final(args, exp="f", runs_dir=str(tmp_path / "runs"), run=tmp_path / "runs" / "r" / "synth")
+
+
+def test_train_final_from_a_run_takes_its_validation_selected_epoch_and_refuses_another_config(
+        tiny_synth, tmp_path):
+    from famnet_pl.utils.errors import BadInput
+
+    args = tiny_args(tiny_synth, tmp_path / "cache", **{"trainer.max_epochs": 3, "data.val_subjects": 1})
+    runs = tmp_path / "runs"
+    summary = run_loso(args, exp="r", runs_dir=str(runs), wandb="off", progress=False)
+    by_epoch = {int(e): v for e, v in summary["val_uf1_by_epoch"].items()}
+    chosen = max(by_epoch, key=lambda e: (by_epoch[e], e))
+    out = train_final(args, exp="f", runs_dir=str(runs), run=runs / "r" / "synth")
+    card = json.loads((out / MODEL_CARD_JSON).read_text())
+    assert card["training"]["epochs"] == chosen + 1 and card["training"]["schedule_epochs"] == 3
+    assert card["loso"]["loso/uf1"] == summary["loso/uf1"]
+    with pytest.raises(BadInput, match="differs from the run's in model.lr"):
+        train_final([*args, "--model.lr=0.5"], exp="f", runs_dir=str(runs), run=runs / "r" / "synth")
+
+
+def test_more_bad_input_is_one_line(final_dir, tiny_synth, manifest, tmp_path, capsys):
+    empty = tmp_path / "clips.csv"
+    empty.write_text("")
+    line = _error(capsys, ["predict", str(final_dir), "--manifest", str(empty)])
+    assert "cannot read the clip list" in line
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("keep me")
+    line = _error(capsys, ["export", str(final_dir), "--format", "torchscript", "--out", str(busy)])
+    assert "holds other files" in line and (busy / "notes.txt").is_file()
+    flow_model = tmp_path / "flow_images"
+    shutil.copytree(final_dir, flow_model)
+    pre = json.loads((flow_model / PREPROCESS_JSON).read_text())
+    (flow_model / PREPROCESS_JSON).write_text(json.dumps({**pre, "flow_images": True}))
+    line = _error(capsys, ["predict", str(flow_model), *_frames_args(tiny_synth, manifest.iloc[0])])
+    assert "precomputed flow images" in line
+
+
+def test_a_model_trained_from_pretrained_weights_loads_without_them(final_dir, tmp_path):
+    """The weight file named at training time (or a download) is not needed where the model is used."""
+    from famnet_pl.deploy.bundle import load_bundle
+
+    moved = tmp_path / "moved"
+    shutil.copytree(final_dir, moved)
+    checkpoint = torch.load(moved / MODEL_CKPT, weights_only=False)
+    checkpoint["hyper_parameters"]["net"] = {**checkpoint["hyper_parameters"]["net"],
+                                             "pretrained_2d": str(tmp_path / "gone.pth")}
+    torch.save(checkpoint, moved / MODEL_CKPT)
+    module, _ = load_bundle(moved)
+    reference, _ = load_bundle(final_dir)
+    for a, b in zip(module.state_dict().values(), reference.state_dict().values()):
+        assert torch.equal(a, b)

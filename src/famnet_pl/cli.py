@@ -128,7 +128,11 @@ def _predict(argv: list[str]) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     opts = parser.parse_args(argv)
     from famnet_pl.deploy.predict import ClipSpec, predict_clips, read_clip_manifest, results_table
+    from famnet_pl.utils.errors import BadInput
     from famnet_pl.utils.io import atomic_write_csv, atomic_write_json
+
+    if opts.out and Path(opts.out).is_dir():
+        raise BadInput(f"--out {opts.out}: a folder; give a file name ending in .json or .csv")
 
     if opts.manifest:
         specs = read_clip_manifest(opts.manifest, spot=opts.spot)
@@ -160,9 +164,13 @@ def _export(argv: list[str]) -> int:
     parser.add_argument("--format", choices=["onnx", "torchscript"], required=True)
     parser.add_argument("--out", default=None, help="folder to write (default: MODEL_DIR/export_<format>)")
     opts = parser.parse_args(argv)
-    from famnet_pl.deploy.export import export_model
+    from famnet_pl.deploy.export import ExportError, export_model
 
-    path, error = export_model(opts.model_dir, opts.format, out=opts.out)
+    try:
+        path, error = export_model(opts.model_dir, opts.format, out=opts.out)
+    except ExportError as exc:
+        print(f"famnet-pl export: error: {exc}", file=sys.stderr)
+        return 1
     print(f"wrote {path} and {Path(path).parent / 'preprocess.json'}; max |exported - eager| = {error:.2e}")
     return 0
 

@@ -500,6 +500,9 @@ class MERDataModule(L.LightningDataModule):
     def test_dataloader(self, shard: tuple[int, int] | None = None) -> DataLoader:
         """The test subject, in manifest order; ``shard=(rank, world)``: every ``world``-th sample
         from ``rank`` on, no padding (unlike a DistributedSampler, which repeats samples)."""
+        if self.test_set is None:
+            raise ProtocolError("data.fold=-1 holds no test subject out (a final model): there is no "
+                                "test set")
         return self._eval_loader(self.test_set, shard)
 
     def _eval_loader(self, dataset: Dataset, shard: tuple[int, int] | None) -> DataLoader:

@@ -60,6 +60,8 @@ class Preprocessing:
         views: every :class:`ViewConfig` field (sizes, flow, registration, face crop, clip sampling).
         stats: per-channel ``mean_2d``, ``std_2d`` (and ``mean_3d``, ``std_3d``) of the training samples.
         min_frames: frames onset..offset a clip needs.
+        flow_images: trained on precomputed flow images (MEGC2019's STSTNet images), whose
+            preprocessing (the authors' own flow, min-max scaled per image) cannot be redone from frames.
     """
 
     model: str
@@ -74,6 +76,7 @@ class Preprocessing:
     views: dict[str, Any]
     stats: dict[str, list[float]]
     min_frames: int = MIN_FRAMES
+    flow_images: bool = False
     format: int = FORMAT
 
     @property
@@ -93,7 +96,8 @@ class Preprocessing:
         return cls(model=module.hparams.model, protocol=dm.protocol.name, dataset=dataset,
                    classes=tuple(dm.class_names), au_vocab=tuple(int(a) for a in dm.au_vocab),
                    trains_au=bool(module.trains_au), input_2d=hp.input_2d, clip_mode=hp.clip_mode,
-                   tta=hp.tta, views=asdict(dm.views), stats=stats)
+                   tta=hp.tta, views=asdict(dm.views), stats=stats,
+                   flow_images=not dm.protocol.has_clips)
 
     @classmethod
     def read(cls, model_dir: str | Path) -> Preprocessing:
@@ -108,9 +112,11 @@ class Preprocessing:
         try:
             record = json.loads(path.read_text())
             known = {f.name for f in fields(cls)}
-            return cls(**{k: tuple(v) if k in ("classes", "au_vocab") else v
-                          for k, v in record.items() if k in known})
-        except (ValueError, TypeError) as exc:
+            pre = cls(**{k: tuple(v) if k in ("classes", "au_vocab") else v
+                         for k, v in record.items() if k in known})
+            pre.view_config  # noqa: B018 -- the views must make a ViewConfig
+            return pre
+        except (ValueError, TypeError, AttributeError) as exc:
             raise BadInput(f"{path}: not a preprocess.json this version reads ({exc}); write it again "
                            "with famnet-pl train-final") from None
 
@@ -139,16 +145,25 @@ def load_bundle(model_dir: str | Path) -> tuple[MERLitModule, Preprocessing]:
     if not path.is_file():
         raise BadInput(f"{model_dir}: {PREPROCESS_JSON} but no {MODEL_CKPT}; copy the checkpoint back or "
                        "train the model again (famnet-pl train-final)")
+    not_ours = (f"{path}: not a famnet_pl model checkpoint", f"use the {MODEL_CKPT} famnet-pl "
+                f"train-final wrote with this {PREPROCESS_JSON}")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        hparams = checkpoint["hyper_parameters"]
+        hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")}
         name = hparams["model"]
     except Exception as exc:  # pickle, zip or key errors: not one of our checkpoints
-        raise BadInput(f"{path}: not a famnet_pl model checkpoint ({type(exc).__name__}); use the "
-                       f"{MODEL_CKPT} famnet-pl train-final wrote with this {PREPROCESS_JSON}") from None
+        raise BadInput(f"{not_ours[0]} ({type(exc).__name__}); {not_ours[1]}") from None
     if name != preprocessing.model or hparams.get("num_classes") != len(preprocessing.classes):
         raise BadInput(f"{path}: a checkpoint of {name} with {hparams.get('num_classes')} classes, and "
                        f"{PREPROCESS_JSON} describes {preprocessing.model} with {len(preprocessing.classes)} "
                        "(a checkpoint from another model); keep each model.ckpt with its own preprocess.json")
-    module = MERLitModule.load_from_checkpoint(path, map_location="cpu", weights_only=False)
+    # The trained weights replace any initial ones: pretrained-weight options (a file, a download)
+    # of the training machine are not needed where the model is used.
+    net = {k: v for k, v in (hparams.get("net") or {}).items() if not k.startswith("pretrained_")}
+    try:
+        # Lightning's loader: it also re-instantiates LightningCLI-saved hyperparameters (dataclasses).
+        module = MERLitModule.load_from_checkpoint(path, map_location="cpu", weights_only=False, net=net)
+    except (KeyError, RuntimeError, TypeError, ValueError) as exc:
+        raise BadInput(f"{not_ours[0]} this version can build ({type(exc).__name__}: "
+                       f"{str(exc).splitlines()[0][:200]}); {not_ours[1]}") from None
     return module.eval(), preprocessing

@@ -26,13 +26,20 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from famnet_pl.data.datamodule import flow_u_channels
 from famnet_pl.deploy.bundle import PREPROCESS_JSON, load_bundle
 from famnet_pl.models.module import MERLitModule
 from famnet_pl.utils.errors import BadInput
-from famnet_pl.utils.io import atomic_write_json
+from famnet_pl.utils.io import atomic_write_json, replace_dir
 
 TOLERANCE = 1e-4
 FILES = {"onnx": "model.onnx", "torchscript": "model.pt"}
+#: What an export folder holds: an existing --out folder is replaced only if it holds nothing else.
+EXPORT_FILES = {*FILES.values(), PREPROCESS_JSON, "io.json"}
+
+
+class ExportError(RuntimeError):
+    """The exported network does not reproduce the eager one (or the exporter failed)."""
 
 
 class MatrixAvgPool(nn.Module):
@@ -137,44 +144,61 @@ def export_model(model_dir: str | Path, fmt: str, *, out: str | Path | None = No
     module, pre = load_bundle(model_dir)
     inputs = example_inputs(module, pre)
     wrapper = Exportable(module, tuple(inputs)).eval()
-    folder = Path(out) if out else Path(model_dir) / f"export_{fmt}"
+    folder = (Path(out) if out else Path(model_dir) / f"export_{fmt}").resolve()
+    if folder.exists() and (not folder.is_dir() or {p.name for p in folder.iterdir()} - EXPORT_FILES):
+        raise BadInput(f"--out {out}: exists and holds other files than an export; give a new or empty "
+                       "folder")
     staging = folder.with_name(f"{folder.name}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    path = staging / FILES[fmt]
-    with torch.no_grad(), warnings.catch_warnings():
-        # Tracing warns at every shape check of the network (constants in the graph: the shapes are
-        # preprocess.json's); parity below is the check that matters.
-        warnings.simplefilter("ignore")
-        if fmt == "torchscript":
-            torch.jit.trace(wrapper, tuple(inputs.values()), check_trace=False).save(str(path))
-        else:
-            torch.onnx.export(wrapper, tuple(inputs.values()), str(path), input_names=list(inputs),
-                              output_names=["probs", "au_probs"], dynamo=False,
-                              dynamic_axes={k: {0: "batch"} for k in [*inputs, "probs", "au_probs"]})
+    try:
+        error = _export_and_check(module, pre, wrapper, inputs, fmt, staging / FILES[fmt])
+        shutil.copy2(Path(model_dir) / PREPROCESS_JSON, staging / PREPROCESS_JSON)
+        atomic_write_json(staging / "io.json", {
+            "inputs": {k: ["batch", *v.shape[1:]] for k, v in inputs.items()},
+            "outputs": {"probs": ["batch", len(pre.classes)],
+                        "au_probs": ["batch", len(pre.au_vocab) if pre.trains_au else 0]},
+            "classes": list(pre.classes), "au_vocab": list(pre.au_vocab) if pre.trains_au else [],
+            "tta": pre.tta, "flow_u_channel": flow_u_channels(pre.input_2d, pre.clip_mode),
+            "clip_mode": pre.clip_mode, "max_abs_error_vs_eager": error,
+            "note": "inputs as famnet-pl predict makes them (preprocess.json); with tta hflip, also run "
+                    "the input mirrored (flip W; negate flow_u_channel before normalising) and average "
+                    "the probabilities"})
+        replace_dir(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # nothing half-written is left
+        raise
+    return folder / FILES[fmt], error
+
+
+def _export_and_check(module: MERLitModule, pre, wrapper: Exportable, inputs: dict[str, Tensor], fmt: str,
+                      path: Path) -> float:
+    """Write the exported network to ``path``; the largest difference from the eager outputs."""
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            # Tracing warns at every shape check of the network (constants in the graph: the shapes
+            # are preprocess.json's); parity below is the check that matters.
+            warnings.simplefilter("ignore")
+            if fmt == "torchscript":
+                torch.jit.trace(wrapper, tuple(inputs.values()), check_trace=False).save(str(path))
+            else:
+                torch.onnx.export(wrapper, tuple(inputs.values()), str(path), input_names=list(inputs),
+                                  output_names=["probs", "au_probs"], dynamo=False,
+                                  dynamic_axes={k: {0: "batch"} for k in [*inputs, "probs", "au_probs"]})
+    except Exception as exc:  # the exporters raise many types; one line says which and why
+        raise ExportError(f"export {fmt}: the exporter failed ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0][:200]})") from None
     check = example_inputs(module, pre, batch=3, seed=1)  # another batch size: the batch axis is free
     with torch.no_grad():
         eager = [t.numpy() for t in wrapper(*check.values())]
-        reference = module.predict_step({**check, "index": torch.arange(3)})
+        # the wrapper is predict_step without TTA (adaptive pools replaced): check that too
+        reference = module.predict_step({**check, "index": torch.arange(3)}) if "x2d" in check else None
     exported = _run_exported(path, fmt, check)
     error = max(float(np.abs(a - b).max()) if a.size else 0.0 for a, b in zip(exported, eager))
-    # the wrapper is predict_step without TTA: check that too (pooling replaced by matrices)
-    error = max(error, float(np.abs(exported[0] - reference["probs"].numpy()).max()))
+    if reference is not None:
+        error = max(error, float(np.abs(exported[0] - reference["probs"].numpy()).max()))
     if error > TOLERANCE:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise RuntimeError(f"export {fmt}: exported and eager outputs differ by {error:.2e} (> {TOLERANCE}); "
-                           "nothing written")
-    shutil.copy2(Path(model_dir) / PREPROCESS_JSON, staging / PREPROCESS_JSON)
-    atomic_write_json(staging / "io.json", {
-        "inputs": {k: ["batch", *v.shape[1:]] for k, v in inputs.items()},
-        "outputs": {"probs": ["batch", len(pre.classes)],
-                    "au_probs": ["batch", len(pre.au_vocab) if pre.trains_au else 0]},
-        "classes": list(pre.classes), "au_vocab": list(pre.au_vocab) if pre.trains_au else [],
-        "tta": pre.tta, "max_abs_error_vs_eager": error,
-        "note": "inputs as famnet-pl predict makes them (preprocess.json); with tta hflip, average the "
-                "probabilities of the input and of its mirror"})
-    if folder.exists():
-        shutil.rmtree(folder)
-    staging.rename(folder)
-    return folder / FILES[fmt], error
+        raise ExportError(f"export {fmt}: exported and eager outputs differ by {error:.2e} (> {TOLERANCE}); "
+                          "nothing written")
+    return error
 

@@ -145,6 +145,10 @@ def predict_clips(model_dir: str | Path, specs: list[ClipSpec], *, batch_size: i
                   progress: bool | None = None) -> list[dict]:
     """Predict every clip; results in input order (see the module docstring)."""
     module, pre = load_bundle(model_dir)
+    if pre.flow_images:
+        raise BadInput(f"{model_dir}: trained on precomputed flow images ({pre.protocol}), whose flow cannot "
+                       "be made again from frames; predict with a model trained on frames "
+                       "(e.g. megc2019_3cls)")
     rows, warnings, per_clip = [], [], []
     show = len(specs) > 1 if progress is None else progress
     bar = tqdm(specs, desc="clips", unit="clip", disable=not show)
@@ -190,7 +194,7 @@ def read_clip_manifest(path: str | Path, *, spot: bool = False) -> list[ClipSpec
     path = Path(path)
     try:
         table = pd.read_csv(path, dtype={"clip": str, "id": str})
-    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise BadInput(f"{path}: cannot read the clip list ({type(exc).__name__}); give a CSV with columns "
                        "clip, onset, apex, offset") from None
     if "clip" not in table.columns:

@@ -33,7 +33,7 @@ from famnet_pl.loso.plan import git_state
 from famnet_pl.loso.rundir import FINAL, SUMMARY, read_plan
 from famnet_pl.metrics import best_epoch
 from famnet_pl.utils.errors import BadInput
-from famnet_pl.utils.io import atomic_write_json, atomic_write_text
+from famnet_pl.utils.io import atomic_write_json, atomic_write_text, replace_dir
 
 INTENDED_USE = ("Research on micro-expression recognition: scoring new clips coded like the training "
                 "data (onset, apex and offset known, or estimated with --spot), and checking a model on "
@@ -49,15 +49,21 @@ def from_run(run_dir: str | Path) -> dict:
     if not summary_path.is_file():
         raise BadInput(f"--from-run {run_dir}: no {SUMMARY}; give a finished famnet-pl loso run "
                        "(runs/<exp>/<dataset>)")
-    summary = json.loads(summary_path.read_text())
-    by_epoch = {int(e): float(v) for e, v in (summary.get("val_uf1_by_epoch") or {}).items()}
-    if not summary.get("complete") or not by_epoch:
+    configs = sorted(run_dir.glob("fold_*/config.yaml"))
+    try:
+        summary = json.loads(summary_path.read_text())
+        by_epoch = {int(e): float(v) for e, v in (summary.get("val_uf1_by_epoch") or {}).items()}
+        config = yaml.safe_load(configs[0].read_text()) if configs else None
+        max_epochs = int(config["trainer"]["max_epochs"]) if config else None
+    except (ValueError, TypeError, KeyError, AttributeError, yaml.YAMLError) as exc:
+        raise BadInput(f"--from-run {run_dir}: {SUMMARY} or a fold's config.yaml does not read "
+                       f"({type(exc).__name__}); rerun famnet-pl aggregate {run_dir}, or give another "
+                       "run") from None
+    if not summary.get("complete") or not by_epoch or not max_epochs:
         raise BadInput(f"--from-run {run_dir}: the run is incomplete or has no inner-validation "
                        "predictions (data.val_subjects=0); finish it, or run it with --data.val_subjects=1")
-    configs = sorted(run_dir.glob("fold_*/config.yaml"))
-    max_epochs = yaml.safe_load(configs[0].read_text())["trainer"]["max_epochs"] if configs else None
     epoch = best_epoch(by_epoch)
-    return {"run_dir": str(run_dir), "epoch": epoch, "schedule_epochs": max_epochs,
+    return {"run_dir": str(run_dir), "epoch": epoch, "schedule_epochs": max_epochs, "config": config,
             "protocol": summary.get("protocol"), "val_uf1": by_epoch[epoch],
             "loso": {k: summary[k] for k in ("loso/uf1", "loso/uar", "loso_valsel/uf1", "loso_valsel/uar",
                                              "loso_val/uf1") if k in summary},
@@ -71,30 +77,51 @@ def train_final(cli_args: list[str], *, exp: str = "final", runs_dir: str = "run
     source = from_run(run) if run else None
     extra = ["--data.fold=-1", "--trainer.logger=false", "--trainer.enable_checkpointing=false"]
     if source:
-        extra += [f"--trainer.max_epochs={source['epoch'] + 1}"]
-        if source["schedule_epochs"]:
-            extra += [f"--model.schedule_epochs={source['schedule_epochs']}"]
+        extra += [f"--trainer.max_epochs={source['epoch'] + 1}",
+                  f"--model.schedule_epochs={source['schedule_epochs']}"]
     cli = build_cli([*cli_args, *extra], save_config_callback=None)  # config.yaml goes into final/
     dm, module, trainer = cli.datamodule, cli.model, cli.trainer
-    if source and source["protocol"] and source["protocol"] != dm.protocol.name:
-        raise BadInput(f"--from-run {run}: a run of protocol {source['protocol']}, and this config trains "
-                       f"{dm.protocol.name}; give the same dataset and model as the run")
+    config = yaml.safe_load(cli.parser.dump(cli.config))
+    if source:
+        changed = _config_changes(source["config"], config)
+        if changed:
+            keys = ", ".join(changed[:6])
+            raise BadInput(f"--from-run {run}: this config differs from the run's in {keys}; "
+                           "its epoch and LOSO result belong to the run's config: give the same dataset, "
+                           "model and options as the run")
     out = Path(runs_dir) / exp / dm.run_name / FINAL
     staging = out.with_name(f"{FINAL}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
     trainer.fit(module, datamodule=dm)
     if trainer.interrupted:
         raise KeyboardInterrupt
+    if not trainer.is_global_zero:  # DDP: rank 0 writes the directory
+        return out
     card = model_card(cli, source)
     write_bundle(staging, module, dm)
     atomic_write_text(staging / "config.yaml", cli.parser.dump(cli.config))
     atomic_write_json(staging / MODEL_CARD_JSON, card)
     atomic_write_text(staging / MODEL_CARD_MD, card_markdown(card))
-    # The complete directory replaces the old one in one step: a reader never sees half of each.
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
+    replace_dir(staging, out)  # the complete directory, in one step
     return out
+
+
+#: Config keys a final model may change from its LOSO run (the epoch budget, what it writes, where).
+_FREE = ("seed_everything", "trainer.", "data.init_args.fold", "data.init_args.cache_dir",
+         "data.init_args.preprocess_workers", "data.init_args.num_workers", "model.schedule_epochs")
+
+
+def _config_changes(run: dict, final: dict) -> list[str]:
+    """Dotted keys whose values differ between two dumped configs, but for :data:`_FREE` ones."""
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out |= flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
+        return out
+
+    a, b = flat(run), flat(final)
+    return sorted(k for k in a.keys() | b.keys()
+                  if a.get(k) != b.get(k) and not any(k == f or k.startswith(f) for f in _FREE))
 
 
 def _versions() -> dict:

@@ -109,7 +109,7 @@ class LosoOptions:
 
     def fingerprint(self) -> dict[str, Any]:
         """The options that change what a fold writes (part of the run's config hash)."""
-        # keep_models only when on: the hashes of runs without it stay what they were.
+        # keep_models only when on: with it off, a run's hash is what it was before the option existed.
         return {"eval_every": self.eval_every, **({"keep_models": True} if self.keep_models else {})}
 
 

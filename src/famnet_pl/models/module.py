@@ -195,8 +195,7 @@ class MERLitModule(L.LightningModule):
                           if key.startswith("emotion")}
 
     def _step(self, batch: dict[str, Tensor], stage: str, metrics: MetricCollection, keep: bool = False):
-        outputs = self._outputs(batch) if stage != "train" else self(batch["x2d"], batch.get("x3d"),
-                                                                     batch.get("landmarks"))
+        outputs = self._outputs(batch)  # training batches hold no mirrored copy
         loss, parts = self.criterion(outputs, batch["label"], batch["au"], batch["au_mask"])
         batch_size = batch["label"].shape[0]
         trainer = self._trainer  # None when called outside a Trainer (unit tests)

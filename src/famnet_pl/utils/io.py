@@ -84,3 +84,14 @@ def atomic_write_csv(path: str | Path, frame: pd.DataFrame) -> None:
 def sha256_file(path: str | Path) -> str:
     """Hex SHA-256 of a file's bytes."""
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def replace_dir(staging: str | Path, target: str | Path) -> None:
+    """Put the complete folder ``staging`` at ``target`` (a sibling): the old ``target`` is moved
+    aside first and deleted only once the new one is in place, so a crash leaves one of them whole."""
+    staging, target = Path(staging), Path(target)
+    old = target.with_name(f"{target.name}.old-{os.getpid()}")
+    if target.exists():
+        os.replace(target, old)
+    os.replace(staging, target)
+    shutil.rmtree(old, ignore_errors=True)
