@@ -128,8 +128,8 @@ sweep-offline: $(STAMP) ## Sweep without network (local engine, W&B offline, res
 	WANDB_MODE=offline $(BIN)/famnet-pl sweep offline $(SPEC) $(if $(COUNT),--count $(COUNT)) --seed $(SEED) \
 		$(if $(OUT),--out $(OUT)) -- $(if $(DATA_ROOT),--data.data_root=$(DATA_ROOT)) $(ARGS)
 
-data: $(STAMP) ## Write the synthetic dataset to data/synth (make loso does this when needed)
-	$(BIN)/famnet-pl synth data/synth
+data: $(STAMP) ## Write the synthetic dataset to data/synth (make loso does this when needed) [SIZE=demo|casme2: data/synth_casme2, 26 subjects]
+	$(BIN)/famnet-pl synth $(if $(filter casme2,$(SIZE)),data/synth_casme2 --size casme2,data/synth)
 
 manifests: $(STAMP) ## Rebuild data_manifests/*.csv from the official sheets [SHEETS=../shared/annotations]
 	set -eo pipefail; for p in $(MANIFESTS); do \
@@ -157,10 +157,13 @@ test-slurm: $(STAMP) ## SLURM tier on a throw-away local cluster (root; apt-inst
 test-gpu: $(STAMP) ## GPU tests (needs CUDA)
 	$(BIN)/python -m pytest -m gpu -q
 
-bench: $(STAMP) ## Throughput: training, preprocessing (1 vs 2 workers, cached), LOSO JOBS=1 vs JOBS=2
+bench: $(STAMP) ## Throughput: training, preprocessing, loader alone, threads, LOSO JOBS=1 vs 2, tiny-model LOSO vs a bare loop [TINY_FOLDS=8]
 	$(BIN)/python bench/throughput.py $(ARGS)
 	$(BIN)/python bench/preprocess.py
+	$(BIN)/python bench/loader.py
+	$(BIN)/python bench/threads.py
 	$(BIN)/python bench/loso_jobs.py
+	$(BIN)/python bench/tiny_loso.py --folds $(or $(TINY_FOLDS),8)
 
 clean: ## Remove runs, caches and test leftovers (keeps .venv and data/)
 	rm -rf runs .cache .pytest_cache .hypothesis wandb bench/out

@@ -226,6 +226,7 @@ def test_synth_datamodule_is_merdatamodule_on_the_synthetic_protocol(tiny_synth,
                    clip_size=24, flow_size=64, flow_algorithm="farneback", batch_size=4, val_subjects=1,
                    fold=1)
     synth, plain = dm_module.SynthDataModule(**options), MERDataModule(protocol="synth_4cls", **options)
+    assert synth.hparams.pop("size") == "demo"  # the set's size: SynthDataModule's one option of its own
     assert dict(synth.hparams) == dict(plain.hparams)
     for dm in (synth, plain):
         dm.setup("fit")

@@ -176,3 +176,22 @@ def test_ensure_keeps_a_custom_spec(tmp_path):
     before = (tmp_path / "a" / syn.SPEC_NAME).stat().st_mtime_ns
     syn.ensure(tmp_path / "a")
     assert (tmp_path / "a" / syn.SPEC_NAME).stat().st_mtime_ns == before      # kept as it is
+
+
+def test_the_casme2_size_is_the_same_generator_with_more_subjects(tmp_path, monkeypatch):
+    """make data SIZE=casme2: 26 subjects x 4 classes x 2 clips, the default spec otherwise (seed,
+    frames, classes), and a SynthDataModule with size=casme2 generates it into an empty root."""
+    from dataclasses import asdict
+
+    from famnet_pl.data.datamodule import SynthDataModule
+
+    spec = synthetic.spec_of_size("casme2")
+    assert (spec.n_subjects, spec.clips_per_class) == (26, 2)
+    changed = {k for k, v in asdict(spec).items() if v != asdict(synthetic.SynthSpec())[k]}
+    assert changed == {"n_subjects", "clips_per_class"}
+    dm = SynthDataModule(data_root=str(tmp_path / "s"), size="casme2")
+    assert dm.run_name == "synth_casme2" and SynthDataModule().run_name == "synth"
+    calls = []
+    monkeypatch.setattr(synthetic, "ensure", lambda root, size="demo": calls.append((root, size)))
+    dm.prepare_data()
+    assert calls == [(str(tmp_path / "s"), "casme2")]

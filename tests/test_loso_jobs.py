@@ -4,6 +4,7 @@ crashing fold is reported without taking the others down; it can be rerun alone.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -59,3 +60,29 @@ def test_two_jobs_equal_one_and_a_crashed_fold_is_rerun_alone(tiny_synth, tmp_pa
     again = run_loso(args, exp="crash", runs_dir=str(tmp_path / "runs"), folds=["1"], wandb="off",
                      progress=False, jobs=2)
     assert again["complete"] and {k: again[k] for k in METRICS} == {k: one[k] for k in METRICS}
+
+
+def test_a_busy_machine_is_warned_about(monkeypatch, caplog):
+    from famnet_pl.loso import runner
+
+    cores = os.cpu_count() or 1
+    monkeypatch.setattr(os, "getloadavg", lambda: (cores + 1.5, 0.0, 0.0))
+    with caplog.at_level("WARNING"):
+        assert runner.warn_if_busy() == cores + 1.5
+    assert f"already exceeds its {cores} cores" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.0, 0.0))
+    runner.warn_if_busy()
+    assert "exceeds" not in caplog.text
+
+
+def test_dataloader_workers_share_the_cores_with_their_process(tiny_synth, tmp_path, restore_threads,
+                                                               monkeypatch):
+    """cores / processes threads: with 1 DataLoader worker the fold's own process takes half the
+    cores (at least 1) unless --threads says otherwise."""
+    import torch
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    args = tiny_args(tiny_synth, tmp_path / "cache", **{"data.num_workers": 1, "trainer.max_epochs": 1})
+    run_loso(args, exp="w", runs_dir=str(tmp_path / "runs"), wandb="off", progress=False, folds=["0"])
+    assert torch.get_num_threads() == 2

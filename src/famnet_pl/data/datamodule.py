@@ -580,12 +580,24 @@ class MEGC2019DataModule(MERDataModule):
 
 class SynthDataModule(MERDataModule):
     """The built-in synthetic set (experiments/data/synth.yaml, the default run): ``synth_4cls``,
-    generated into ``data_root`` on first use."""
+    generated into ``data_root`` on first use; ``size``: ``demo`` (8 subjects) or ``casme2`` (26
+    subjects, experiments/data/synth_casme2.yaml; synthetic.SIZES), used when ``data_root`` holds none."""
 
     protocols = dataset_protocols("synth")
 
-    def __init__(self, protocol: str = "synth_4cls", data_root: str = "data/synth", **kwargs) -> None:
+    def __init__(self, protocol: str = "synth_4cls", data_root: str = "data/synth",
+                 size: Literal["demo", "casme2"] = "demo", **kwargs) -> None:
         super().__init__(protocol=protocol, data_root=data_root, **kwargs)
+        self.size = size
+
+    def prepare_data(self) -> None:
+        synthetic.ensure(self.hparams.data_root, self.size)
+
+    @property
+    def run_name(self) -> str:
+        """``synth``, or ``synth_casme2`` for the CASME II-sized set (its runs stay apart)."""
+        name = super().run_name
+        return name if self.size == "demo" else name.replace("synth", f"synth_{self.size}", 1)
 
 
 @functools.lru_cache(maxsize=8)

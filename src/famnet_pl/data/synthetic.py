@@ -415,15 +415,28 @@ def _is_complete(root: Path, spec: SynthSpec) -> bool:
             and (root / SHEET_NAME).is_file() and (root / FRAMES_DIRNAME).is_dir())
 
 
-def ensure(root: str | Path) -> Path:
-    """Make ``root`` hold an up-to-date synthetic set: the default spec when it holds none, else
+#: Named sizes of the set: the same generator and seed, more subjects. ``casme2``: CASME II's 26
+#: subjects, 208 clips (26 x 4 classes x 2: the generator draws whole clips per subject and class),
+#: for benchmarks at a real dataset's scale.
+SIZES: dict[str, dict] = {"demo": {}, "casme2": {"n_subjects": 26, "clips_per_class": 2}}
+
+
+def spec_of_size(size: str) -> SynthSpec:
+    """The spec of a named size (:data:`SIZES`)."""
+    if size not in SIZES:
+        raise ValueError(f"synthetic size {size!r}: one of {', '.join(SIZES)}")
+    return replace(SynthSpec(), **SIZES[size])
+
+
+def ensure(root: str | Path, size: str = "demo") -> Path:
+    """Make ``root`` hold an up-to-date synthetic set: the spec of ``size`` when it holds none, else
     the spec it was generated with, regenerated if an older generator wrote it. Returns the sheet."""
     root = Path(root)
     try:
         saved = json.loads((root / SPEC_NAME).read_text())["spec"]
         spec = SynthSpec(**{**saved, "classes": tuple(saved["classes"])})
     except (OSError, ValueError, KeyError, TypeError):
-        spec = SynthSpec()
+        spec = spec_of_size(size)
     return generate(root, spec)
 
 
@@ -494,14 +507,18 @@ def main(argv: list[str] | None = None) -> int:
     """CLI: ``python -m famnet_pl.data.synthetic ROOT [--subjects N] ...``."""
     p = argparse.ArgumentParser(description="Generate the synthetic CASME II-format ME dataset.")
     p.add_argument("root", type=Path)
-    p.add_argument("--subjects", type=int, default=SynthSpec.n_subjects)
-    p.add_argument("--clips-per-class", type=int, default=SynthSpec.clips_per_class)
+    p.add_argument("--size", choices=list(SIZES), default="demo",
+                   help="demo (8 subjects, 128 clips) or casme2 (26 subjects, 208 clips); --subjects and "
+                        "--clips-per-class override it")
+    p.add_argument("--subjects", type=int, default=None)
+    p.add_argument("--clips-per-class", type=int, default=None)
     p.add_argument("--seed", type=int, default=SynthSpec.seed)
     p.add_argument("--scale", type=float, default=SynthSpec.expression_scale, help="expression_scale")
     p.add_argument("--overwrite", action="store_true")
     a = p.parse_args(argv)
-    spec = replace(SynthSpec(), n_subjects=a.subjects, clips_per_class=a.clips_per_class, seed=a.seed,
-                   expression_scale=a.scale)
+    base = spec_of_size(a.size)
+    spec = replace(base, n_subjects=a.subjects or base.n_subjects, seed=a.seed, expression_scale=a.scale,
+                   clips_per_class=a.clips_per_class or base.clips_per_class)
     spec_path = a.root / SPEC_NAME
     before = spec_path.stat().st_mtime_ns if spec_path.exists() else None
     t0 = time.perf_counter()

@@ -220,6 +220,21 @@ def run_fold(plan: LosoPlan, k: int, *, progress: bool = False) -> None:
         raise KeyboardInterrupt
 
 
+def warn_if_busy() -> float | None:
+    """Warn when the machine's 1-minute load already exceeds its cores (another job is running:
+    every process here gets less than its share, and timings are not comparable); the load."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:  # not available on this platform
+        return None
+    cores = os.cpu_count() or 1
+    if load > cores:
+        log.warning("the machine's load (%.1f) already exceeds its %d cores: this run shares them with other "
+                    "jobs, so it runs slower and its timings are not comparable (see `uptime`; --threads "
+                    "sets this run's threads per fold)", load, cores)
+    return load
+
+
 def _set_threads(threads: int | None) -> None:
     if threads:
         import torch
@@ -260,6 +275,7 @@ def run_loso(cli_args: list[str], options: LosoOptions | None = None, **override
     """
     options = replace(options or LosoOptions(), **overrides)
     quiet()
+    warn_if_busy()
     _set_threads(options.threads)
     plan = plan_loso(cli_args, options)
     print(f"LOSO {plan.protocol}: {len(plan.subjects)} folds -> {plan.run_dir}", flush=True)
@@ -279,6 +295,9 @@ def run_loso(cli_args: list[str], options: LosoOptions | None = None, **override
             print(f"fold {k} ({plan.subjects[k]}) FAILED (exit code {code}): see {log_file}; rerun it alone "
                   f"with FOLDS={k}", file=sys.stderr, flush=True)
         return None if failed else summary
+    workers = plan.datamodule.hparams.num_workers
+    if not options.threads and workers:  # this process and its DataLoader workers share the cores
+        _set_threads(max(1, (os.cpu_count() or 1) // (1 + workers)))
     bar = tqdm(todo, desc="folds", position=0, disable=not options.progress or rank() != 0,
                dynamic_ncols=True)
     failed = []
