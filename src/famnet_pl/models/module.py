@@ -126,6 +126,7 @@ class MERLitModule(L.LightningModule):
                              f"is {fusion.mode}: set --model.late_weight_from=config or "
                              "--model.net.fusion=late")
         self._val_outputs: list[dict[str, Tensor]] = []
+        self._epoch_sums: dict[str, dict[str, Tensor]] = {}  # stage -> loss term -> sum over the epoch
         self._takes_landmarks = "landmarks" in inspect.signature(self.net.forward).parameters
         # One metric object per stage: they reduce separately (lightning-hydra-template idiom).
         self.train_metrics = _stage_metrics(num_classes, "train/")
@@ -203,12 +204,30 @@ class MERLitModule(L.LightningModule):
         on_step, sync = stage == "train", trainer is not None and trainer.world_size > 1
         self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=batch_size,
                  sync_dist=sync)
-        for name, value in parts.items():
-            self.log(f"{stage}/loss_{name}", value, on_step=False, on_epoch=True, batch_size=batch_size,
-                     sync_dist=sync)
+        # The loss terms and the metrics are logged once per epoch (_log_epoch): a self.log call per
+        # term and step costs more than a tiny model's step itself (issue 16's profile).
+        sums = self._epoch_sums.setdefault(stage, {})
+        for name, value in {**parts, "_n": torch.ones(())}.items():
+            sums[name] = sums.get(name, 0.0) + value.detach() * batch_size
         metrics.update(outputs["emotion"].detach(), batch["label"])
-        self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=batch_size)
         return outputs if keep else loss
+
+    def _log_epoch(self, stage: str, metrics: MetricCollection) -> None:
+        """The epoch's batch-size-weighted mean of every loss term, and its metrics (then reset)."""
+        sums = self._epoch_sums.pop(stage, None)
+        if not sums:
+            return
+        n, sync = sums.pop("_n"), self._trainer is not None and self.trainer.world_size > 1
+        for name, total in sums.items():
+            self.log(f"{stage}/loss_{name}", total / n, sync_dist=sync)
+        self.log_dict(metrics.compute())
+        metrics.reset()
+
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch("train", self.train_metrics)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch("test", self.test_metrics)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         """One optimisation step on a training batch."""
@@ -228,6 +247,7 @@ class MERLitModule(L.LightningModule):
         """Per-branch inner-validation scores (``val/uf1_2d``, ``val/uf1_3d``) and, with
         ``late_weight_from=val``, the late-fusion weight chosen on them (``val/late_weight``). Runs
         before the epoch's test-subject predictions are recorded, so they use this weight."""
+        self._log_epoch("val", self.val_metrics)
         if not self._val_outputs or (self._trainer is not None and self.trainer.sanity_checking):
             return  # a sanity check's 2 batches must not replace a weight (e.g. one restored on resume)
         cat = {k: torch.cat([o[k] for o in self._val_outputs]) for k in self._val_outputs[0]}
