@@ -96,13 +96,9 @@ def _train_final(argv: list[str]) -> int:
                              "its result")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     opts, cli_args = parser.parse_known_args(argv)
-    if opts.threads:
-        import torch
-
-        torch.set_num_threads(opts.threads)
     from famnet_pl.loso.final import train_final
 
-    out = train_final(cli_args, exp=opts.exp, runs_dir=opts.runs_dir, run=opts.from_run)
+    out = train_final(cli_args, exp=opts.exp, runs_dir=opts.runs_dir, run=opts.from_run, threads=opts.threads)
     print(f"wrote {out}: model.ckpt, preprocess.json, model_card.md, model_card.json")
     return 0
 

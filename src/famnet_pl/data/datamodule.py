@@ -81,6 +81,7 @@ class MERDataset(Dataset):
         self.labels, self.au, self.au_mask = labels, au, au_mask
         self.input_2d, self.clip_mode, self.stats, self.augment = input_2d, clip_mode, stats, augment
         self.tta = tta
+        self.flow_u = flow_u_channels(input_2d, clip_mode)  # once, not per sample
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -120,7 +121,7 @@ class MERDataset(Dataset):
         i = int(self.indices[item])
         x2d, x3d = self.view_2d(i)[None], self.view_3d(i)
         landmarks = np.array(self.arrays["landmarks"][i], np.float32) if "landmarks" in self.arrays else None
-        flow_u = flow_u_channels(self.input_2d, self.clip_mode)
+        flow_u = self.flow_u
         if self.augment is not None:
             n_rgb = 3 * sum(name != "flow" for name in VIEWS_2D[self.input_2d])  # one photometric draw
             x2d = self.augment(x2d, rgb=slice(0, n_rgb) if n_rgb else None,  # for onset and apex: no

@@ -31,6 +31,7 @@ from famnet_pl.config import build_cli
 from famnet_pl.deploy.bundle import MODEL_CARD_JSON, MODEL_CARD_MD, write_bundle
 from famnet_pl.loso.plan import git_state
 from famnet_pl.loso.rundir import FINAL, SUMMARY, read_plan
+from famnet_pl.loso.runner import _set_threads
 from famnet_pl.metrics import best_epoch
 from famnet_pl.utils.errors import BadInput
 from famnet_pl.utils.io import atomic_write_json, atomic_write_text, replace_dir
@@ -71,9 +72,11 @@ def from_run(run_dir: str | Path) -> dict:
 
 
 def train_final(cli_args: list[str], *, exp: str = "final", runs_dir: str = "runs",
-                run: str | Path | None = None) -> Path:
+                run: str | Path | None = None, threads: int | None = None) -> Path:
     """Train on every subject and write the model directory; returns its path. No logger (the
-    model card is the record) and no checkpoints but the final one."""
+    model card is the record) and no checkpoints but the final one. ``threads``: CPU threads
+    (default: all cores), set as the LOSO runner sets them."""
+    _set_threads(threads)
     source = from_run(run) if run else None
     extra = ["--data.fold=-1", "--trainer.logger=false", "--trainer.enable_checkpointing=false"]
     if source:
