@@ -49,7 +49,7 @@ def bare(root: Path, folds: int | None) -> tuple[float, int]:
         dm.hparams.fold, dm._ready = k, False
         dm.setup("fit")
         train = dm.train_set
-        x = torch.stack([train[i]["x2d"] for i in range(len(train))])
+        x = train.tensors(range(len(train)))["x2d"]
         y = torch.as_tensor(train.labels[train.indices])
         torch.manual_seed(k)
         net = create_model("ststnet", num_classes=dm.num_classes, num_aus=0, in_channels_2d=3, au_head=False)
@@ -65,7 +65,7 @@ def bare(root: Path, folds: int | None) -> tuple[float, int]:
             sched.step()
         with torch.no_grad():
             test = dm.test_set
-            net.eval()(x2d=torch.stack([test[i]["x2d"] for i in range(len(test))]))
+            net.eval()(x2d=test.tensors(range(len(test)))["x2d"])
     return time.perf_counter() - start, n_folds * steps * 20
 
 

@@ -9,6 +9,7 @@ from famnet_pl.data import datamodule as dm_module
 from famnet_pl.data.datamodule import MERDataModule
 from famnet_pl.data.protocols import ALIASES, PROTOCOLS, ProtocolError
 from famnet_pl.data.transforms import ClipAugment
+from famnet_pl.data.views import flow_u_channels
 
 
 def _dm(root, cache, **kw):
@@ -38,7 +39,7 @@ def test_batch_views_and_targets(tiny_synth, tmp_path, input_2d, channels):
     dm = _dm(tiny_synth, tmp_path, input_2d=input_2d)
     assert dm.in_channels_2d == channels
     dm.setup("fit")
-    batch = next(iter(dm.train_dataloader()))
+    batch = dm.on_after_batch_transfer(next(iter(dm.train_dataloader())))
     assert batch["x2d"].shape == (4, channels, 32, 32)
     assert batch["x3d"].shape == (4, 3, 4, 24, 24)
     assert batch["au"].shape == batch["au_mask"].shape == (4, dm.num_aus)
@@ -61,10 +62,10 @@ def test_pair_views_hold_onset_then_apex_then_flow(tiny_synth, tmp_path):
 
     augmented = _dm(tiny_synth, tmp_path, input_2d="pair")
     augmented.setup("fit")
-    x = augmented.train_set[0]["x2d"].numpy()
+    x = augmented.train_set.tensors([0])["x2d"][0].numpy()
     plain = _dm(tiny_synth, tmp_path, input_2d="pair", augment=False)
     plain.setup("fit")
-    y = plain.train_set[0]["x2d"].numpy()
+    y = plain.train_set.tensors([0])["x2d"][0].numpy()
     # Same geometric and photometric change on both frames: the onset-apex difference is only
     # shifted/flipped, never brightened on one side (checked through the per-frame mean difference).
     assert abs((x[3:6] - x[0:3]).mean() - (y[3:6] - y[0:3]).mean()) < 0.2
@@ -151,7 +152,7 @@ def test_landmarks_travel_from_the_detector_to_frl_dgt_and_move_with_the_augment
         flips += is_mirror and not is_plain
     assert flips > 0
 
-    batch = next(iter(plain.train_dataloader()))
+    batch = plain.on_after_batch_transfer(next(iter(plain.train_dataloader())))
     assert batch["landmarks"].shape == (4, 5, 2)
     module = MERLitModule(model="frl_dgt", num_classes=4, in_channels_2d=6,
                           net={"dgm_width": 4, "embed_dim": 16, "heads": 2})
@@ -241,8 +242,9 @@ def test_hflip_is_the_training_flip():
 
     x = np.random.default_rng(1).normal(size=(3, 16, 16, 3)).astype(np.float32)
     always = ClipAugment(flip_p=1.0, translate=0.0, seed=0)
-    np.testing.assert_array_equal(hflip(x, 0), always(x.copy(), rgb=None, flow_u=0))
-    np.testing.assert_array_equal(hflip(hflip(x, 0), 0), x)
+    mirrored = hflip(torch.from_numpy(x), 0)
+    np.testing.assert_array_equal(mirrored.numpy(), always(x.copy(), rgb=None, flow_u=0))
+    np.testing.assert_array_equal(hflip(mirrored, 0).numpy(), x)
 
 
 @pytest.mark.parametrize("input_2d, clip_mode", [("flow", "flow"), ("both", "frames")])
@@ -250,11 +252,11 @@ def test_tta_hflip_adds_the_mirrored_views_to_evaluation_batches_only(tiny_synth
                                                                       clip_mode):
     dm = _dm(tiny_synth, tmp_path, input_2d=input_2d, clip_mode=clip_mode, val_subjects=1, tta="hflip")
     dm.setup("fit")
-    assert "x2d_flip" not in next(iter(dm.train_dataloader()))
+    assert "x2d_flip" not in dm.on_after_batch_transfer(next(iter(dm.train_dataloader())))
     for loader in (dm.val_dataloader(), dm.test_dataloader()):
-        batch = next(iter(loader))
+        batch = dm.on_after_batch_transfer(next(iter(loader)))
         stats = dm.test_set.stats
-        flow_u = dm_module.flow_u_channels(input_2d, clip_mode)
+        flow_u = flow_u_channels(input_2d, clip_mode)
         for key, mean, std in (("x2d", "mean_2d", "std_2d"), ("x3d", "mean_3d", "std_3d")):
             # un-normalise, mirror, negate u: the original view back
             view = batch[key].movedim(1, -1).numpy() * stats[std] + stats[mean]

@@ -276,7 +276,7 @@ def test_flow_images_have_no_3d_view_and_famnet_runs_2d(trees, tmp_path, caplog)
     cli = build_cli([*args, "--model.model=famnet_r18"])
     assert cli.model.hparams.model == "amnet2d_r18" and "runs its 2D branch alone" in caplog.text
     cli.datamodule.setup()
-    batch = next(iter(cli.datamodule.train_dataloader()))
+    batch = cli.datamodule.on_after_batch_transfer(next(iter(cli.datamodule.train_dataloader())))
     assert "x3d" not in batch and batch["x2d"].shape[1] == 6
     with pytest.raises(ValueError, match="no frame sequences"):
         build_cli([*args, "--model.model=amnet3d_r18"])

@@ -295,7 +295,7 @@ def test_the_fusion_weight_chosen_on_validation_is_the_one_the_test_predictions_
     assert float(module.net.fusion.late_weight) == pytest.approx(logged.iloc[-1])
     dm = build_cli([*args, "--data.fold=0"]).datamodule
     dm.setup("test")
-    batch = next(iter(dm.test_dataloader()))
+    batch = dm.on_after_batch_transfer(next(iter(dm.test_dataloader())))
     with torch.no_grad():
         probs = module.predict_step(batch)["probs"].numpy()
     recorded = pd.read_csv(fold_dir / "predictions.csv")

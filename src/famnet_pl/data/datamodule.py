@@ -7,6 +7,8 @@ Data flow::
                   mmap) -> fold split (test = one subject, or one dataset with ``split="dataset"``;
                   optional inner validation = held-out *training* groups)
                   -> per-channel standardisation from training samples only
+    loaders:      the cache's arrays as stored (uint8 frames, float32 flow) + drawn augmentation
+                  parameters -> transfer -> on_after_batch_transfer (data/views.py, on the device):
     batches:      {"x2d": (B, C2d, S, S), "x3d": (B, 3, T, s, s), "label": (B,),
                    "au": (B, A), "au_mask": (B, A), "index": (B,)
                    [, "landmarks": (B, 5, 2) with a face detector: xy in [0, 1], NaN if none]}
@@ -43,7 +45,7 @@ import lightning as L
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, Subset, default_collate, get_worker_info
 
 from famnet_pl.data import synthetic
 from famnet_pl.data.au import au_targets, parse_au_set
@@ -51,28 +53,18 @@ from famnet_pl.data.frames import FlowAlgorithm
 from famnet_pl.data.manifest import ApexFix, ManifestError, build_manifest, part_root, part_sheet
 from famnet_pl.data.preprocess import Prepared, ViewConfig, preprocess
 from famnet_pl.data.protocols import PROTOCOLS, ProtocolError, dataset_protocols, get_dataset, get_protocol
-from famnet_pl.data.transforms import ClipAugment, hflip, hflip_points
+from famnet_pl.data.transforms import ClipAugment, hflip_points, move_points
+from famnet_pl.data.views import INPUT_2D_CHANNELS, VIEWS_2D, BatchViews, as_float, rgb_channels
 
 log = logging.getLogger(__name__)
 
-# 2D views: the cached arrays stacked as channels, 3 each, RGB frames first (one source of truth for
-# the channel count, the RGB slice and the flow u channel).
-VIEWS_2D: dict[str, tuple[str, ...]] = {"apex": ("apex",), "flow": ("flow",), "both": ("apex", "flow"),
-                                         "pair": ("onset", "apex"), "pair_flow": ("onset", "apex", "flow")}
-INPUT_2D_CHANNELS = {name: 3 * len(parts) for name, parts in VIEWS_2D.items()}
-
-
-def flow_u_channels(input_2d: str, clip_mode: str) -> dict[str, int | None]:
-    """Channel of the horizontal flow component ``u`` in each view (None: the view holds no flow),
-    which a horizontal flip negates: ``{"x2d": ..., "x3d": ...}``. Training augmentation and flip
-    test-time augmentation both read it here."""
-    parts = VIEWS_2D[input_2d]
-    return {"x2d": 3 * parts.index("flow") if "flow" in parts else None,
-            "x3d": 0 if clip_mode == "flow" else None}
-
-
 class MERDataset(Dataset):
-    """Indexable view over cached arrays for a subset of manifest rows (see module docstring)."""
+    """Indexable view over cached arrays for a subset of manifest rows (see module docstring).
+
+    An item holds the cache's arrays as they are stored (uint8 frames, float32 flow), this sample's
+    drawn augmentation parameters and its targets; :attr:`views` (data/views.py) turns a batch of
+    them into model inputs on the batch's device. :meth:`tensors` does both for a few samples.
+    """
 
     def __init__(self, arrays: dict[str, np.ndarray], indices: np.ndarray, labels: np.ndarray,
                  au: np.ndarray, au_mask: np.ndarray, *, input_2d: str, clip_mode: str,
@@ -81,68 +73,57 @@ class MERDataset(Dataset):
         self.labels, self.au, self.au_mask = labels, au, au_mask
         self.input_2d, self.clip_mode, self.stats, self.augment = input_2d, clip_mode, stats, augment
         self.tta = tta
-        self.flow_u = flow_u_channels(input_2d, clip_mode)  # once, not per sample
+        self.views = BatchViews(input_2d, clip_mode, stats) if stats else None
+        self._rgb = rgb_channels(input_2d, clip_mode)  # once, not per sample
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def view_2d(self, i: int) -> np.ndarray:
-        """Un-normalised 2D input ``(S, S, C)`` float32 of manifest row ``i``."""
-        parts = [np.asarray(self.arrays["flow"][i], dtype=np.float32) if name == "flow"
-                 else self.arrays[name][i].astype(np.float32) / 255.0 for name in VIEWS_2D[self.input_2d]]
-        return np.concatenate(parts, axis=-1)
+        """Un-normalised 2D input ``(S, S, C)`` float32 of manifest row ``i`` (normalisation statistics)."""
+        return np.concatenate([as_float(torch.from_numpy(np.array(self.arrays[name][i]))).numpy()
+                               for name in VIEWS_2D[self.input_2d]], axis=-1)
 
     def view_3d(self, i: int) -> np.ndarray | None:
         """Un-normalised clip ``(T, s, s, 3)`` float32 of manifest row ``i`` (None: no clips): RGB frames
         in [0, 1], or the flow sequence (``clip_mode="flow"``) in pixels."""
         if "clip" not in self.arrays:
             return None
-        clip = self.arrays["clip"][i]
-        return (clip.astype(np.float32) / 255.0 if clip.dtype == np.uint8
-                else np.asarray(clip, dtype=np.float32))
-
-    def _tensors(self, x2d: np.ndarray, x3d: np.ndarray | None, landmarks: np.ndarray | None,
-                 suffix: str = "") -> dict[str, torch.Tensor]:
-        """Normalised ``(C, H, W)`` / ``(C, T, H, W)`` tensors of one sample's (augmented) views."""
-        x2d = (x2d[0] - self.stats["mean_2d"]) / self.stats["std_2d"]
-        x2d = np.ascontiguousarray(x2d.transpose(2, 0, 1), dtype=np.float32)
-        out = {f"x2d{suffix}": torch.from_numpy(x2d)}
-        if x3d is not None:
-            x3d = (x3d - self.stats["mean_3d"]) / self.stats["std_3d"]
-            if self.clip_mode == "diff":
-                x3d = x3d - x3d[:1]
-            out[f"x3d{suffix}"] = torch.from_numpy(np.ascontiguousarray(x3d.transpose(3, 0, 1, 2),
-                                                                       dtype=np.float32))
-        if landmarks is not None:
-            out[f"landmarks{suffix}"] = torch.from_numpy(landmarks)
-        return out
+        return as_float(torch.from_numpy(np.array(self.arrays["clip"][i]))).numpy()
 
     def __getitem__(self, item: int) -> dict[str, torch.Tensor]:
         i = int(self.indices[item])
-        x2d, x3d = self.view_2d(i)[None], self.view_3d(i)
+        out = {name: torch.from_numpy(np.array(self.arrays[name][i]))  # a copy out of the mmap
+               for name in {*VIEWS_2D[self.input_2d], "clip"} if name in self.arrays}
         landmarks = np.array(self.arrays["landmarks"][i], np.float32) if "landmarks" in self.arrays else None
-        flow_u = self.flow_u
         if self.augment is not None:
-            n_rgb = 3 * sum(name != "flow" for name in VIEWS_2D[self.input_2d])  # one photometric draw
-            x2d = self.augment(x2d, rgb=slice(0, n_rgb) if n_rgb else None,  # for onset and apex: no
-                               flow_u=flow_u["x2d"], points=landmarks)  # fake motion between them
+            side = self.arrays[VIEWS_2D[self.input_2d][0]].shape[1:3]
+            params = self.augment.draw(*side, photometric=self._rgb["x2d"] is not None)
+            out |= {f"aug2d_{k}": torch.tensor(v, dtype=torch.float64) for k, v in params.items()}
             if landmarks is not None:  # the landmarks move with the 2D view they locate regions in
-                x2d, landmarks = x2d
-            if x3d is not None:
-                x3d = self.augment(x3d, rgb=None if self.clip_mode == "flow" else slice(0, 3),
-                                   flow_u=flow_u["x3d"])
-        item_out = self._tensors(x2d, x3d, landmarks)
-        if self.tta == "hflip":  # the mirrored sample too: the model averages both predictions
-            item_out |= self._tensors(hflip(x2d, flow_u["x2d"]),
-                                      None if x3d is None else hflip(x3d, flow_u["x3d"]),
-                                      None if landmarks is None else hflip_points(landmarks), suffix="_flip")
+                landmarks = move_points(landmarks, params, side[1], side[0])
+            if "clip" in out:
+                clip = self.arrays["clip"].shape[2:4]
+                params = self.augment.draw(*clip, photometric=self._rgb["x3d"] is not None)
+                out |= {f"aug3d_{k}": torch.tensor(v, dtype=torch.float64) for k, v in params.items()}
+        if landmarks is not None:
+            out["landmarks"] = torch.from_numpy(landmarks)
+        if self.tta == "hflip":  # the mirrored sample too (views.BatchViews): the model averages both
+            out["tta"] = torch.tensor(True)
+            if landmarks is not None:
+                out["landmarks_flip"] = torch.from_numpy(hflip_points(landmarks))
         return {
-            **item_out,
+            **out,
             "label": torch.tensor(self.labels[i], dtype=torch.long),
             "au": torch.from_numpy(self.au[i]),
             "au_mask": torch.from_numpy(self.au_mask[i]),
             "index": torch.tensor(i, dtype=torch.long),
         }
+
+    def tensors(self, items: range | list[int], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """Model inputs of these items as one batch on ``device`` (collated, moved, :attr:`views`)."""
+        batch = default_collate([self[j] for j in items])
+        return self.views({k: v.to(device) for k, v in batch.items()})
 
 
 class MERDataModule(L.LightningDataModule):
@@ -488,6 +469,11 @@ class MERDataModule(L.LightningDataModule):
         augment = getattr(self.train_set, "augment", None)
         if augment is not None and state_dict.get("augment") is not None:
             augment.set_state(state_dict["augment"])
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int = 0) -> dict:
+        """Model inputs from the raw batch, on its device (data/views.py): Lightning calls this after
+        moving every training, validation and test batch; so does whoever iterates the loaders."""
+        return self.train_set.views(batch)
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled training subjects."""

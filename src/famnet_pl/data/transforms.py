@@ -1,16 +1,23 @@
-"""Clip-consistent augmentation (albumentations): one draw of parameters per sample, applied to
-every frame of the sample.
+"""Clip-consistent augmentation: parameters drawn per sample on the CPU, applied to a whole batch
+in torch on whatever device the batch is on (the GPU after transfer; the CPU in a CPU run).
 
-Data flow: ``(N, H, W, C)`` float32 stack (the frames of a clip, or the apex and its flow stacked
-as channels) -> geometric transform shared by all N frames -> photometric transform on the RGB
-channels only -> same shape back.
+Data flow::
 
-Only a horizontal flip and a translation are used geometrically, because they keep optical-flow
-vectors valid: a flip negates the horizontal component ``u`` (done here), a translation leaves
-vectors unchanged. Rotation and scaling would have to rotate/scale the vectors too, and a few
-degrees buy little on aligned faces. Photometric changes never touch flow channels.
-The transforms are seeded (albumentations keeps its own RNG), so runs are reproducible; each
-DataLoader worker reseeds its copy (:meth:`ClipAugment.reseed`).
+    DataLoader worker: ClipAugment.draw(H, W) -> {flip, dx, dy[, alpha, beta]} per sample and view
+        (albumentations' own seeded streams: the same draws as applying its transforms directly)
+    device:            apply_clip(frames (B, N, H, W, C) float32, params) -> same shape
+        (one geometric transform shared by the N frames of a sample, then photometric on the RGB
+        channels only)
+
+Only a horizontal flip and an integer translation (albumentations' ``Affine(translate_percent)``
+rounds to whole pixels) are used geometrically, because they keep optical-flow vectors valid: a
+flip negates the horizontal component ``u`` (done here), a translation leaves vectors unchanged.
+Rotation and scaling would have to rotate/scale the vectors too, and a few degrees buy little on
+aligned faces. Photometric changes never touch flow channels. Because the translation is whole
+pixels with a zero border, and brightness/contrast is ``clip(x * alpha + beta, 0, 1)`` computed in
+float64 as albucore does, :func:`apply_clip` gives exactly the arrays albumentations gives on the
+CPU (tests/test_data_transforms.py compares them). The streams are seeded, so runs are
+reproducible; each DataLoader worker reseeds its copy (:meth:`ClipAugment.reseed`).
 """
 
 from __future__ import annotations
@@ -21,10 +28,14 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no network check at im
 
 import albumentations as A  # noqa: E402
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import Tensor  # noqa: E402
 
 #: Landmark order after a horizontal flip: the image-left eye becomes the image-right one, and so on
 #: (face.Landmarks order: eye L, eye R, nose, mouth L, mouth R).
 FLIP_ORDER = (1, 0, 2, 4, 3)
+#: Keys of one view's drawn parameters in a batch, after the view's prefix (``aug2d_flip``...).
+PARAMS = ("flip", "dx", "dy", "photo", "alpha", "beta")
 
 
 class ClipAugment:
@@ -47,8 +58,10 @@ class ClipAugment:
         )
         self.photometric = A.Compose(
             [A.RandomBrightnessContrast(brightness_limit=brightness, contrast_limit=contrast, p=0.8)],
-            seed=seed + 1,
+            seed=seed + 1, save_applied_params=True,
         )
+        self._shapes: dict[tuple[int, int], np.ndarray] = {}  # stand-ins by side (see draw)
+        self._pixel = np.zeros((1, 1, 1, 3), np.float32)
 
     def reseed(self, seed: int) -> None:
         """Give a DataLoader worker its own stream."""
@@ -71,36 +84,93 @@ class ClipAugment:
             obj.random_generator.bit_generator.state = numpy_state
             obj.py_random.setstate(python_state)
 
+    def draw(self, height: int, width: int, *, photometric: bool) -> dict[str, float]:
+        """One sample's parameters for a view of side ``height`` x ``width``: ``flip`` (0/1), the
+        shift ``dx``, ``dy`` in whole pixels, and with ``photometric`` (the view holds RGB) whether
+        brightness/contrast applies (``photo``) with its ``alpha`` (contrast) and ``beta``
+        (brightness); identity values where a transform did not fire.
+
+        The draws come from albumentations run on a one-pixel-deep stand-in of the view's shape:
+        its parameters depend on the shape only, so the stream is the one applying it to the
+        frames would consume."""
+        stand_in = self._shapes.setdefault((height, width), np.zeros((1, height, width, 1), np.float32))
+        applied = dict(self.geometric(images=stand_in)["applied_transforms"])
+        shift = applied["Affine"]["matrix"][:2, 2]
+        params = {"flip": float("HorizontalFlip" in applied), "dx": float(shift[0]), "dy": float(shift[1]),
+                  "photo": 0.0, "alpha": 1.0, "beta": 0.0}
+        if photometric:
+            done = dict(self.photometric(images=self._pixel)["applied_transforms"])
+            if "RandomBrightnessContrast" in done:
+                bc = done["RandomBrightnessContrast"]
+                params |= {"photo": 1.0, "alpha": float(np.float32(bc["alpha"])), "beta": float(bc["beta"])}
+        return params
+
     def __call__(self, frames: np.ndarray, *, rgb: slice | None, flow_u: int | None,
                  points: np.ndarray | None = None):
-        """Augment one sample.
+        """Augment one sample on the CPU (draw, then :func:`apply_clip`).
 
         Args:
             frames: float32 ``(N, H, W, C)``; RGB values in [0, 1].
             rgb: channel slice holding RGB (photometric changes apply there), or None.
             flow_u: channel index of the horizontal flow component, or None.
             points: optional ``(K, 2)`` xy normalised to [0, 1] by the side (pixel centres), moved
-                with the frames; a flip also swaps left and right (:data:`FLIP_ORDER` for the five
-                face landmarks).
+                with the frames (:func:`move_points`).
 
         Returns:
             The augmented float32 array, same shape; ``(array, points)`` when ``points`` is given.
         """
-        result = self.geometric(images=np.ascontiguousarray(frames))
-        out = result["images"]
-        applied = dict(result["applied_transforms"])
-        flipped = "HorizontalFlip" in applied
-        if flipped and flow_u is not None:
-            out[..., flow_u] *= -1.0
-        if rgb is not None:
-            out[..., rgb] = self.photometric(images=np.ascontiguousarray(out[..., rgb]))["images"]
-        if points is None:
-            return out
-        points = np.array(points, dtype=np.float32)
-        if flipped:
-            points = hflip_points(points)
-        shift = applied["Affine"]["matrix"][:2, 2]  # pixels (translation only: scale 1, no rotation)
-        return out, points + (shift / (frames.shape[2], frames.shape[1])).astype(np.float32)
+        params = self.draw(frames.shape[1], frames.shape[2], photometric=rgb is not None)
+        batch = {k: torch.tensor([v], dtype=torch.float64) for k, v in params.items()}
+        out = apply_clip(torch.from_numpy(np.array(frames, np.float32))[None], batch, rgb=rgb,
+                         flow_u=flow_u)[0].numpy()
+        return out if points is None else (out, move_points(points, params, frames.shape[2], frames.shape[1]))
+
+
+def move_points(points: np.ndarray, params: dict[str, float], width: int, height: int) -> np.ndarray:
+    """``(K, 2)`` xy in [0, 1] moved as :func:`apply_clip` moves the frames: flipped (left and right
+    swapped, :data:`FLIP_ORDER`) and shifted by ``(dx / width, dy / height)``."""
+    points = np.array(points, dtype=np.float32)
+    if params["flip"]:
+        points = hflip_points(points)
+    return points + np.array([params["dx"] / width, params["dy"] / height], dtype=np.float32)
+
+
+def apply_clip(frames: Tensor, params: dict[str, Tensor], *, rgb: slice | None,
+               flow_u: int | None) -> Tensor:
+    """Apply drawn parameters to a batch of samples, on the batch's device.
+
+    Args:
+        frames: float32 ``(B, N, H, W, C)``: the N frames of each sample share its parameters.
+        params: ``{flip, dx, dy, photo, alpha, beta}``, each ``(B,)`` (:meth:`ClipAugment.draw`).
+        rgb: channel slice that brightness/contrast changes, or None.
+        flow_u: the horizontal-flow channel a flip negates, or None.
+
+    Returns:
+        A new ``(B, N, H, W, C)`` float32 tensor.
+    """
+    flip, dx, dy = (params[k].tolist() for k in ("flip", "dx", "dy"))  # per-sample Python scalars
+    out = torch.zeros_like(frames)
+    h, w = frames.shape[2:4]
+    for b in range(frames.shape[0]):
+        src = frames[b].flip(2) if flip[b] else frames[b]
+        # out[y, x] = src[y - dy, x - dx], zero where that falls outside (albumentations' fill 0)
+        sx, sy = int(dx[b]), int(dy[b])
+        if abs(sx) < w and abs(sy) < h:
+            out[b, :, max(sy, 0):h + min(sy, 0), max(sx, 0):w + min(sx, 0)] = \
+                src[:, max(-sy, 0):h + min(-sy, 0), max(-sx, 0):w + min(-sx, 0)]
+    if flow_u is not None:
+        sign = torch.where(params["flip"].to(out.device) > 0, -1.0, 1.0).to(out.dtype)
+        out[..., flow_u] *= sign.view(-1, 1, 1, 1)
+    if rgb is not None:
+        photo = params["photo"].to(out.device) > 0
+        if photo.any():
+            # albucore's float path: x * float32(alpha) + beta in float64, clipped to [0, 1]
+            alpha = params["alpha"].to(out.device, torch.float64).view(-1, 1, 1, 1, 1)
+            beta = params["beta"].to(out.device, torch.float64).view(-1, 1, 1, 1, 1)
+            part = out[..., rgb]
+            changed = (part.double() * alpha + beta).clamp_(0.0, 1.0).float()
+            out[..., rgb] = torch.where(photo.view(-1, 1, 1, 1, 1), changed, part)
+    return out
 
 
 def hflip_points(points: np.ndarray) -> np.ndarray:
@@ -111,10 +181,10 @@ def hflip_points(points: np.ndarray) -> np.ndarray:
     return points[list(FLIP_ORDER)] if len(points) == len(FLIP_ORDER) else points
 
 
-def hflip(frames: np.ndarray, flow_u: int | None) -> np.ndarray:
-    """``(N, H, W, C)`` frames mirrored left-right, as :class:`ClipAugment`'s flip does: the
+def hflip(frames: Tensor, flow_u: int | None) -> Tensor:
+    """``(..., H, W, C)`` frames mirrored left-right, as :func:`apply_clip`'s flip does: the
     horizontal flow channel ``flow_u`` (None: no flow) negated. For flip test-time augmentation."""
-    out = np.ascontiguousarray(frames[:, :, ::-1])
+    out = frames.flip(-2)
     if flow_u is not None:
         out[..., flow_u] *= -1.0
     return out

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from famnet_pl.data.datamodule import flow_u_channels
+from famnet_pl.data.views import flow_u_channels
 from famnet_pl.deploy.bundle import PREPROCESS_JSON, load_bundle
 from famnet_pl.models.module import MERLitModule
 from famnet_pl.utils.errors import BadInput

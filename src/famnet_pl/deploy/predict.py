@@ -165,7 +165,7 @@ def predict_clips(model_dir: str | Path, specs: list[ClipSpec], *, batch_size: i
     probs, au_probs = [], []
     with torch.inference_mode():
         for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-            out = module.predict_step(batch)
+            out = module.predict_step(dataset.views(batch))
             probs.append(out["probs"].numpy())
             au_probs.append(out["au_probs"].numpy())
     probs, au_probs = np.concatenate(probs), np.concatenate(au_probs)

@@ -195,7 +195,7 @@ class LOSOCallback(Callback):
             shard = {"shard": (trainer.global_rank, world)} if world > 1 else {}
             loader = loader_of(**shard)
             for batch in loader:
-                batch = {k: v.to(device) for k, v in batch.items()}
+                batch = dm.on_after_batch_transfer({k: v.to(device) for k, v in batch.items()}, 0)
                 out = pl_module.predict_step(batch)
                 probs.append(out["probs"].float().cpu())
                 au_probs.append(out["au_probs"].float().cpu())

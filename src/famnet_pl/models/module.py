@@ -165,7 +165,7 @@ class MERLitModule(L.LightningModule):
         train = self.trainer.datamodule.train_set
         augment, train.augment = train.augment, None  # the pairs as they are: no augmentation draws
         try:
-            x = torch.stack([train[j]["x2d"] for j in range(len(train))]).to(self.device)
+            x = train.tensors(range(len(train)), self.device)["x2d"]
         finally:
             train.augment = augment
         frozen = not any(p.requires_grad for p in dgm.parameters())
