@@ -45,6 +45,7 @@ import lightning as L
 import numpy as np
 import pandas as pd
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate, get_worker_info
 
 from famnet_pl.data import synthetic
@@ -120,7 +121,7 @@ class MERDataset(Dataset):
             "index": torch.tensor(i, dtype=torch.long),
         }
 
-    def tensors(self, items: range | list[int], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    def tensors(self, items: range | list[int], device: torch.device | str = "cpu") -> dict[str, Tensor]:
         """Model inputs of these items as one batch on ``device`` (collated, moved, :attr:`views`)."""
         batch = default_collate([self[j] for j in items])
         return self.views({k: v.to(device) for k, v in batch.items()})

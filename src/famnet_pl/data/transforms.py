@@ -51,6 +51,7 @@ class ClipAugment:
 
     def __init__(self, *, flip_p: float = 0.5, translate: float = 0.06, brightness: float = 0.1,
                  contrast: float = 0.1, seed: int = 0) -> None:
+        self.flip_p, self.translate = flip_p, translate
         self.geometric = A.Compose(
             [A.HorizontalFlip(p=flip_p),
              A.Affine(translate_percent=(-translate, translate), scale=1.0, rotate=0.0, p=1.0)],
@@ -105,6 +106,19 @@ class ClipAugment:
                 params |= {"photo": 1.0, "alpha": float(np.float32(bc["alpha"])), "beta": float(bc["beta"])}
         return params
 
+    def draw_many(self, rng: np.random.Generator, n: int, height: int, width: int) -> dict[str, Tensor]:
+        """Geometric parameters of ``n`` samples at once from ``rng`` (numpy, not albumentations'
+        streams; the same distributions as :meth:`draw`: a flip with ``flip_p``, a shift of
+        ``int(u * side)`` pixels, u uniform in +-``translate``), no photometric change: for the flow
+        views of stacked folds (loso/stacked.py), where a draw per sample would cost more than the
+        training step."""
+        flip = rng.random(n) < self.flip_p
+        dx = np.trunc(rng.uniform(-self.translate, self.translate, n) * width)
+        dy = np.trunc(rng.uniform(-self.translate, self.translate, n) * height)
+        zeros, ones = np.zeros(n), np.ones(n)
+        drawn = {"flip": flip, "dx": dx, "dy": dy, "photo": zeros, "alpha": ones, "beta": zeros}
+        return {k: torch.from_numpy(np.asarray(v, np.float64)) for k, v in drawn.items()}
+
     def __call__(self, frames: np.ndarray, *, rgb: slice | None, flow_u: int | None,
                  points: np.ndarray | None = None):
         """Augment one sample on the CPU (draw, then :func:`apply_clip`).
@@ -148,25 +162,32 @@ def apply_clip(frames: Tensor, params: dict[str, Tensor], *, rgb: slice | None,
     Returns:
         A new ``(B, N, H, W, C)`` float32 tensor.
     """
-    flip, dx, dy = (params[k].tolist() for k in ("flip", "dx", "dy"))  # per-sample Python scalars
-    out = torch.zeros_like(frames)
-    h, w = frames.shape[2:4]
-    for b in range(frames.shape[0]):
-        src = frames[b].flip(2) if flip[b] else frames[b]
-        # out[y, x] = src[y - dy, x - dx], zero where that falls outside (albumentations' fill 0)
-        sx, sy = int(dx[b]), int(dy[b])
-        if abs(sx) < w and abs(sy) < h:
-            out[b, :, max(sy, 0):h + min(sy, 0), max(sx, 0):w + min(sx, 0)] = \
-                src[:, max(-sy, 0):h + min(-sy, 0), max(-sx, 0):w + min(-sx, 0)]
+    b, _, h, w, _ = frames.shape
+    device = frames.device
+    flip = params["flip"].to(device) > 0
+    dx, dy = (params[k].to(device).long() for k in ("dx", "dy"))
+    # One gather does flip and shift for the whole batch: out[y, x] = src[y - dy, x'] with
+    # x' = x - dx, mirrored (W - 1 - x') when flipped; positions outside read the zero padding
+    # (albumentations' fill 0). Pure copies: the values are exactly the ones moved.
+    pad = int(max(dx.abs().max(), dy.abs().max(), 0)) if b else 0
+    padded = torch.nn.functional.pad(frames, (0, 0, pad, pad, pad, pad))  # (B, N, H + 2p, W + 2p, C)
+    cols = torch.arange(w, device=device)[None] - dx[:, None]  # (B, W) in source coordinates
+    cols = torch.where(flip[:, None], w - 1 - cols, cols)
+    rows = torch.arange(h, device=device)[None] - dy[:, None]  # (B, H)
+    # (an outside position means a shift, so pad > 0 and index 0 is padding)
+    cols = torch.where((cols >= 0) & (cols < w), cols + pad, 0)
+    rows = torch.where((rows >= 0) & (rows < h), rows + pad, 0)
+    batch = torch.arange(b, device=device)[:, None, None]
+    out = padded[batch, :, rows[:, :, None], cols[:, None, :]]  # (B, H, W, N, C)
+    out = out.permute(0, 3, 1, 2, 4).contiguous()
     if flow_u is not None:
-        sign = torch.where(params["flip"].to(out.device) > 0, -1.0, 1.0).to(out.dtype)
-        out[..., flow_u] *= sign.view(-1, 1, 1, 1)
+        out[..., flow_u] *= torch.where(flip, -1.0, 1.0).to(out.dtype).view(-1, 1, 1, 1)
     if rgb is not None:
-        photo = params["photo"].to(out.device) > 0
+        photo = params["photo"].to(device) > 0
         if photo.any():
             # albucore's float path: x * float32(alpha) + beta in float64, clipped to [0, 1]
-            alpha = params["alpha"].to(out.device, torch.float64).view(-1, 1, 1, 1, 1)
-            beta = params["beta"].to(out.device, torch.float64).view(-1, 1, 1, 1, 1)
+            alpha = params["alpha"].to(device, torch.float64).view(-1, 1, 1, 1, 1)
+            beta = params["beta"].to(device, torch.float64).view(-1, 1, 1, 1, 1)
             part = out[..., rgb]
             changed = (part.double() * alpha + beta).clamp_(0.0, 1.0).float()
             out[..., rgb] = torch.where(photo.view(-1, 1, 1, 1, 1), changed, part)

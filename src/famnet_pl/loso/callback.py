@@ -208,20 +208,7 @@ class LOSOCallback(Callback):
                                    else "inner-validation output")
         if world > 1:
             probs, au_probs, index = gather_shards(probs, au_probs, index, expected=len(dataset))
-        rows = dm.manifest.iloc[index]
-        table = pd.DataFrame({
-            "sample_id": rows["sample_id"].to_numpy(), "dataset": rows["dataset"].to_numpy(),
-            "subject": rows["subject"].to_numpy(), "fold": self.fold, "epoch": epoch,
-            "group": dm.test_subject,  # the held-out subject (or dataset, leave-one-dataset-out)
-            "y_true": rows["label"].to_numpy(), "y_pred": probs.argmax(1),
-        })
-        for c, name in enumerate(dm.class_names):
-            table[f"prob_{name}"] = probs[:, c]
-        for j, au in enumerate(dm.au_vocab):
-            table[f"au{au}_true"] = dataset.au[index, j]
-            table[f"au{au}_prob"] = au_probs[:, j] if au_probs.shape[1] else np.nan
-            table[f"au{au}_mask"] = dataset.au_mask[index, j]
-        return table
+        return prediction_table(dm, dataset, self.fold, epoch, probs, au_probs, index)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # A run stopped by max_steps or early stopping may end between evaluations. Here, not in
@@ -237,27 +224,8 @@ class LOSOCallback(Callback):
         if not trainer.is_global_zero:
             return
         dm, out = trainer.datamodule, self.fold_dir
-        epochs = pd.concat(self.rows, ignore_index=True)
-        last = self.rows[-1]
-        atomic_write_csv(out / PREDICTIONS_EPOCHS, epochs)
-        validation = {}
-        if self.val_rows:
-            val_bytes = csv_bytes(pd.concat(self.val_rows, ignore_index=True))
-            atomic_write_bytes(out / VAL_PREDICTIONS_EPOCHS, val_bytes)
-            validation = {"val_predictions_sha256": hashlib.sha256(val_bytes).hexdigest()}
-        predictions = csv_bytes(last)
-        # What aggregation checks the prediction file against: its bytes, its samples (the test
-        # subject's, each once), so an edited, truncated or duplicated file is an error, not a score.
-        atomic_write_json(out / METRICS, {
-            "fold": int(self.fold), "subject": dm.test_subject, "protocol": dm.protocol.name,
-            "class_names": list(dm.class_names), "au_vocab": list(dm.au_vocab),
-            "epoch": int(last["epoch"].iloc[0]), "n_test": len(last), "split": dm.split,
-            "config_hash": self.config_hash, "world_size": trainer.world_size,
-            "sample_ids": last["sample_id"].tolist(),
-            "predictions_sha256": hashlib.sha256(predictions).hexdigest(), **validation,
-            "dropped": dm.dropped(),
-            **{f"test/{k}": v for k, v in fold_scores(last["y_true"], last["y_pred"]).items()},
-        })
+        predictions = write_fold_records(out, dm, self.fold, self.rows, self.val_rows,
+                                         config_hash=self.config_hash, world_size=trainer.world_size)
         if self.keep_model:  # before the fold-done marker: a finished fold with the option has its model
             write_bundle(out, pl_module, dm)
         atomic_write_bytes(out / PREDICTIONS, predictions)
@@ -276,3 +244,52 @@ class LOSOCallback(Callback):
         if self.summary and self.summary.get("complete") and trainer.logger is not None:
             trainer.logger.log_metrics({k: v for k, v in self.summary.items()
                                         if k.startswith("loso") and isinstance(v, float)})
+
+
+def prediction_table(dm, dataset, fold: int, epoch: int, probs: np.ndarray, au_probs: np.ndarray,
+                     index: np.ndarray) -> pd.DataFrame:
+    """One evaluation's predictions as a table, one row per sample (manifest rows ``index``) of
+    ``dataset`` (its AU targets and masks); ``group`` is the fold's held-out subject."""
+    rows = dm.manifest.iloc[index]
+    table = pd.DataFrame({
+        "sample_id": rows["sample_id"].to_numpy(), "dataset": rows["dataset"].to_numpy(),
+        "subject": rows["subject"].to_numpy(), "fold": fold, "epoch": epoch,
+        "group": dm.test_subject,  # the held-out subject (or dataset, leave-one-dataset-out)
+        "y_true": rows["label"].to_numpy(), "y_pred": probs.argmax(1),
+    })
+    for c, name in enumerate(dm.class_names):
+        table[f"prob_{name}"] = probs[:, c]
+    for j, au in enumerate(dm.au_vocab):
+        table[f"au{au}_true"] = dataset.au[index, j]
+        table[f"au{au}_prob"] = au_probs[:, j] if au_probs.shape[1] else np.nan
+        table[f"au{au}_mask"] = dataset.au_mask[index, j]
+    return table
+
+
+def write_fold_records(out: Path, dm, fold: int, rows: list[pd.DataFrame], val_rows: list[pd.DataFrame], *,
+                       config_hash: str | None, world_size: int = 1) -> bytes:
+    """Write a fold's evaluation records (``predictions_epochs.csv``, ``val_predictions_epochs.csv``,
+    ``metrics.json``) and return the bytes of its ``predictions.csv`` (the last evaluation), which
+    the caller writes last: the fold-done marker. ``dm`` is set up for this fold."""
+    epochs = pd.concat(rows, ignore_index=True)
+    last = rows[-1]
+    atomic_write_csv(out / PREDICTIONS_EPOCHS, epochs)
+    validation = {}
+    if val_rows:
+        val_bytes = csv_bytes(pd.concat(val_rows, ignore_index=True))
+        atomic_write_bytes(out / VAL_PREDICTIONS_EPOCHS, val_bytes)
+        validation = {"val_predictions_sha256": hashlib.sha256(val_bytes).hexdigest()}
+    predictions = csv_bytes(last)
+    # What aggregation checks the prediction file against: its bytes, its samples (the test
+    # subject's, each once), so an edited, truncated or duplicated file is an error, not a score.
+    atomic_write_json(out / METRICS, {
+        "fold": int(fold), "subject": dm.test_subject, "protocol": dm.protocol.name,
+        "class_names": list(dm.class_names), "au_vocab": list(dm.au_vocab),
+        "epoch": int(last["epoch"].iloc[0]), "n_test": len(last), "split": dm.split,
+        "config_hash": config_hash, "world_size": world_size,
+        "sample_ids": last["sample_id"].tolist(),
+        "predictions_sha256": hashlib.sha256(predictions).hexdigest(), **validation,
+        "dropped": dm.dropped(),
+        **{f"test/{k}": v for k, v in fold_scores(last["y_true"], last["y_pred"]).items()},
+    })
+    return predictions

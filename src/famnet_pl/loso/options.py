@@ -10,10 +10,10 @@ Data flow::
 
 ``LosoOptions`` is the one place these options are named: the runner, the fold workers, the SLURM
 paths, the sweeps and the ablation pass the object, not the fields one by one. Of them, only
-``eval_every`` and ``keep_models`` change what a fold writes (which epochs ``predictions_epochs.csv``
-holds, whether it keeps its model), so they are part of the run's fingerprint
-(:meth:`LosoOptions.fingerprint`); the others change where, how fast or how the pool is read, and a
-resumed run may change them.
+``eval_every``, ``keep_models`` and ``stack_folds`` change what a fold writes (which epochs
+``predictions_epochs.csv`` holds, whether it keeps its model, how it was trained), so they are part
+of the run's fingerprint (:meth:`LosoOptions.fingerprint`); the others change where, how fast or
+how the pool is read, and a resumed run may change them.
 """
 
 from __future__ import annotations
@@ -49,6 +49,10 @@ class LosoOptions:
         progress: progress bars over folds and epochs.
         keep_models: every finished fold keeps its final model as a model directory (``model.ckpt``
             + ``preprocess.json`` in the fold folder: ``famnet-pl predict`` and ``export`` take it).
+        stack_folds: train every pending fold's copy of a tiny model at once, in this process, as one
+            stacked network, each copy on its own fold's training subjects (loso/stacked.py; STSTNet).
+            Each fold's result is its own, but the batches and augmentation draws are not the
+            sequential run's, so the scores differ from it as another seed's would.
     """
 
     exp: str = "famnet"
@@ -64,6 +68,7 @@ class LosoOptions:
     resume_every: int = 1
     progress: bool = True
     keep_models: bool = False
+    stack_folds: bool = False
 
     def __post_init__(self) -> None:
         # Lists from Python callers and JSON (run.json) become tuples: the object stays hashable.
@@ -79,7 +84,8 @@ class LosoOptions:
                    eval_every=opts.eval_every, oracle_by=opts.oracle_by, jobs=opts.jobs,
                    gpus=_split(opts.gpus),
                    jobs_per_gpu=opts.jobs_per_gpu, threads=opts.threads, resume_every=opts.resume_every,
-                   progress=not opts.no_progress, keep_models=opts.keep_models)
+                   progress=not opts.no_progress, keep_models=opts.keep_models,
+                   stack_folds=opts.stack_folds)
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> LosoOptions:
@@ -100,8 +106,8 @@ class LosoOptions:
                 continue
             if f.name == "progress":
                 argv.append("--no-progress")
-            elif f.name == "keep_models":
-                argv.append("--keep-models")
+            elif f.name in ("keep_models", "stack_folds"):
+                argv.append(f"--{f.name.replace('_', '-')}")
             else:
                 text = ",".join(value) if isinstance(value, tuple) else str(value)
                 argv += [f"--{f.name.replace('_', '-')}", text]
@@ -109,8 +115,10 @@ class LosoOptions:
 
     def fingerprint(self) -> dict[str, Any]:
         """The options that change what a fold writes (part of the run's config hash)."""
-        # keep_models only when on: with it off, a run's hash is what it was before the option existed.
-        return {"eval_every": self.eval_every, **({"keep_models": True} if self.keep_models else {})}
+        # keep_models and stack_folds only when on: with them off, a run's hash is what it was before
+        # the options existed. stack_folds changes every fold's training (other batches and draws).
+        return {"eval_every": self.eval_every, **({"keep_models": True} if self.keep_models else {}),
+                **({"stack_folds": True} if self.stack_folds else {})}
 
 
 def _split(value: str | None) -> tuple[str, ...] | None:
@@ -144,6 +152,9 @@ def loso_parser() -> argparse.ArgumentParser:
     parser.add_argument("--keep-models", action="store_true",
                         help="keep every fold's final model (model.ckpt + preprocess.json in its folder) for "
                         "famnet-pl predict / export")
+    parser.add_argument("--stack-folds", action="store_true",
+                        help="train all pending folds of a tiny model (STSTNet) at once as one stacked "
+                        "network in this process, each copy on its own fold's training subjects")
     seeds = parser.add_argument_group("seeds", "the whole LOSO run once per seed (runs/<exp>/seed<s>/), then "
                                       "mean ± std of the pooled scores (famnet_pl.studies.seeds)")
     seeds.add_argument("--seeds", default=None, help="comma-separated seeds, e.g. 0,1,2")

@@ -12,6 +12,7 @@ Layout::
         predictions_epochs.csv              every evaluated epoch (validation-selected epoch, oracle)
         val_predictions_epochs.csv          inner-validation subjects, every evaluated epoch
         metrics.json                        fold metadata, checksum of predictions.csv, fold scores
+        metrics.csv                         per-epoch training log (Lightning's CSVLogger; stacked.py)
         failed.json                         a fold stopped on a non-finite loss or output
         checkpoints/resume-<hash>.ckpt      epoch-boundary resume point (removed when the fold ends)
         model.ckpt, preprocess.json         with --keep-models: the fold's final model (deploy/bundle.py)
@@ -35,6 +36,7 @@ PREDICTIONS = "predictions.csv"
 PREDICTIONS_EPOCHS = "predictions_epochs.csv"
 VAL_PREDICTIONS_EPOCHS = "val_predictions_epochs.csv"
 METRICS = "metrics.json"
+TRAIN_LOG = "metrics.csv"  # CSVLogger's file name, which loso/stacked.py writes too
 FAILED = "failed.json"
 CHECKPOINTS = "checkpoints"
 HPC_CHECKPOINTS = "hpc_ckpt_*.ckpt"  # Lightning's mid-epoch SLURM checkpoints: never resumed from

@@ -61,6 +61,7 @@ from famnet_pl.loso.rundir import (
     fold_log,
     resume_checkpoint,
 )
+from famnet_pl.loso.stacked import run_stacked
 from famnet_pl.utils.errors import BadInput
 from famnet_pl.utils.io import atomic_write_json
 
@@ -287,6 +288,18 @@ def run_loso(cli_args: list[str], options: LosoOptions | None = None, **override
         # One preprocessing pass here (not one per fold process), and the samples it left out are
         # part of the run's record.
         plan.record(dropped=plan.datamodule.dropped())
+    if options.stack_folds and pending:
+        if options.jobs > 1 or options.gpus or ddp_parent:
+            raise BadInput("--stack-folds trains every pending fold in this one process: drop --jobs, --gpus "
+                           "and --trainer.devices")
+        failed = run_stacked(plan, pending, progress=options.progress)
+        for k in failed:
+            print(f"famnet-pl loso: error: fold {k} ({plan.subjects[k]}): non-finite training loss; see "
+                  f"{plan.fold_dir(k) / FAILED}", file=sys.stderr, flush=True)
+        summary = aggregate_run(plan.run_dir, expected_folds=len(plan.subjects), oracle_by=options.oracle_by)
+        if summary is not None:
+            print_summary(summary, plan.run_dir)
+        return None if failed else summary
     if (options.jobs > 1 or options.gpus or ddp_parent) and pending:
         failed = _run_parallel(plan, pending)
         summary = aggregate_run(plan.run_dir, expected_folds=len(plan.subjects), oracle_by=options.oracle_by)

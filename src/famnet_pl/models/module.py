@@ -294,23 +294,30 @@ class MERLitModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict:
         """Optimiser and an epoch-count schedule (no metric-driven scheduling)."""
-        hp = self.hparams
-        if hp.optimizer == "adamw":
-            opt = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-        else:
-            opt = torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=0.9, weight_decay=hp.weight_decay)
-        if hp.scheduler == "none":
-            return {"optimizer": opt}
-        epochs = max(1, hp.schedule_epochs or self.trainer.max_epochs or 1)
-        warmup = min(hp.warmup_epochs, epochs - 1)
+        opt, schedule = optimiser(self.parameters(), self.hparams, self.trainer.max_epochs)
+        return {"optimizer": opt} | ({"lr_scheduler": schedule} if schedule is not None else {})
 
-        def factor(epoch: int) -> float:
-            if epoch < warmup:
-                return (epoch + 1) / (warmup + 1)
-            progress = (epoch - warmup) / max(1, epochs - warmup)
-            return 0.5 * (1.0 + torch.cos(torch.tensor(progress * torch.pi)).item())
 
-        return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.LambdaLR(opt, factor)}
+def optimiser(params, hp, max_epochs: int | None):
+    """``(optimiser, per-epoch LR schedule or None)`` of a module's hyperparameters ``hp``
+    (``optimizer``, ``lr``, ``weight_decay``, ``scheduler``, ``warmup_epochs``, ``schedule_epochs``):
+    one definition for the Trainer's fits and the runner's stacked folds (loso/stacked.py)."""
+    if hp.optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+    else:
+        opt = torch.optim.SGD(params, lr=hp.lr, momentum=0.9, weight_decay=hp.weight_decay)
+    if hp.scheduler == "none":
+        return opt, None
+    epochs = max(1, hp.schedule_epochs or max_epochs or 1)
+    warmup = min(hp.warmup_epochs, epochs - 1)
+
+    def factor(epoch: int) -> float:
+        if epoch < warmup:
+            return (epoch + 1) / (warmup + 1)
+        progress = (epoch - warmup) / max(1, epochs - warmup)
+        return 0.5 * (1.0 + torch.cos(torch.tensor(progress * torch.pi)).item())
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 #: The former name of :class:`MERLitModule` (the same class, not a subclass), kept so that configs

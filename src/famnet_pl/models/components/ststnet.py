@@ -95,3 +95,117 @@ class STSTNet(nn.Module):
         if self.au is not None:
             out["au_2d"] = self.au(features)
         return out
+
+
+class StackedSTSTNet(nn.Module):
+    """K independent STSTNets computed as one network: fold k's copy sees channel group k only.
+
+    Every layer of STSTNet acts per sample and, except the convolutions and the linear layer, per
+    channel; so K copies stack exactly: convolutions become grouped (``groups=K``), batch norm and
+    pooling run over the K x F channels (each channel belongs to one copy), and the linear layer is
+    a batched matrix product. Training K small networks this way costs one network's kernel launches
+    instead of K (the LOSO runner's ``--stack-folds``: all folds of a tiny model at once).
+
+    Data flow::
+
+        x (B, K, 3, H, W), copy k's batch in [:, k] -> (B, K*3, H, W) -> stream convs (groups=K)
+            -> ReLU -> masked BN -> MaxPool -> Dropout -> AvgPool -> AdaptiveAvgPool
+            -> per copy (B, K, 400) -> per-copy Linear -> logits (B, K, num_classes)
+
+    Batch norm in training mode averages over the samples that ``mask`` marks for each copy (copies
+    may have fewer real samples in a step than others: the rest are padding and change nothing, not
+    even the running statistics of a copy with none).
+
+    Args:
+        nets: the K networks to stack (same options; their weights are copied): :meth:`unstack`
+            gives them back with the trained weights.
+    """
+
+    def __init__(self, nets: list[STSTNet]) -> None:
+        super().__init__()
+        first = nets[0]
+        if first.au is not None:
+            raise ValueError("StackedSTSTNet stacks the emotion head only: build the nets with au_head=False")
+        self.k, self.in_channels = len(nets), first.in_channels
+        self.templates = [first]  # a plain list: not a submodule (unstack copies into fresh ones)
+        streams = range(len(_STREAMS))
+
+        def cat(s: int, layer: int, name: str) -> Tensor:  # stream s's tensors of the K copies, fold-major
+            return torch.cat([getattr(n.streams[s][layer], name).detach() for n in nets]).clone()
+
+        self.conv_w = nn.ParameterList(nn.Parameter(cat(s, 0, "weight")) for s in streams)
+        self.conv_b = nn.ParameterList(nn.Parameter(cat(s, 0, "bias")) for s in streams)
+        self.batch_norm = not isinstance(first.streams[0][2], nn.Identity)
+        if self.batch_norm:
+            self.bn_w = nn.ParameterList(nn.Parameter(cat(s, 2, "weight")) for s in streams)
+            self.bn_b = nn.ParameterList(nn.Parameter(cat(s, 2, "bias")) for s in streams)
+            for s in streams:
+                self.register_buffer(f"bn_mean{s}", cat(s, 2, "running_mean"))
+                self.register_buffer(f"bn_var{s}", cat(s, 2, "running_var"))
+            self.bn_momentum, self.bn_eps = first.streams[0][2].momentum, first.streams[0][2].eps
+        self.dropout = first.streams[0][4].p
+        self.fc_w = nn.Parameter(torch.stack([n.fc.weight.detach() for n in nets]).clone())  # (K, C, 400)
+        self.fc_b = nn.Parameter(torch.stack([n.fc.bias.detach() for n in nets]).clone())  # (K, C)
+        self.pool = first.pool
+
+    def _norm(self, x: Tensor, s: int, mask: Tensor | None) -> Tensor:
+        mean, var = getattr(self, f"bn_mean{s}"), getattr(self, f"bn_var{s}")
+        if not self.training:
+            return nn.functional.batch_norm(x, mean, var, self.bn_w[s], self.bn_b[s], False, 0.0, self.bn_eps)
+        b, c, h, w = x.shape
+        f = c // self.k
+        m = (torch.ones(b, self.k, dtype=x.dtype, device=x.device) if mask is None else mask.to(x.dtype))
+        m = m.repeat_interleave(f, dim=1)[:, :, None, None]  # (B, K*F, 1, 1): copy k's real samples
+        count = m.sum(0).flatten() * h * w  # per channel
+        safe = count.clamp(min=1)
+        batch_mean = (x * m).sum((0, 2, 3)) / safe
+        centred = x - batch_mean[None, :, None, None]
+        batch_var = (centred.square() * m).sum((0, 2, 3)) / safe
+        with torch.no_grad():  # running statistics as nn.BatchNorm2d keeps them (unbiased variance)
+            live = count > 1
+            unbiased = batch_var * count / (count - 1).clamp(min=1)
+            mean.copy_(torch.where(live, (1 - self.bn_momentum) * mean + self.bn_momentum * batch_mean, mean))
+            var.copy_(torch.where(live, (1 - self.bn_momentum) * var + self.bn_momentum * unbiased, var))
+        scale = self.bn_w[s] / torch.sqrt(batch_var + self.bn_eps)
+        return centred * scale[None, :, None, None] + self.bn_b[s][None, :, None, None]
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Logits ``(B, K, num_classes)`` of ``x`` ``(B, K, C, H, W)``; ``mask`` ``(B, K)`` bool: the
+        real samples of each copy (training batch norm; None: all)."""
+        b, k, c, h, w = x.shape
+        x = x.reshape(b, k * c, h, w)
+        features = []
+        for s in range(len(_STREAMS)):
+            y = torch.relu(nn.functional.conv2d(x, self.conv_w[s], self.conv_b[s], padding=1, groups=k))
+            if self.batch_norm:
+                y = self._norm(y, s, mask)
+            y = nn.functional.max_pool2d(y, 3, stride=3, padding=1)
+            y = nn.functional.dropout(y, self.dropout, self.training)
+            y = self.pool(y)
+            features.append(y.reshape(b, k, -1))
+        features = torch.cat(features, dim=2)  # (B, K, 400): copy k's streams in STSTNet's order
+        return torch.einsum("bki,kci->bkc", features, self.fc_w) + self.fc_b
+
+    def unstack(self) -> list[STSTNet]:
+        """The K trained networks as plain STSTNets (weights and batch-norm statistics copied)."""
+        import copy
+
+        nets = []
+        for j in range(self.k):
+            net = copy.deepcopy(self.templates[0])
+            with torch.no_grad():
+                for s in range(len(_STREAMS)):
+                    conv = net.streams[s][0]
+                    f = conv.out_channels
+                    conv.weight.copy_(self.conv_w[s][j * f:(j + 1) * f])
+                    conv.bias.copy_(self.conv_b[s][j * f:(j + 1) * f])
+                    if self.batch_norm:
+                        bn = net.streams[s][2]
+                        bn.weight.copy_(self.bn_w[s][j * f:(j + 1) * f])
+                        bn.bias.copy_(self.bn_b[s][j * f:(j + 1) * f])
+                        bn.running_mean.copy_(getattr(self, f"bn_mean{s}")[j * f:(j + 1) * f])
+                        bn.running_var.copy_(getattr(self, f"bn_var{s}")[j * f:(j + 1) * f])
+                net.fc.weight.copy_(self.fc_w[j])
+                net.fc.bias.copy_(self.fc_b[j])
+            nets.append(net)
+        return nets
