@@ -157,13 +157,13 @@ test-slurm: $(STAMP) ## SLURM tier on a throw-away local cluster (root; apt-inst
 test-gpu: $(STAMP) ## GPU tests (needs CUDA)
 	$(BIN)/python -m pytest -m gpu -q
 
-bench: $(STAMP) ## Throughput: training, preprocessing, loader alone, threads, LOSO JOBS=1 vs 2, tiny-model LOSO vs a bare loop [TINY_FOLDS=8]
+bench: $(STAMP) ## Throughput: training, preprocessing, loader alone, threads, LOSO JOBS=1 vs 2, tiny-model LOSO vs a bare loop [TINY_FOLDS= TINY_SEQUENTIAL=4]
 	$(BIN)/python bench/throughput.py $(ARGS)
 	$(BIN)/python bench/preprocess.py
 	$(BIN)/python bench/loader.py
 	$(BIN)/python bench/threads.py
 	$(BIN)/python bench/loso_jobs.py
-	$(BIN)/python bench/tiny_loso.py --folds $(or $(TINY_FOLDS),8)
+	$(BIN)/python bench/tiny_loso.py $(if $(TINY_FOLDS),--folds $(TINY_FOLDS)) --sequential $(or $(TINY_SEQUENTIAL),4)
 
 clean: ## Remove runs, caches and test leftovers (keeps .venv and data/)
 	rm -rf runs .cache .pytest_cache .hypothesis wandb bench/out

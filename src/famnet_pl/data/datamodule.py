@@ -627,10 +627,13 @@ def _stream_fold(fold: int) -> int:
 
 def _channel_stats(dataset: MERDataset, idx: np.ndarray) -> dict[str, np.ndarray]:
     """Per-channel mean/std of both views over the given (training) rows."""
-    x2d = np.stack([dataset.view_2d(i) for i in idx])
+    # The rows at once (the values and layout of np.stack over view_2d / view_3d, so the same sums).
+    rows = np.asarray(idx)
+    x2d = np.concatenate([as_float(torch.from_numpy(np.asarray(dataset.arrays[name])[rows])).numpy()
+                          for name in VIEWS_2D[dataset.input_2d]], axis=-1)
     stats = {"mean_2d": x2d.mean(axis=(0, 1, 2)), "std_2d": x2d.std(axis=(0, 1, 2)) + 1e-6}
-    if dataset.view_3d(int(idx[0])) is not None:
-        x3d = np.stack([dataset.view_3d(i) for i in idx])
+    if "clip" in dataset.arrays:
+        x3d = as_float(torch.from_numpy(np.asarray(dataset.arrays["clip"])[rows])).numpy()
         stats |= {"mean_3d": x3d.mean(axis=(0, 1, 2, 3)), "std_3d": x3d.std(axis=(0, 1, 2, 3)) + 1e-6}
     return stats
 

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 # Filters of the three streams (paper).
-_STREAMS = (3, 5, 8)
+STREAMS = (3, 5, 8)
 # Spatial size of the pooled map at the paper's 28 x 28 input: 28 -> maxpool/3 -> 10 -> avgpool/2 -> 5.
 _GRID = 5
 
@@ -68,10 +68,10 @@ class STSTNet(nn.Module):
                 nn.BatchNorm2d(filters) if batch_norm else nn.Identity(),
                 nn.MaxPool2d(3, stride=3, padding=1), nn.Dropout(dropout),
             )
-            for filters in _STREAMS
+            for filters in STREAMS
         )
         self.pool = nn.Sequential(nn.AvgPool2d(2, stride=2), nn.AdaptiveAvgPool2d(_GRID))
-        features = sum(_STREAMS) * _GRID * _GRID
+        features = sum(STREAMS) * _GRID * _GRID
         self.fc = nn.Linear(features, num_classes)
         self.au = nn.Linear(features, num_aus) if au_head else None
 
@@ -101,15 +101,18 @@ class StackedSTSTNet(nn.Module):
     """K independent STSTNets computed as one network: fold k's copy sees channel group k only.
 
     Every layer of STSTNet acts per sample and, except the convolutions and the linear layer, per
-    channel; so K copies stack exactly: convolutions become grouped (``groups=K``), batch norm and
-    pooling run over the K x F channels (each channel belongs to one copy), and the linear layer is
-    a batched matrix product. Training K small networks this way costs one network's kernel launches
-    instead of K (the LOSO runner's ``--stack-folds``: all folds of a tiny model at once).
+    channel; so K copies stack exactly. The three streams' convolutions read the same input, so
+    per copy they are one convolution with 3 + 5 + 8 = 16 filters (in the order STSTNet
+    concatenates them), and the K copies one grouped convolution (``groups=K``, channels-last,
+    which oneDNN's grouped kernels want); batch norm and pooling run over the K x 16 channels (each
+    belongs to one copy) and the linear layer is a batched matrix product. K small networks then
+    cost one network's kernel launches (the LOSO runner's ``--stack-folds``).
 
     Data flow::
 
-        x (B, K, 3, H, W), copy k's batch in [:, k] -> (B, K*3, H, W) -> stream convs (groups=K)
-            -> ReLU -> masked BN -> MaxPool -> Dropout -> AvgPool -> AdaptiveAvgPool
+        x (B, K, 3, H, W), copy k's batch in [:, k] -> (B, K*3, H, W) -> conv 3x3 (K*16, groups=K)
+            -> ReLU -> batch norm (statistics of the full map, applied after pooling) -> MaxPool 3/3
+            -> Dropout -> AvgPool 2/2 -> AdaptiveAvgPool 5
             -> per copy (B, K, 400) -> per-copy Linear -> logits (B, K, num_classes)
 
     Batch norm in training mode averages over the samples that ``mask`` marks for each copy (copies
@@ -128,83 +131,107 @@ class StackedSTSTNet(nn.Module):
             raise ValueError("StackedSTSTNet stacks the emotion head only: build the nets with au_head=False")
         self.k, self.in_channels = len(nets), first.in_channels
         self.templates = [first]  # a plain list: not a submodule (unstack copies into fresh ones)
-        streams = range(len(_STREAMS))
 
-        def cat(s: int, layer: int, name: str) -> Tensor:  # stream s's tensors of the K copies, fold-major
-            return torch.cat([getattr(n.streams[s][layer], name).detach() for n in nets]).clone()
+        def cat(layer: int, name: str) -> Tensor:  # per copy its streams' tensors, copies one after another
+            return torch.cat([getattr(n.streams[s][layer], name).detach() for n in nets
+                              for s in range(len(STREAMS))]).clone()
 
-        self.conv_w = nn.ParameterList(nn.Parameter(cat(s, 0, "weight")) for s in streams)
-        self.conv_b = nn.ParameterList(nn.Parameter(cat(s, 0, "bias")) for s in streams)
+        self.conv_w, self.conv_b = nn.Parameter(cat(0, "weight")), nn.Parameter(cat(0, "bias"))
         self.batch_norm = not isinstance(first.streams[0][2], nn.Identity)
         if self.batch_norm:
-            self.bn_w = nn.ParameterList(nn.Parameter(cat(s, 2, "weight")) for s in streams)
-            self.bn_b = nn.ParameterList(nn.Parameter(cat(s, 2, "bias")) for s in streams)
-            for s in streams:
-                self.register_buffer(f"bn_mean{s}", cat(s, 2, "running_mean"))
-                self.register_buffer(f"bn_var{s}", cat(s, 2, "running_var"))
+            self.bn_w, self.bn_b = nn.Parameter(cat(2, "weight")), nn.Parameter(cat(2, "bias"))
+            self.register_buffer("bn_mean", cat(2, "running_mean"))
+            self.register_buffer("bn_var", cat(2, "running_var"))
             self.bn_momentum, self.bn_eps = first.streams[0][2].momentum, first.streams[0][2].eps
         self.dropout = first.streams[0][4].p
         self.fc_w = nn.Parameter(torch.stack([n.fc.weight.detach() for n in nets]).clone())  # (K, C, 400)
         self.fc_b = nn.Parameter(torch.stack([n.fc.bias.detach() for n in nets]).clone())  # (K, C)
         self.pool = first.pool
 
-    def _norm(self, x: Tensor, s: int, mask: Tensor | None) -> Tensor:
-        mean, var = getattr(self, f"bn_mean{s}"), getattr(self, f"bn_var{s}")
+    def _statistics(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Batch norm's per-channel mean and (biased) variance: over each copy's real samples in
+        training (running statistics updated as nn.BatchNorm2d does, unbiased), running ones in eval."""
         if not self.training:
-            return nn.functional.batch_norm(x, mean, var, self.bn_w[s], self.bn_b[s], False, 0.0, self.bn_eps)
+            return self.bn_mean, self.bn_var
         b, c, h, w = x.shape
-        f = c // self.k
-        m = (torch.ones(b, self.k, dtype=x.dtype, device=x.device) if mask is None else mask.to(x.dtype))
-        m = m.repeat_interleave(f, dim=1)[:, :, None, None]  # (B, K*F, 1, 1): copy k's real samples
-        count = m.sum(0).flatten() * h * w  # per channel
+        # From the sums of y and y^2 (one pass each, and cheaper backward than torch.var_mean over
+        # (B, H, W) on CPU); y >= 0 after the ReLU and var is clamped, so the cancellation is harmless.
+        if mask is None or bool(mask.all()):  # every copy's batch is whole
+            count = torch.full((c,), float(b * h * w), device=x.device)
+            total, squares = x.sum((0, 2, 3)), x.square().sum((0, 2, 3))
+        else:
+            m = mask.to(x.dtype).repeat_interleave(c // self.k, dim=1)[:, :, None, None]  # (B, K*F, 1, 1)
+            count = m.sum(0).flatten() * h * w  # per channel: its copy's real samples x pixels
+            total, squares = (x * m).sum((0, 2, 3)), (x.square() * m).sum((0, 2, 3))
         safe = count.clamp(min=1)
-        batch_mean = (x * m).sum((0, 2, 3)) / safe
-        centred = x - batch_mean[None, :, None, None]
-        batch_var = (centred.square() * m).sum((0, 2, 3)) / safe
-        with torch.no_grad():  # running statistics as nn.BatchNorm2d keeps them (unbiased variance)
-            live = count > 1
-            unbiased = batch_var * count / (count - 1).clamp(min=1)
-            mean.copy_(torch.where(live, (1 - self.bn_momentum) * mean + self.bn_momentum * batch_mean, mean))
-            var.copy_(torch.where(live, (1 - self.bn_momentum) * var + self.bn_momentum * unbiased, var))
-        scale = self.bn_w[s] / torch.sqrt(batch_var + self.bn_eps)
-        return centred * scale[None, :, None, None] + self.bn_b[s][None, :, None, None]
+        mean = total / safe
+        var = (squares / safe - mean.square()).clamp(min=0)
+        with torch.no_grad():
+            live, momentum = count > 1, self.bn_momentum
+            unbiased = var * count / (count - 1).clamp(min=1)
+            self.bn_mean.copy_(torch.where(live, (1 - momentum) * self.bn_mean + momentum * mean, self.bn_mean))
+            self.bn_var.copy_(torch.where(live, (1 - momentum) * self.bn_var + momentum * unbiased, self.bn_var))
+        return mean, var
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        """Logits ``(B, K, num_classes)`` of ``x`` ``(B, K, C, H, W)``; ``mask`` ``(B, K)`` bool: the
-        real samples of each copy (training batch norm; None: all)."""
+    def forward(self, x: Tensor, mask: Tensor | None = None, noise: Tensor | None = None) -> Tensor:
+        """Logits ``(B, K, num_classes)`` of ``x`` ``(B, K, C, H, W)``.
+
+        Args:
+            x: copy k's batch in ``x[:, k]``.
+            mask: ``(B, K)`` bool, the real samples of each copy (training batch norm; None: all).
+            noise: ``(B, K, 16, h, w)`` uniform random bytes (uint8) for dropout after the max pooling
+                (h, w: its output side): an element is kept when its byte is >= 256 p, so ``p`` is
+                rounded to 1/256 (0.5, STSTNet's, is exact). The caller draws them per copy, so that a
+                copy's dropout does not depend on which copies are stacked beside it (and bytes cost
+                less to draw than floats); None: ``F.dropout`` (one stream).
+        """
         b, k, c, h, w = x.shape
-        x = x.reshape(b, k * c, h, w)
-        features = []
-        for s in range(len(_STREAMS)):
-            y = torch.relu(nn.functional.conv2d(x, self.conv_w[s], self.conv_b[s], padding=1, groups=k))
-            if self.batch_norm:
-                y = self._norm(y, s, mask)
+        x = x.reshape(b, k * c, h, w).contiguous(memory_format=torch.channels_last)
+        # channels-last for the grouped convolution (oneDNN's fast grouped kernels), then back to
+        # NCHW, where CPU pooling is faster
+        y = torch.relu_(nn.functional.conv2d(x, self.conv_w, self.conv_b, padding=1, groups=k).contiguous())
+        if self.batch_norm:
+            # Batch norm is a per-channel affine map a * y + c once its statistics are known, and max
+            # pooling commutes with a monotone map: pool first, then apply it to the 9x smaller map
+            # (a min-pool where a < 0). The statistics still come from the full map. Same values as
+            # norm-then-pool up to rounding, with two passes over the full map fewer each way.
+            mean, var = self._statistics(y, mask)
+            scale = self.bn_w / torch.sqrt(var + self.bn_eps)
+            shift = (self.bn_b - mean * scale)[None, :, None, None]
+            pooled = nn.functional.max_pool2d(y, 3, stride=3, padding=1)
+            if bool((scale < 0).any()):
+                low = -nn.functional.max_pool2d(-y, 3, stride=3, padding=1)
+                pooled = torch.where((scale >= 0)[None, :, None, None], pooled, low)
+            y = pooled * scale[None, :, None, None] + shift
+        else:
             y = nn.functional.max_pool2d(y, 3, stride=3, padding=1)
+        if self.training and noise is not None and self.dropout:
+            threshold = round(self.dropout * 256)
+            y = y * (noise.reshape(y.shape) >= threshold) / (1 - threshold / 256)
+        else:
             y = nn.functional.dropout(y, self.dropout, self.training)
-            y = self.pool(y)
-            features.append(y.reshape(b, k, -1))
-        features = torch.cat(features, dim=2)  # (B, K, 400): copy k's streams in STSTNet's order
+        features = self.pool(y).reshape(b, k, -1)  # (B, K, 400): copy k's streams in STSTNet's order
         return torch.einsum("bki,kci->bkc", features, self.fc_w) + self.fc_b
 
     def unstack(self) -> list[STSTNet]:
         """The K trained networks as plain STSTNets (weights and batch-norm statistics copied)."""
         import copy
 
-        nets = []
+        nets, per_copy = [], sum(STREAMS)
         for j in range(self.k):
             net = copy.deepcopy(self.templates[0])
+            first = j * per_copy
             with torch.no_grad():
-                for s in range(len(_STREAMS)):
-                    conv = net.streams[s][0]
-                    f = conv.out_channels
-                    conv.weight.copy_(self.conv_w[s][j * f:(j + 1) * f])
-                    conv.bias.copy_(self.conv_b[s][j * f:(j + 1) * f])
+                for s, filters in enumerate(STREAMS):
+                    rows = slice(first, first + filters)
+                    net.streams[s][0].weight.copy_(self.conv_w[rows])
+                    net.streams[s][0].bias.copy_(self.conv_b[rows])
                     if self.batch_norm:
                         bn = net.streams[s][2]
-                        bn.weight.copy_(self.bn_w[s][j * f:(j + 1) * f])
-                        bn.bias.copy_(self.bn_b[s][j * f:(j + 1) * f])
-                        bn.running_mean.copy_(getattr(self, f"bn_mean{s}")[j * f:(j + 1) * f])
-                        bn.running_var.copy_(getattr(self, f"bn_var{s}")[j * f:(j + 1) * f])
+                        for name, stacked in (("weight", self.bn_w), ("bias", self.bn_b),
+                                              ("running_mean", self.bn_mean), ("running_var", self.bn_var)):
+                            getattr(bn, name).copy_(stacked[rows])
+                    first += filters
                 net.fc.weight.copy_(self.fc_w[j])
                 net.fc.bias.copy_(self.fc_b[j])
             nets.append(net)
