@@ -6,10 +6,17 @@ import json
 
 import pandas as pd
 import pytest
+import yaml
 
 from famnet_pl.data import fabricate
 from famnet_pl.loso import run_loso
-from famnet_pl.loso.rundir import PREDICTIONS, PREDICTIONS_EPOCHS, VAL_PREDICTIONS_EPOCHS, finished_folds
+from famnet_pl.loso.rundir import (
+    FOLD_CONFIG,
+    PREDICTIONS,
+    PREDICTIONS_EPOCHS,
+    VAL_PREDICTIONS_EPOCHS,
+    finished_folds,
+)
 from famnet_pl.utils.errors import BadInput
 from tests.conftest import tiny_args
 
@@ -40,6 +47,8 @@ def test_stacked_folds_write_every_fold_and_a_summary(flow_tree, tmp_path):
         assert meta["subject"] not in meta["split"]["train"] + meta["split"]["val"]
         assert sorted(pd.read_csv(fold / PREDICTIONS_EPOCHS)["epoch"].unique()) == [0, 1, 2]
         assert set(pd.read_csv(fold / VAL_PREDICTIONS_EPOCHS)["subject"]) == set(meta["split"]["val"])
+        config = yaml.safe_load((fold / FOLD_CONFIG).read_text())
+        assert config["model"]["model"] == "ststnet" and config["data"]["init_args"]["fold"] == meta["fold"]
     assert "loso/uf1" in summary and "loso_val/uf1" in summary
 
 

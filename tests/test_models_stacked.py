@@ -25,7 +25,8 @@ def test_stacked_copies_compute_what_each_network_computes():
         torch.testing.assert_close(out[:, j], own, atol=1e-5, rtol=1e-5)
         own.square().sum().backward()
         rows = slice(16 * j + 3, 16 * j + 8)  # copy j's second stream (5 filters after the first's 3)
-        torch.testing.assert_close(stacked.conv_w.grad[rows], net.streams[1][0].weight.grad, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(stacked.conv_w.grad[rows], net.streams[1][0].weight.grad,
+                                   atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(stacked.fc_w.grad[j], net.fc.weight.grad, atol=1e-4, rtol=1e-4)
     for j, back in enumerate(stacked.unstack()):  # running statistics and weights come back per copy
         torch.testing.assert_close(back.streams[2][2].running_mean, nets[j].streams[2][2].running_mean)

@@ -54,7 +54,7 @@ from famnet_pl.data.frames import FlowAlgorithm
 from famnet_pl.data.manifest import ApexFix, ManifestError, build_manifest, part_root, part_sheet
 from famnet_pl.data.preprocess import Prepared, ViewConfig, preprocess
 from famnet_pl.data.protocols import PROTOCOLS, ProtocolError, dataset_protocols, get_dataset, get_protocol
-from famnet_pl.data.transforms import ClipAugment, hflip_points, move_points
+from famnet_pl.data.transforms import ClipAugment, hflip_points, move_points, params_tensor
 from famnet_pl.data.views import INPUT_2D_CHANNELS, VIEWS_2D, BatchViews, as_float, rgb_channels
 
 log = logging.getLogger(__name__)
@@ -94,19 +94,19 @@ class MERDataset(Dataset):
 
     def __getitem__(self, item: int) -> dict[str, torch.Tensor]:
         i = int(self.indices[item])
-        out = {name: torch.from_numpy(np.array(self.arrays[name][i]))  # a copy out of the mmap
+        out = {name: torch.from_numpy(np.asarray(self.arrays[name][i]))  # the mmap's rows: collate copies
                for name in {*VIEWS_2D[self.input_2d], "clip"} if name in self.arrays}
         landmarks = np.array(self.arrays["landmarks"][i], np.float32) if "landmarks" in self.arrays else None
         if self.augment is not None:
             side = self.arrays[VIEWS_2D[self.input_2d][0]].shape[1:3]
             params = self.augment.draw(*side, photometric=self._rgb["x2d"] is not None)
-            out |= {f"aug2d_{k}": torch.tensor(v, dtype=torch.float64) for k, v in params.items()}
+            out["aug2d"] = params_tensor(params)
             if landmarks is not None:  # the landmarks move with the 2D view they locate regions in
                 landmarks = move_points(landmarks, params, side[1], side[0])
             if "clip" in out:
                 clip = self.arrays["clip"].shape[2:4]
                 params = self.augment.draw(*clip, photometric=self._rgb["x3d"] is not None)
-                out |= {f"aug3d_{k}": torch.tensor(v, dtype=torch.float64) for k, v in params.items()}
+                out["aug3d"] = params_tensor(params)
         if landmarks is not None:
             out["landmarks"] = torch.from_numpy(landmarks)
         if self.tta == "hflip":  # the mirrored sample too (views.BatchViews): the model averages both

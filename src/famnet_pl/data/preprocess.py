@@ -442,4 +442,6 @@ def _pack(entries: list[tuple[str, Path]], pack: Path, meta: dict) -> list[str]:
 
 
 def _load(pack: Path) -> dict[str, np.ndarray]:
-    return {n: np.load(pack / f"{n}.npy", mmap_mode="r") for n in VIEWS if (pack / f"{n}.npy").is_file()}
+    # Copy-on-write maps: the pack on disk never changes, and a sample's rows become tensors without
+    # a copy (torch refuses read-only memory); nothing writes to them (a write would stay private).
+    return {n: np.load(pack / f"{n}.npy", mmap_mode="c") for n in VIEWS if (pack / f"{n}.npy").is_file()}

@@ -34,8 +34,14 @@ from torch import Tensor  # noqa: E402
 #: Landmark order after a horizontal flip: the image-left eye becomes the image-right one, and so on
 #: (face.Landmarks order: eye L, eye R, nose, mouth L, mouth R).
 FLIP_ORDER = (1, 0, 2, 4, 3)
-#: Keys of one view's drawn parameters in a batch, after the view's prefix (``aug2d_flip``...).
+#: One view's drawn parameters, in the order of a batch's ``aug2d`` / ``aug3d`` columns.
 PARAMS = ("flip", "dx", "dy", "photo", "alpha", "beta")
+
+
+def params_tensor(params: dict[str, float]) -> Tensor:
+    """A sample's drawn parameters as one float64 ``(6,)`` tensor in :data:`PARAMS` order (one
+    tensor, not six, per view: a DataLoader worker sends every tensor of a batch separately)."""
+    return torch.tensor([params[k] for k in PARAMS], dtype=torch.float64)
 
 
 class ClipAugment:
@@ -61,8 +67,7 @@ class ClipAugment:
             [A.RandomBrightnessContrast(brightness_limit=brightness, contrast_limit=contrast, p=0.8)],
             seed=seed + 1, save_applied_params=True,
         )
-        self._shapes: dict[tuple[int, int], np.ndarray] = {}  # stand-ins by side (see draw)
-        self._pixel = np.zeros((1, 1, 1, 3), np.float32)
+        self._pixel = np.zeros((1, 1, 1, 3), np.float32)  # brightness scales with its dtype's range
 
     def reseed(self, seed: int) -> None:
         """Give a DataLoader worker its own stream."""
@@ -91,19 +96,24 @@ class ClipAugment:
         brightness/contrast applies (``photo``) with its ``alpha`` (contrast) and ``beta``
         (brightness); identity values where a transform did not fire.
 
-        The draws come from albumentations run on a one-pixel-deep stand-in of the view's shape:
-        its parameters depend on the shape only, so the stream is the one applying it to the
-        frames would consume."""
-        stand_in = self._shapes.setdefault((height, width), np.zeros((1, height, width, 1), np.float32))
-        applied = dict(self.geometric(images=stand_in)["applied_transforms"])
-        shift = applied["Affine"]["matrix"][:2, 2]
-        params = {"flip": float("HorizontalFlip" in applied), "dx": float(shift[0]), "dy": float(shift[1]),
+        The draws are albumentations' own: the calls its ``Compose`` makes, in its order, on each
+        transform's seeded stream (the Compose's draw, then per transform ``should_apply`` and its
+        shape-dependent parameters), without warping a stand-in image. So the streams advance
+        exactly as applying the transforms to the frames would advance them
+        (tests/test_data_transforms.py checks the arrays against albumentations itself)."""
+        self.geometric.py_random.random()  # Compose's "need to run" draw (p=1: it always runs)
+        flip, affine = self.geometric.transforms
+        flipped = flip.should_apply()
+        shift = affine.get_params_dependent_on_data({"shape": (height, width)}, {})["matrix"][:2, 2]
+        params = {"flip": float(flipped), "dx": float(shift[0]), "dy": float(shift[1]),
                   "photo": 0.0, "alpha": 1.0, "beta": 0.0}
         if photometric:
-            done = dict(self.photometric(images=self._pixel)["applied_transforms"])
-            if "RandomBrightnessContrast" in done:
-                bc = done["RandomBrightnessContrast"]
-                params |= {"photo": 1.0, "alpha": float(np.float32(bc["alpha"])), "beta": float(bc["beta"])}
+            self.photometric.py_random.random()
+            (change,) = self.photometric.transforms
+            if change.should_apply():
+                drawn = change.get_params_dependent_on_data({}, {"images": self._pixel})
+                alpha = float(np.float32(drawn["alpha"]))  # albucore multiplies by a float32 array
+                params |= {"photo": 1.0, "alpha": alpha, "beta": float(drawn["beta"])}
         return params
 
     def draw_many(self, rng: np.random.Generator, n: int, height: int, width: int) -> dict[str, Tensor]:

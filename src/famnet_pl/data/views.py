@@ -5,7 +5,7 @@ Data flow::
 
     MERDataset item (CPU, DataLoader worker): the cache's arrays as stored
         {"apex"/"onset": uint8 (S, S, 3), "flow": float32 (S, S, 3), "clip": uint8 or float32
-         (T, s, s, 3), "aug2d_*"/"aug3d_*": drawn parameters, ["tta"], label, au, ...}
+         (T, s, s, 3), "aug2d"/"aug3d": drawn parameters (6,), ["tta"], label, au, ...}
     -> default collate -> (pinned) transfer -> BatchViews(batch) on the device:
         2D: parts -> float (uint8 / 255) -> concatenated in VIEWS_2D order -> apply_clip
             -> (x - mean) / std -> x2d (B, C, S, S)
@@ -85,12 +85,12 @@ class BatchViews:
         ``x2d_flip``/``x3d_flip``); a batch that holds ``x2d`` already is returned as it is."""
         if "x2d" in batch or not any(k in batch for k in RAW):
             return batch
-        out = {k: v for k, v in batch.items() if k not in RAW and not k.startswith("aug") and k != "tta"}
+        out = {k: v for k, v in batch.items() if k not in (*RAW, "aug2d", "aug3d", "tta")}
         x2d = torch.cat([as_float(batch[name]) for name in VIEWS_2D[self.input_2d]], dim=-1)[:, None]
         views = {"x2d": x2d} | ({"x3d": as_float(batch["clip"])} if "clip" in batch else {})
-        for key, prefix in (("x2d", "aug2d_"), ("x3d", "aug3d_")):
-            if key in views and f"{prefix}flip" in batch:
-                params = {p: batch[prefix + p] for p in PARAMS}
+        for key, drawn in (("x2d", "aug2d"), ("x3d", "aug3d")):
+            if key in views and drawn in batch:
+                params = dict(zip(PARAMS, batch[drawn].unbind(1)))
                 views[key] = apply_clip(views[key], params, rgb=self.rgb[key], flow_u=self.flow_u[key])
         out |= self._normalise(views)
         if "tta" in batch and bool(batch["tta"].any()):  # the mirrored sample: the model averages both

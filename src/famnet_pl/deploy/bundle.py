@@ -158,11 +158,13 @@ def load_bundle(model_dir: str | Path) -> tuple[MERLitModule, Preprocessing]:
                        f"{PREPROCESS_JSON} describes {preprocessing.model} with {len(preprocessing.classes)} "
                        "(a checkpoint from another model); keep each model.ckpt with its own preprocess.json")
     # The trained weights replace any initial ones: pretrained-weight options (a file, a download)
-    # of the training machine are not needed where the model is used.
+    # of the training machine are not needed where the model is used; nor is compiling it (tens of
+    # seconds for a few clips, and export traces the plain network).
     net = {k: v for k, v in (hparams.get("net") or {}).items() if not k.startswith("pretrained_")}
     try:
         # Lightning's loader: it also re-instantiates LightningCLI-saved hyperparameters (dataclasses).
-        module = MERLitModule.load_from_checkpoint(path, map_location="cpu", weights_only=False, net=net)
+        module = MERLitModule.load_from_checkpoint(path, map_location="cpu", weights_only=False, net=net,
+                                                  compile=False)
     except (KeyError, RuntimeError, TypeError, ValueError) as exc:
         raise BadInput(f"{not_ours[0]} this version can build ({type(exc).__name__}: "
                        f"{str(exc).splitlines()[0][:200]}); {not_ours[1]}") from None

@@ -30,7 +30,7 @@ import yaml
 from famnet_pl.config import build_cli
 from famnet_pl.deploy.bundle import MODEL_CARD_JSON, MODEL_CARD_MD, write_bundle
 from famnet_pl.loso.plan import git_state
-from famnet_pl.loso.rundir import FINAL, SUMMARY, read_plan
+from famnet_pl.loso.rundir import FINAL, FOLD_CONFIG, SUMMARY, read_plan
 from famnet_pl.loso.runner import _set_threads
 from famnet_pl.metrics import best_epoch
 from famnet_pl.utils.errors import BadInput
@@ -50,7 +50,7 @@ def from_run(run_dir: str | Path) -> dict:
     if not summary_path.is_file():
         raise BadInput(f"--from-run {run_dir}: no {SUMMARY}; give a finished famnet-pl loso run "
                        "(runs/<exp>/<dataset>)")
-    configs = sorted(run_dir.glob("fold_*/config.yaml"))
+    configs = sorted(run_dir.glob(f"fold_*/{FOLD_CONFIG}"))
     try:
         summary = json.loads(summary_path.read_text())
         by_epoch = {int(e): float(v) for e, v in (summary.get("val_uf1_by_epoch") or {}).items()}

@@ -8,6 +8,7 @@ Layout::
       slurm_jobs.txt                        job ids of the last SLURM submission (resubmission guard)
       logs/fold_<kk>.log                    fold-parallel processes; logs/submitit/ (SLURM, Python path)
       fold_<kk>_<subject>/                  one fold (callback.py writes it, runner.py wipes a partial one)
+        config.yaml                         the fold's resolved config (train-final --from-run reads it)
         predictions.csv                     headline (last epoch); written LAST: the fold-done marker
         predictions_epochs.csv              every evaluated epoch (validation-selected epoch, oracle)
         val_predictions_epochs.csv          inner-validation subjects, every evaluated epoch
@@ -37,6 +38,7 @@ PREDICTIONS_EPOCHS = "predictions_epochs.csv"
 VAL_PREDICTIONS_EPOCHS = "val_predictions_epochs.csv"
 METRICS = "metrics.json"
 TRAIN_LOG = "metrics.csv"  # CSVLogger's file name, which loso/stacked.py writes too
+FOLD_CONFIG = "config.yaml"  # the fold's resolved LightningCLI config (SaveConfigCallback's name)
 FAILED = "failed.json"
 CHECKPOINTS = "checkpoints"
 HPC_CHECKPOINTS = "hpc_ckpt_*.ckpt"  # Lightning's mid-epoch SLURM checkpoints: never resumed from

@@ -24,7 +24,8 @@ Data flow::
         the end, per fold: callback.write_fold_records, [--keep-models: its network unstacked into
             a model directory], predictions.csv last (the fold-done marker)
 
-Each fold's result is its own: its copy never sees another fold's samples (the convolutions are
+Training runs in float32 on the Trainer's device whatever ``trainer.precision`` says. Each fold's
+result is its own: its copy never sees another fold's samples (the convolutions are
 grouped, batch norm is per channel and averages over the copy's own real samples, the loss is a
 sum of per-fold terms, Adam and weight decay are elementwise). What differs from the sequential
 run is which batches and augmentation draws each fold gets, so the scores differ from it as
@@ -35,7 +36,6 @@ writes no fold; rerunning starts the pending folds again (there are no per-fold 
 from __future__ import annotations
 
 import copy
-import logging
 import math
 import shutil
 from dataclasses import dataclass
@@ -43,6 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
+import yaml
 from torch.utils.data import RandomSampler
 from tqdm.auto import tqdm
 
@@ -52,17 +53,15 @@ from famnet_pl.data.views import VIEWS_2D, as_float, flow_u_channels
 from famnet_pl.deploy.bundle import write_bundle
 from famnet_pl.loso.callback import prediction_table, write_fold_records
 from famnet_pl.loso.plan import LosoPlan
-from famnet_pl.loso.rundir import FAILED, PREDICTIONS, TRAIN_LOG
+from famnet_pl.loso.rundir import FAILED, FOLD_CONFIG, PREDICTIONS, TRAIN_LOG
 from famnet_pl.models.components.ststnet import STREAMS, StackedSTSTNet, STSTNet
 from famnet_pl.models.module import optimiser
 from famnet_pl.utils.errors import BadInput
-from famnet_pl.utils.io import atomic_write_bytes, atomic_write_csv, atomic_write_json
+from famnet_pl.utils.io import atomic_write_bytes, atomic_write_csv, atomic_write_json, atomic_write_text
 
-log = logging.getLogger(__name__)
-
-#: Folds trained together. Up to about 16 copies of STSTNet a step's tensors stay in the CPU's
-#: caches (6.2 ms per fold and step on 2 cores at 8 or 16, against 10.4 with all 69 at once);
-#: a fold's result does not depend on which folds share its stack (tests/test_loso_stacked.py).
+#: Folds trained together: on 2 CPU cores a training step costs about 6.2 ms per fold with 8 or 16
+#: copies stacked, and 7.5-10 ms with all 69 at once (a step's activations outgrow the caches). A
+#: fold's result does not depend on which folds share its stack (tests/test_loso_stacked.py).
 STACK = 16
 
 
@@ -89,6 +88,9 @@ def unsupported(cli) -> str | None:
         return f"model {hp.model} has no stacked form (STSTNet does: --model.model=ststnet)"
     if module.net.au is not None:
         return "net.au_head=true: the stacked network trains the emotion head only"
+    if cli.datamodule.hparams.input_2d != "flow":
+        return ("the stacked folds augment flow views only (flip and shift); data.input_2d="
+                f"{cli.datamodule.hparams.input_2d} would need brightness and contrast draws too")
     if getattr(trainer, "gradient_clip_val", None):
         return "trainer.gradient_clip_val clips the norm over all parameters, which would couple the folds"
     if trainer.accumulate_grad_batches != 1:
@@ -136,7 +138,7 @@ class _Stack:
         # (K, 1, 1, 1, C): fold k's training statistics
         self.mean = torch.stack([f.mean for f in folds]).to(device)[:, None, None, None, :]
         self.std = torch.stack([f.std for f in folds]).to(device)[:, None, None, None, :]
-        self.labels = torch.as_tensor(dm.manifest["label"].to_numpy(), dtype=torch.long, device=device)
+        self.labels = torch.tensor(dm.manifest["label"].to_numpy(), dtype=torch.long, device=device)
         self.net = StackedSTSTNet([copy.deepcopy(module.net) for _ in folds]).to(device)
         self.template = module.net
         self.augment = ClipAugment() if dm.hparams.augment else None
@@ -283,6 +285,7 @@ def _write(plan: LosoPlan, cli, stack: _Stack, records: dict, losses: dict, fail
     """Each fold's files, as a sequential fold writes them (predictions.csv last)."""
     dm, options, folds = cli.datamodule, plan.options, stack.folds
     nets = stack.net.cpu().unstack() if options.keep_models else None
+    config = yaml.safe_load(cli.parser.dump(cli.config))  # the run's; each fold's differs in data.fold
     for j, f in enumerate(folds):
         out = plan.fold_dir(f.k)
         shutil.rmtree(out, ignore_errors=True)  # what a killed earlier attempt left
@@ -296,6 +299,9 @@ def _write(plan: LosoPlan, cli, stack: _Stack, records: dict, losses: dict, fail
         tables = [[prediction_table(dm, dm.train_set, f.k, epoch, probs, np.zeros((len(rows), 0)), rows)
                    for epoch, rows, probs in records[f.k][slot]] for slot in (0, 1)]
         atomic_write_csv(out / TRAIN_LOG, pd.DataFrame(losses[f.k]))
+        data = config["data"].get("init_args", config["data"])  # subclass mode or a plain MERDataModule
+        data["fold"] = f.k
+        atomic_write_text(out / FOLD_CONFIG, yaml.safe_dump(config, sort_keys=False))
         predictions = write_fold_records(out, dm, f.k, tables[0], tables[1], config_hash=plan.config_hash)
         if nets is not None:  # the model directory needs the fold's own statistics: set it up
             dm.hparams.fold, dm._ready = f.k, False

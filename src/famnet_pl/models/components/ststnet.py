@@ -169,8 +169,8 @@ class StackedSTSTNet(nn.Module):
         with torch.no_grad():
             live, momentum = count > 1, self.bn_momentum
             unbiased = var * count / (count - 1).clamp(min=1)
-            self.bn_mean.copy_(torch.where(live, (1 - momentum) * self.bn_mean + momentum * mean, self.bn_mean))
-            self.bn_var.copy_(torch.where(live, (1 - momentum) * self.bn_var + momentum * unbiased, self.bn_var))
+            for buffer, value in ((self.bn_mean, mean), (self.bn_var, unbiased)):
+                buffer.copy_(torch.where(live, (1 - momentum) * buffer + momentum * value, buffer))
         return mean, var
 
     def forward(self, x: Tensor, mask: Tensor | None = None, noise: Tensor | None = None) -> Tensor:
