@@ -55,7 +55,7 @@ from famnet_pl.data.manifest import ApexFix, ManifestError, build_manifest, part
 from famnet_pl.data.preprocess import Prepared, ViewConfig, preprocess
 from famnet_pl.data.protocols import PROTOCOLS, ProtocolError, dataset_protocols, get_dataset, get_protocol
 from famnet_pl.data.transforms import ClipAugment, hflip_points, move_points, params_tensor
-from famnet_pl.data.views import INPUT_2D_CHANNELS, VIEWS_2D, BatchViews, as_float, rgb_channels
+from famnet_pl.data.views import INPUT_2D_CHANNELS, VIEWS_2D, BatchViews, raw_2d, raw_3d, rgb_channels
 
 log = logging.getLogger(__name__)
 
@@ -82,15 +82,14 @@ class MERDataset(Dataset):
 
     def view_2d(self, i: int) -> np.ndarray:
         """Un-normalised 2D input ``(S, S, C)`` float32 of manifest row ``i`` (normalisation statistics)."""
-        return np.concatenate([as_float(torch.from_numpy(np.array(self.arrays[name][i]))).numpy()
-                               for name in VIEWS_2D[self.input_2d]], axis=-1)
+        return raw_2d(self.arrays, self.input_2d, i).numpy()
 
     def view_3d(self, i: int) -> np.ndarray | None:
         """Un-normalised clip ``(T, s, s, 3)`` float32 of manifest row ``i`` (None: no clips): RGB frames
         in [0, 1], or the flow sequence (``clip_mode="flow"``) in pixels."""
         if "clip" not in self.arrays:
             return None
-        return as_float(torch.from_numpy(np.array(self.arrays["clip"][i]))).numpy()
+        return raw_3d(self.arrays, i).numpy()
 
     def __getitem__(self, item: int) -> dict[str, torch.Tensor]:
         i = int(self.indices[item])
@@ -629,11 +628,10 @@ def _channel_stats(dataset: MERDataset, idx: np.ndarray) -> dict[str, np.ndarray
     """Per-channel mean/std of both views over the given (training) rows."""
     # The rows at once (the values and layout of np.stack over view_2d / view_3d, so the same sums).
     rows = np.asarray(idx)
-    x2d = np.concatenate([as_float(torch.from_numpy(np.asarray(dataset.arrays[name])[rows])).numpy()
-                          for name in VIEWS_2D[dataset.input_2d]], axis=-1)
+    x2d = raw_2d(dataset.arrays, dataset.input_2d, rows).numpy()
     stats = {"mean_2d": x2d.mean(axis=(0, 1, 2)), "std_2d": x2d.std(axis=(0, 1, 2)) + 1e-6}
     if "clip" in dataset.arrays:
-        x3d = as_float(torch.from_numpy(np.asarray(dataset.arrays["clip"])[rows])).numpy()
+        x3d = raw_3d(dataset.arrays, rows).numpy()
         stats |= {"mean_3d": x3d.mean(axis=(0, 1, 2, 3)), "std_3d": x3d.std(axis=(0, 1, 2, 3)) + 1e-6}
     return stats
 

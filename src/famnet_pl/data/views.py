@@ -59,6 +59,19 @@ def as_float(array: Tensor) -> Tensor:
     return array.float() / 255.0 if array.dtype == torch.uint8 else array.float()
 
 
+def raw_2d(parts, input_2d: str, rows=slice(None)) -> Tensor:
+    """The un-normalised 2D view ``(..., S, S, C)`` float32 of ``rows`` of the cached parts (a
+    batch's tensors, or the cache's arrays): each part in model units, stacked as channels in
+    :data:`VIEWS_2D` order. The one definition for a sample, the normalisation statistics, a
+    batch and the stacked folds."""
+    return torch.cat([as_float(torch.as_tensor(parts[name][rows])) for name in VIEWS_2D[input_2d]], dim=-1)
+
+
+def raw_3d(parts, rows=slice(None)) -> Tensor:
+    """The un-normalised clip ``(..., T, s, s, 3)`` float32 of ``rows`` (RGB in [0, 1], or flow)."""
+    return as_float(torch.as_tensor(parts["clip"][rows]))
+
+
 class BatchViews:
     """Turn a batch of raw cached arrays into model inputs (module docstring).
 
@@ -86,8 +99,9 @@ class BatchViews:
         if "x2d" in batch or not any(k in batch for k in RAW):
             return batch
         out = {k: v for k, v in batch.items() if k not in (*RAW, "aug2d", "aug3d", "tta")}
-        x2d = torch.cat([as_float(batch[name]) for name in VIEWS_2D[self.input_2d]], dim=-1)[:, None]
-        views = {"x2d": x2d} | ({"x3d": as_float(batch["clip"])} if "clip" in batch else {})
+        views = {"x2d": raw_2d(batch, self.input_2d)[:, None]}
+        if "clip" in batch:
+            views["x3d"] = raw_3d(batch)
         for key, drawn in (("x2d", "aug2d"), ("x3d", "aug3d")):
             if key in views and drawn in batch:
                 params = dict(zip(PARAMS, batch[drawn].unbind(1)))

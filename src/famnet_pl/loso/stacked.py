@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 
 from famnet_pl.config import build_cli
 from famnet_pl.data.transforms import ClipAugment, apply_clip, hflip
-from famnet_pl.data.views import VIEWS_2D, as_float, flow_u_channels
+from famnet_pl.data.views import flow_u_channels, raw_2d
 from famnet_pl.deploy.bundle import write_bundle
 from famnet_pl.loso.callback import prediction_table, write_fold_records
 from famnet_pl.loso.plan import LosoPlan
@@ -132,9 +132,8 @@ class _Stack:
         self.folds, self.device = folds, device
         self.flow_u = flow_u_channels(dm.hparams.input_2d, dm.hparams.clip_mode)["x2d"]
         arrays = dm.prepare().arrays
-        # The un-normalised 2D view of every sample, once (what MERDataset.view_2d gives per sample).
-        self.x = torch.cat([as_float(torch.from_numpy(np.array(arrays[name])))
-                            for name in VIEWS_2D[dm.hparams.input_2d]], dim=-1).to(device)
+        # The un-normalised 2D view of every sample, once (views.raw_2d, as for one sample or a batch).
+        self.x = raw_2d(arrays, dm.hparams.input_2d).to(device)
         # (K, 1, 1, 1, C): fold k's training statistics
         self.mean = torch.stack([f.mean for f in folds]).to(device)[:, None, None, None, :]
         self.std = torch.stack([f.std for f in folds]).to(device)[:, None, None, None, :]
