@@ -296,10 +296,7 @@ def run_loso(cli_args: list[str], options: LosoOptions | None = None, **override
         for k in failed:
             print(f"famnet-pl loso: error: fold {k} ({plan.subjects[k]}): non-finite training loss; see "
                   f"{plan.fold_dir(k) / FAILED}", file=sys.stderr, flush=True)
-        summary = aggregate_run(plan.run_dir, expected_folds=len(plan.subjects), oracle_by=options.oracle_by)
-        if summary is not None:
-            print_summary(summary, plan.run_dir)
-        return None if failed else summary
+        return _summarise(plan, failed)
     if (options.jobs > 1 or options.gpus or ddp_parent) and pending:
         failed = _run_parallel(plan, pending)
         summary = aggregate_run(plan.run_dir, expected_folds=len(plan.subjects), oracle_by=options.oracle_by)
@@ -325,9 +322,12 @@ def run_loso(cli_args: list[str], options: LosoOptions | None = None, **override
             failed.append(k)
             bar.write(f"famnet-pl loso: error: {exc}", file=sys.stderr)
     bar.close()
-    if rank() != 0:
-        return None
-    summary = aggregate_run(plan.run_dir, expected_folds=len(plan.subjects), oracle_by=options.oracle_by)
+    return _summarise(plan, failed) if rank() == 0 else None
+
+
+def _summarise(plan: LosoPlan, failed: list[int]) -> dict | None:
+    """Aggregate the run, print its summary; None when a fold failed (or none finished)."""
+    summary = aggregate_run(plan.run_dir, expected_folds=len(plan.subjects), oracle_by=plan.options.oracle_by)
     if summary is not None:
         print_summary(summary, plan.run_dir)
     return None if failed else summary
