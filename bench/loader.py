@@ -1,6 +1,6 @@
 """The data path alone (no model) at full size, from the preprocessing cache: training batches of the
 synthetic set with the full-size views (x2d 3x112x112 flow + strain, x3d 16 RGB frames of 112 px,
-batch 32, augmentation on), with 0 and 2 DataLoader workers. Samples/s over two epochs after one
+batch 32, augmentation on), with 0 and 2 DataLoader workers. Samples/s over ten epochs after one
 warm-up epoch. This is the CPU-side per-sample work (float conversion, clip augmentation,
 normalisation) that a GPU waits for. Prints figures; asserts nothing.
 """
@@ -16,7 +16,7 @@ FULL = dict(protocol="synth_4cls", data_root=str(REPO / "data" / "synth"), input
             flow_size=128, batch_size=32, cache_dir=str(REPO / ".cache" / "famnet_pl"))
 
 
-def samples_per_second(workers: int, epochs: int = 2) -> float:
+def samples_per_second(workers: int, epochs: int = 10) -> float:
     from famnet_pl.data.datamodule import SynthDataModule
 
     dm = SynthDataModule(**FULL, num_workers=workers)

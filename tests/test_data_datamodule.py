@@ -265,3 +265,46 @@ def test_tta_hflip_adds_the_mirrored_views_to_evaluation_batches_only(tiny_synth
             if flow_u[key] is not None:
                 back[..., flow_u[key]] *= -1
             np.testing.assert_allclose(back, view, atol=1e-5)
+
+
+def test_a_batch_at_once_is_the_collated_items(tiny_synth, tmp_path):
+    """__getitems__ (one np.take per cached array) gives what default_collate of the items gives,
+    with the same augmentation draws from the same stream."""
+    from torch.utils.data import default_collate
+
+    dm = _dm(tiny_synth, tmp_path, tta="hflip")
+    dm.setup("fit")
+    train = dm.train_set
+    state = train.augment.get_state()
+    items = [2, 0, 3, 1]
+    one_by_one = default_collate([train[j] for j in items])
+    train.augment.set_state(state)
+    at_once = train.__getitems__(items)
+    assert sorted(at_once) == sorted(one_by_one)
+    for key, value in one_by_one.items():
+        assert torch.equal(at_once[key], value), key
+
+
+def test_worker_batches_get_the_cached_arrays_in_the_main_process(tiny_synth, tmp_path):
+    """With workers, the workers leave the cached arrays out and the loader fills them in: the
+    evaluation batches equal the 0-worker ones, and every training batch holds its rows' arrays."""
+    from torch.utils.data import DataLoader
+
+    batches = {}
+    for workers in (0, 2):
+        dm = _dm(tiny_synth, tmp_path, num_workers=workers)
+        dm.setup("fit")
+        batches[workers] = list(dm.test_dataloader())
+        loader = dm.train_dataloader()
+        if workers:  # what the workers send: no cached arrays (the bytes stay in this process)
+            raw = next(iter(DataLoader.__iter__(loader)))
+            assert "flow" not in raw and "clip" not in raw and "aug2d" in raw
+        for batch in loader:
+            rows = batch["index"].numpy()
+            for name in ("flow", "clip"):
+                np.testing.assert_array_equal(batch[name].numpy(), dm.train_set.arrays[name][rows])
+            assert "aug2d" in batch and "aug3d" in batch
+    assert len(batches[0]) == len(batches[2])
+    for plain, filled in zip(batches[0], batches[2]):
+        assert sorted(plain) == sorted(filled)
+        assert all(torch.equal(plain[k], filled[k]) for k in plain)

@@ -67,6 +67,10 @@ class MERDataset(Dataset):
     them into model inputs on the batch's device. :meth:`tensors` does both for a few samples.
     """
 
+    #: Set in a MERLoader's workers (:func:`init_worker`): batches leave the cached arrays to the
+    #: main process.
+    arrays_in_main: bool = False
+
     def __init__(self, arrays: dict[str, np.ndarray], indices: np.ndarray, labels: np.ndarray,
                  au: np.ndarray, au_mask: np.ndarray, *, input_2d: str, clip_mode: str,
                  stats: dict[str, np.ndarray], augment: ClipAugment | None, tta: str = "none") -> None:
@@ -76,6 +80,7 @@ class MERDataset(Dataset):
         self.tta = tta
         self.views = BatchViews(input_2d, clip_mode, stats) if stats else None
         self._rgb = rgb_channels(input_2d, clip_mode)  # once, not per sample
+        self._cached = [name for name in (*VIEWS_2D[input_2d], "clip") if name in arrays]  # raw views
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -93,8 +98,31 @@ class MERDataset(Dataset):
 
     def __getitem__(self, item: int) -> dict[str, torch.Tensor]:
         i = int(self.indices[item])
-        out = {name: torch.from_numpy(np.asarray(self.arrays[name][i]))  # the mmap's rows: collate copies
-               for name in {*VIEWS_2D[self.input_2d], "clip"} if name in self.arrays}
+        raw = {name: torch.from_numpy(np.asarray(self.arrays[name][i]))  # the mmap's rows: collate copies
+               for name in self._cached}
+        return raw | self._sample(i)
+
+    def __getitems__(self, items: list[int]) -> dict[str, torch.Tensor]:
+        """The batch of ``items``, as ``default_collate([self[j] for j in items])`` gives it (the
+        DataLoader calls this with automatic batching; :func:`collate` passes it on). Each cached
+        array is gathered with one ``np.take`` straight into the batch tensor, instead of a row view
+        per sample and a stack; the per-sample draws run in the same order, from the same streams.
+        In a worker of a :class:`MERLoader` the arrays are left out: its main process gathers them
+        (:meth:`fill`)."""
+        rows = self.indices[np.asarray(items, dtype=np.int64)]
+        small = default_collate([self._sample(int(i)) for i in rows])
+        return small if self.arrays_in_main else self.fill(small)
+
+    def fill(self, batch: dict[str, Tensor], *, pin: bool = False) -> dict[str, Tensor]:
+        """``batch`` with the cached arrays of its rows (``batch["index"]``) that it lacks, gathered
+        here (``pin``: into pinned memory, for a fast copy to the GPU)."""
+        rows = batch["index"].numpy()
+        return {name: _take(self.arrays[name], rows, pin=pin) for name in self._cached
+                if name not in batch} | batch
+
+    def _sample(self, i: int) -> dict[str, torch.Tensor]:
+        """Manifest row ``i``'s drawn augmentation parameters, landmarks, flags and targets."""
+        out = {}
         landmarks = np.array(self.arrays["landmarks"][i], np.float32) if "landmarks" in self.arrays else None
         if self.augment is not None:
             side = self.arrays[VIEWS_2D[self.input_2d][0]].shape[1:3]
@@ -102,7 +130,7 @@ class MERDataset(Dataset):
             out["aug2d"] = params_tensor(params)
             if landmarks is not None:  # the landmarks move with the 2D view they locate regions in
                 landmarks = move_points(landmarks, params, side[1], side[0])
-            if "clip" in out:
+            if "clip" in self.arrays:
                 clip = self.arrays["clip"].shape[2:4]
                 params = self.augment.draw(*clip, photometric=self._rgb["x3d"] is not None)
                 out["aug3d"] = params_tensor(params)
@@ -122,7 +150,7 @@ class MERDataset(Dataset):
 
     def tensors(self, items: range | list[int], device: torch.device | str = "cpu") -> dict[str, Tensor]:
         """Model inputs of these items as one batch on ``device`` (collated, moved, :attr:`views`)."""
-        batch = default_collate([self[j] for j in items])
+        batch = self.__getitems__(list(items))
         return self.views({k: v.to(device) for k, v in batch.items()})
 
 
@@ -449,10 +477,10 @@ class MERDataModule(L.LightningDataModule):
             if self._resume_state.get("shuffle") is not None:
                 generator.set_state(self._resume_state["shuffle"])
             self._shuffle_generator = generator
-        return DataLoader(dataset, batch_size=self.hparams.batch_size, shuffle=shuffle,
-                          num_workers=self.hparams.num_workers, generator=generator,
-                          worker_init_fn=_reseed_worker, persistent_workers=self.hparams.num_workers > 0,
-                          pin_memory=torch.cuda.is_available())
+        return MERLoader(dataset, batch_size=self.hparams.batch_size, shuffle=shuffle,
+                         num_workers=self.hparams.num_workers, generator=generator, collate_fn=collate,
+                         worker_init_fn=init_worker, persistent_workers=self.hparams.num_workers > 0,
+                         pin_memory=torch.cuda.is_available())
 
     def state_dict(self) -> dict:
         """Random streams of the training data (shuffling, augmentation) at a checkpoint, so a fold
@@ -636,8 +664,65 @@ def _channel_stats(dataset: MERDataset, idx: np.ndarray) -> dict[str, np.ndarray
     return stats
 
 
-def _reseed_worker(worker_id: int) -> None:
+def _take(array: np.ndarray, rows: np.ndarray, *, pin: bool = False) -> Tensor:
+    """``array[rows]`` as a new tensor (``pin``: in pinned memory)."""
+    out = torch.empty((len(rows), *array.shape[1:]), dtype=torch.from_numpy(array[:0]).dtype, pin_memory=pin)
+    np.take(array, rows, axis=0, out=out.numpy())
+    return out
+
+
+def collate(batch):
+    """The DataLoader ``collate_fn`` for MERDataset: a batch :meth:`MERDataset.__getitems__` made (a
+    dict) as it is; a list of samples (other datasets' items) through ``default_collate``."""
+    return batch if isinstance(batch, dict) else default_collate(batch)
+
+
+def _base(dataset: Dataset) -> Dataset:
+    """The dataset under any Subset wrappers (the evaluation shards)."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return dataset
+
+
+class MERLoader(DataLoader):
+    """A DataLoader over a MERDataset (or a Subset of one) whose workers do the per-sample work
+    (augmentation draws, targets) and whose main process gathers the cached arrays of each batch.
+
+    Why: a worker's batch travels to the main process in a fresh shared-memory segment, and writing
+    the 24 MB of a full-size batch into fresh pages costs about 25 ms in a worker here (page faults),
+    against 4-7 ms for one ``np.take`` per array from the cache's memory map in the main process. So
+    the bytes never cross processes (bench/loader.py). Needs ``worker_init_fn=init_worker``; with
+    ``num_workers=0`` it is a plain DataLoader.
+    """
+
+    def __iter__(self):
+        it = super().__iter__()
+        if self.num_workers == 0:
+            return it
+        return _Filled(it, _base(self.dataset), self.pin_memory)
+
+
+class _Filled:
+    """A MERLoader's iterator: the worker batches with their cached arrays filled in."""
+
+    def __init__(self, it, dataset: MERDataset, pin: bool) -> None:
+        self._it, self._dataset, self._pin = it, dataset, pin
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, Tensor]:
+        return self._dataset.fill(next(self._it), pin=self._pin)
+
+    def __len__(self) -> int:
+        return len(self._it)
+
+
+def init_worker(worker_id: int) -> None:
+    """A MERLoader worker: batches without the cached arrays, and its own augmentation stream."""
     info = get_worker_info()
-    augment = getattr(info.dataset, "augment", None)
+    dataset = _base(info.dataset)
+    dataset.arrays_in_main = True
+    augment = getattr(dataset, "augment", None)
     if augment is not None:
         augment.reseed(info.seed % (2**31))

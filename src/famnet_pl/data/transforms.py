@@ -176,17 +176,9 @@ def apply_clip(frames: Tensor, params: dict[str, Tensor], *, rgb: slice | None,
     device = frames.device
     flip = params["flip"].to(device) > 0
     dx, dy = (params[k].to(device).long() for k in ("dx", "dy"))
-    # One gather does flip and shift for the whole batch: out[y, x] = src[y - dy, x'] with
-    # x' = x - dx, mirrored (W - 1 - x') when flipped; positions outside read the zero padding
-    # (albumentations' fill 0). Pure copies: the values are exactly the ones moved.
     pad = int(max(dx.abs().max(), dy.abs().max(), 0)) if b else 0
     padded = torch.nn.functional.pad(frames, (0, 0, pad, pad, pad, pad))  # (B, N, H + 2p, W + 2p, C)
-    cols = torch.arange(w, device=device)[None] - dx[:, None]  # (B, W) in source coordinates
-    cols = torch.where(flip[:, None], w - 1 - cols, cols)
-    rows = torch.arange(h, device=device)[None] - dy[:, None]  # (B, H)
-    # (an outside position means a shift, so pad > 0 and index 0 is padding)
-    cols = torch.where((cols >= 0) & (cols < w), cols + pad, 0)
-    rows = torch.where((rows >= 0) & (rows < h), rows + pad, 0)
+    rows, cols = moved_index(flip, dx, dy, h, w, pad)
     batch = torch.arange(b, device=device)[:, None, None]
     out = padded[batch, :, rows[:, :, None], cols[:, None, :]]  # (B, H, W, N, C)
     out = out.permute(0, 3, 1, 2, 4).contiguous()
@@ -202,6 +194,26 @@ def apply_clip(frames: Tensor, params: dict[str, Tensor], *, rgb: slice | None,
             changed = (part.double() * alpha + beta).clamp_(0.0, 1.0).float()
             out[..., rgb] = torch.where(photo.view(-1, 1, 1, 1, 1), changed, part)
     return out
+
+
+def moved_index(flip: Tensor, dx: Tensor, dy: Tensor, height: int, width: int,
+                pad: int) -> tuple[Tensor, Tensor]:
+    """Where each output pixel of a flip and shift reads from: ``(rows (B, H), cols (B, W))`` into
+    frames zero-padded by ``pad`` on each side (``pad`` >= every ``|dx|``, ``|dy|``), for one gather
+    ``padded[b, rows[b, y], cols[b, x]]``. ``flip`` (B,) bool, ``dx``/``dy`` (B,) integer shifts.
+
+    out[y, x] = src[y - dy, x'] with x' = x - dx, mirrored (W - 1 - x') when flipped; positions
+    outside the frame read the padding (albumentations' fill 0). A pure copy: the values are
+    exactly the ones moved. The one definition of the geometry for :func:`apply_clip` and the
+    stacked folds (loso/stacked.py)."""
+    device = dx.device
+    cols = torch.arange(width, device=device)[None] - dx[:, None]  # (B, W) in source coordinates
+    cols = torch.where(flip[:, None], width - 1 - cols, cols)
+    rows = torch.arange(height, device=device)[None] - dy[:, None]  # (B, H)
+    # (an outside position means a shift, so pad > 0 and index 0 is padding)
+    cols = torch.where((cols >= 0) & (cols < width), cols + pad, 0)
+    rows = torch.where((rows >= 0) & (rows < height), rows + pad, 0)
+    return rows, cols
 
 
 def hflip_points(points: np.ndarray) -> np.ndarray:

@@ -30,7 +30,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from famnet_pl.data.datamodule import MERDataset
@@ -164,8 +163,8 @@ def predict_clips(model_dir: str | Path, specs: list[ClipSpec], *, batch_size: i
                          stats=pre.stats_arrays(), augment=None, tta=pre.tta)
     probs, au_probs = [], []
     with torch.inference_mode():
-        for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-            out = module.predict_step(dataset.views(batch))
+        for start in range(0, n, batch_size):
+            out = module.predict_step(dataset.tensors(range(start, min(n, start + batch_size))))
             probs.append(out["probs"].numpy())
             au_probs.append(out["au_probs"].numpy())
     probs, au_probs = np.concatenate(probs), np.concatenate(au_probs)

@@ -48,7 +48,7 @@ from torch.utils.data import RandomSampler
 from tqdm.auto import tqdm
 
 from famnet_pl.config import build_cli
-from famnet_pl.data.transforms import ClipAugment, apply_clip, hflip
+from famnet_pl.data.transforms import ClipAugment, moved_index
 from famnet_pl.data.views import flow_u_channels, raw_2d
 from famnet_pl.deploy.bundle import write_bundle
 from famnet_pl.loso.callback import prediction_table, write_fold_records
@@ -131,16 +131,18 @@ class _Stack:
         dm, module = cli.datamodule, cli.model
         self.folds, self.device = folds, device
         self.flow_u = flow_u_channels(dm.hparams.input_2d, dm.hparams.clip_mode)["x2d"]
-        arrays = dm.prepare().arrays
-        # The un-normalised 2D view of every sample, once (views.raw_2d, as for one sample or a batch).
-        self.x = raw_2d(arrays, dm.hparams.input_2d).to(device)
-        # (K, 1, 1, 1, C): fold k's training statistics
-        self.mean = torch.stack([f.mean for f in folds]).to(device)[:, None, None, None, :]
-        self.std = torch.stack([f.std for f in folds]).to(device)[:, None, None, None, :]
+        self.augment = ClipAugment() if dm.hparams.augment else None
+        # The un-normalised 2D view of every sample, once (views.raw_2d, as for one sample or a
+        # batch), zero-padded by the largest shift a draw makes: a batch is then one gather.
+        x = raw_2d(dm.prepare().arrays, dm.hparams.input_2d)
+        self.side = x.shape[1:3]
+        self.pad = math.ceil(self.augment.translate * max(self.side)) if self.augment is not None else 0
+        self.x = torch.nn.functional.pad(x, (0, 0, *(self.pad,) * 4)).to(device)
+        self.mean = torch.stack([f.mean for f in folds]).to(device)  # (K, C): fold k's training statistics
+        self.std = torch.stack([f.std for f in folds]).to(device)
         self.labels = torch.tensor(dm.manifest["label"].to_numpy(), dtype=torch.long, device=device)
         self.net = StackedSTSTNet([copy.deepcopy(module.net) for _ in folds]).to(device)
         self.template = module.net
-        self.augment = ClipAugment() if dm.hparams.augment else None
         self.rngs = [np.random.default_rng([f.seed, 1]) for f in folds]  # each fold's draw stream
         # and its dropout stream: a fold's training does not depend on the folds stacked beside it
         self.dropout = [torch.Generator(device).manual_seed(f.seed + 1) for f in folds]
@@ -151,23 +153,35 @@ class _Stack:
         self.k = len(folds)
 
     def noise(self, batch: int) -> torch.Tensor:
-        """``(B, K, 16, h, w)`` random bytes for the stacked dropout, fold k's from its own stream."""
-        shape = (batch, sum(STREAMS), self.pooled, self.pooled)
+        """``(B, h, w, K * 16)`` random bytes for the stacked dropout (channels last, as the pooled
+        map), fold k's from its own stream."""
+        shape = (batch, self.pooled, self.pooled, sum(STREAMS))
         return torch.stack([torch.randint(0, 256, shape, generator=g, device=self.device, dtype=torch.uint8)
-                            for g in self.dropout], dim=1)
+                            for g in self.dropout], dim=3).flatten(3)
 
     def inputs(self, index: torch.Tensor, *, augment: bool, flip: bool = False) -> torch.Tensor:
-        """``(B, K, C, H, W)`` normalised views of rows ``index`` ``(B, K)``, fold k's stats in [:, k]."""
+        """``(B, K, C, H, W)`` normalised views of rows ``index`` ``(B, K)``, fold k's stats in [:, k]:
+        a view of one ``(B, H, W, K, C)`` tensor, i.e. the channels-last ``(B, K * C, H, W)`` input
+        of StackedSTSTNet without a copy. Training (``augment``) flips and shifts fold k's samples
+        with its own draws; ``flip`` mirrors every sample (flip test-time augmentation)."""
         b, k = index.shape
-        x = self.x[index.T.reshape(-1).to(self.device)]  # (K * B, H, W, C): fold-major
+        (h, w), device = self.side, self.device
         if augment and self.augment is not None:
-            draws = [self.augment.draw_many(rng, b, *x.shape[1:3]) for rng in self.rngs]
-            params = {name: torch.cat([d[name] for d in draws]) for name in draws[0]}
-            x = apply_clip(x[:, None], params, rgb=None, flow_u=self.flow_u)[:, 0]
-        if flip:
-            x = hflip(x, self.flow_u)
-        x = (x.view(k, b, *x.shape[1:]) - self.mean) / self.std  # (K, B, H, W, C)
-        return x.permute(1, 0, 4, 2, 3)
+            draws = [self.augment.draw_many(rng, b, h, w) for rng in self.rngs]  # fold k's own stream
+            flips, dx, dy = (torch.stack([d[name] for d in draws], 1).to(device)  # (B, K)
+                             for name in ("flip", "dx", "dy"))
+            flips, dx, dy = flips > 0, dx.long(), dy.long()
+        else:
+            flips = torch.full((b, k), flip, device=device)
+            dx = dy = torch.zeros((b, k), dtype=torch.long, device=device)
+        rows, cols = moved_index(flips.flatten(), dx.flatten(), dy.flatten(), h, w, self.pad)
+        # (contiguous: the gather's output takes its layout from the index tensors')
+        rows = rows.view(b, k, h).transpose(1, 2).contiguous()[:, :, None, :]  # (B, H, 1, K)
+        cols = cols.view(b, k, w).transpose(1, 2).contiguous()[:, None, :, :]  # (B, 1, W, K)
+        x = self.x[index.to(device)[:, None, None, :], rows, cols]  # (B, H, W, K, C)
+        if self.flow_u is not None:  # a flip negates the horizontal flow
+            x[..., self.flow_u] *= torch.where(flips, -1.0, 1.0)[:, None, None, :]
+        return ((x - self.mean) / self.std).permute(0, 3, 4, 1, 2)
 
     def evaluate(self, which: str) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per fold ``(rows, probabilities)`` of its ``test`` or inner-``val`` rows."""
