@@ -279,10 +279,13 @@ def test_a_batch_at_once_is_the_collated_items(tiny_synth, tmp_path):
     items = [2, 0, 3, 1]
     one_by_one = default_collate([train[j] for j in items])
     train.augment.set_state(state)
-    at_once = train.__getitems__(items)
-    assert sorted(at_once) == sorted(one_by_one)
-    for key, value in one_by_one.items():
-        assert torch.equal(at_once[key], value), key
+    at_once = dm_module.collate(train.__getitems__(items))
+    train.augment.set_state(state)
+    plain = default_collate(train.__getitems__(items))  # any other collate_fn: a list of samples
+    for batch in (at_once, plain):
+        assert sorted(batch) == sorted(one_by_one)
+        for key, value in one_by_one.items():
+            assert torch.equal(batch[key], value), key
 
 
 def test_worker_batches_get_the_cached_arrays_in_the_main_process(tiny_synth, tmp_path):

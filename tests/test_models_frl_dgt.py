@@ -441,17 +441,17 @@ def test_displacement_module_is_pretrained_per_fold_on_training_pairs(tiny_synth
     seen = []
     from famnet_pl.data.datamodule import MERDataset
 
-    original = MERDataset.__getitem__
+    original = MERDataset._sample  # every item read, one at a time or in a batch: its manifest row
 
-    def spy(dataset, item):
-        seen.append(int(dataset.indices[item]))
-        return original(dataset, item)
+    def spy(dataset, row):
+        seen.append(int(row))
+        return original(dataset, row)
 
-    MERDataset.__getitem__ = spy
+    MERDataset._sample = spy
     try:
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     finally:
-        MERDataset.__getitem__ = original
+        MERDataset._sample = original
     assert len(cli.model.pretrain_history) == 4 and all(math.isfinite(v) for v in cli.model.pretrain_history)
     after = cli.model.net.dgm.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)

@@ -102,23 +102,27 @@ class MERDataset(Dataset):
                for name in self._cached}
         return raw | self._sample(i)
 
-    def __getitems__(self, items: list[int]) -> dict[str, torch.Tensor]:
-        """The batch of ``items``, as ``default_collate([self[j] for j in items])`` gives it (the
-        DataLoader calls this with automatic batching; :func:`collate` passes it on). Each cached
-        array is gathered with one ``np.take`` straight into the batch tensor, instead of a row view
-        per sample and a stack; the per-sample draws run in the same order, from the same streams.
-        In a worker of a :class:`MERLoader` the arrays are left out: its main process gathers them
-        (:meth:`fill`)."""
+    def __getitems__(self, items: list[int]) -> list[dict[str, torch.Tensor]]:
+        """The items ``items`` at once (the DataLoader calls this with automatic batching): each
+        cached array is gathered with one ``np.take`` into one batch tensor, whose rows the samples
+        hold; the per-sample draws run in the same order, from the same streams, as ``self[j]``.
+        :func:`collate` takes the batch tensors as they are instead of stacking the rows again (any
+        other ``collate_fn`` still sees a list of samples). In a worker of a :class:`MERLoader` the
+        arrays are left out: its main process gathers them (:meth:`fill`)."""
         rows = self.indices[np.asarray(items, dtype=np.int64)]
-        small = default_collate([self._sample(int(i)) for i in rows])
-        return small if self.arrays_in_main else self.fill(small)
+        samples = [self._sample(int(i)) for i in rows]
+        arrays = {} if self.arrays_in_main else self._gather(rows)
+        for j, sample in enumerate(samples):
+            sample.update({name: array[j] for name, array in arrays.items()})
+        return _Batch(samples, arrays)
 
     def fill(self, batch: dict[str, Tensor], *, pin: bool = False) -> dict[str, Tensor]:
-        """``batch`` with the cached arrays of its rows (``batch["index"]``) that it lacks, gathered
-        here (``pin``: into pinned memory, for a fast copy to the GPU)."""
-        rows = batch["index"].numpy()
-        return {name: _take(self.arrays[name], rows, pin=pin) for name in self._cached
-                if name not in batch} | batch
+        """``batch`` with the cached arrays of its rows (``batch["index"]``), gathered here (``pin``:
+        into pinned memory, for a fast copy to the GPU), where it lacks them."""
+        return self._gather(batch["index"].numpy(), pin=pin, skip=batch) | batch
+
+    def _gather(self, rows: np.ndarray, *, pin: bool = False, skip=()) -> dict[str, Tensor]:
+        return {name: _take(self.arrays[name], rows, pin=pin) for name in self._cached if name not in skip}
 
     def _sample(self, i: int) -> dict[str, torch.Tensor]:
         """Manifest row ``i``'s drawn augmentation parameters, landmarks, flags and targets."""
@@ -150,7 +154,7 @@ class MERDataset(Dataset):
 
     def tensors(self, items: range | list[int], device: torch.device | str = "cpu") -> dict[str, Tensor]:
         """Model inputs of these items as one batch on ``device`` (collated, moved, :attr:`views`)."""
-        batch = self.__getitems__(list(items))
+        batch = collate(self.__getitems__(list(items)))
         return self.views({k: v.to(device) for k, v in batch.items()})
 
 
@@ -671,10 +675,22 @@ def _take(array: np.ndarray, rows: np.ndarray, *, pin: bool = False) -> Tensor:
     return out
 
 
-def collate(batch):
-    """The DataLoader ``collate_fn`` for MERDataset: a batch :meth:`MERDataset.__getitems__` made (a
-    dict) as it is; a list of samples (other datasets' items) through ``default_collate``."""
-    return batch if isinstance(batch, dict) else default_collate(batch)
+class _Batch(list):
+    """:meth:`MERDataset.__getitems__`'s samples, with the batch tensors their cached arrays are rows
+    of (``arrays``)."""
+
+    def __init__(self, samples: list[dict[str, Tensor]], arrays: dict[str, Tensor]) -> None:
+        super().__init__(samples)
+        self.arrays = arrays
+
+
+def collate(batch: list) -> dict[str, Tensor]:
+    """The DataLoader ``collate_fn`` for MERDataset: ``default_collate``, except that the cached
+    arrays of a :meth:`MERDataset.__getitems__` batch are its gathered tensors, not stacked again."""
+    if not isinstance(batch, _Batch):
+        return default_collate(batch)
+    arrays = batch.arrays
+    return arrays | default_collate([{k: v for k, v in s.items() if k not in arrays} for s in batch])
 
 
 def _base(dataset: Dataset) -> Dataset:
