@@ -212,7 +212,8 @@ class MERDataModule(L.LightningDataModule):
             dataset's training subjects (at least one), a count is split across the datasets in
             proportion to their training subjects (largest remainders).
         batch_size: training batch size.
-        num_workers: DataLoader workers (arrays are in memory, 0 is usually fastest on CPU).
+        num_workers: DataLoader workers (:class:`MERLoader`: they draw the augmentation and collate
+            the targets; this process gathers the cached arrays). 0 is as fast on a 2-core CPU.
         augment: flip/translate/brightness on training samples, identical for every frame of a
             view (the 2D and the 3D view draw their parameters separately).
         tta: test-time augmentation of the evaluation samples (inner validation, test subject):

@@ -59,8 +59,8 @@ from famnet_pl.models.module import optimiser
 from famnet_pl.utils.errors import BadInput
 from famnet_pl.utils.io import atomic_write_bytes, atomic_write_csv, atomic_write_json, atomic_write_text
 
-#: Folds trained together: on 2 CPU cores a training step costs about 6.2 ms per fold with 8 or 16
-#: copies stacked, and 7.5-10 ms with all 69 at once (a step's activations outgrow the caches). A
+#: Folds trained together: on 2 CPU cores a training step costs about 3-5 ms per fold with 12 or 16
+#: copies stacked, and about 6 ms with 23 or 35 (a step's activations outgrow the caches). A
 #: fold's result does not depend on which folds share its stack (tests/test_loso_stacked.py).
 STACK = 16
 
