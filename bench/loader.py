@@ -1,8 +1,11 @@
 """The data path alone (no model) at full size, from the preprocessing cache: training batches of the
 synthetic set with the full-size views (x2d 3x112x112 flow + strain, x3d 16 RGB frames of 112 px,
 batch 32, augmentation on), with 0 and 2 DataLoader workers. Samples/s over ten epochs after one
-warm-up epoch. This is the CPU-side per-sample work (float conversion, clip augmentation,
-normalisation) that a GPU waits for. Prints figures; asserts nothing.
+warm-up epoch (each epoch's first batch included). This is the CPU side a GPU waits for: the
+augmentation draws and targets (in the workers, with workers) and the gather of the cached arrays
+(one np.take per array, in the main process: datamodule.MERLoader); conversion, augmentation and
+normalisation run on the batch's device afterwards (views.BatchViews). Prints figures; asserts
+nothing.
 """
 
 from __future__ import annotations

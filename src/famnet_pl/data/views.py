@@ -3,10 +3,11 @@ flip test-time augmentation, done on whatever device the batch is on.
 
 Data flow::
 
-    MERDataset item (CPU, DataLoader worker): the cache's arrays as stored
-        {"apex"/"onset": uint8 (S, S, 3), "flow": float32 (S, S, 3), "clip": uint8 or float32
-         (T, s, s, 3), "aug2d"/"aug3d": drawn parameters (6,), ["tta"], label, au, ...}
-    -> default collate -> (pinned) transfer -> BatchViews(batch) on the device:
+    MERDataset batch (CPU): the cache's arrays as stored, one np.take per array (in the main
+        process: MERLoader's workers send only the per-sample part)
+        {"apex"/"onset": uint8 (B, S, S, 3), "flow": float32 (B, S, S, 3), "clip": uint8 or float32
+         (B, T, s, s, 3), "aug2d"/"aug3d": drawn parameters (B, 6), ["tta"], label, au, ...}
+    -> (pinned) transfer -> BatchViews(batch) on the device:
         2D: parts -> float (uint8 / 255) -> concatenated in VIEWS_2D order -> apply_clip
             -> (x - mean) / std -> x2d (B, C, S, S)
         3D: clip -> float -> apply_clip -> (x - mean) / std [-> minus frame 0: clip_mode=diff]
