@@ -21,7 +21,7 @@ mkdir -p "$OUT"
 export NO_ALBUMENTATIONS_UPDATE=1 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 
 if [[ "${SMOKE:-0}" == 1 ]]; then
-  SIDE=32; CLIP=4; CLIP_SIDE=24; BATCH=${BATCH:-8}; EPOCHS=${EPOCHS:-1}; FOLDS=${FOLDS:-0,1}; STEPS=3
+  SIDE=32; CLIP=4; CLIP_SIDE=24; BATCH=${BATCH:-8}; EPOCHS=${EPOCHS:-2}; FOLDS=${FOLDS:-0,1}; STEPS=3
   JOBS_PER_GPU=${JOBS_PER_GPU:-1}; MODEL=experiments/model/famnet_cpu.yaml; WORKERS=0
 else
   SIDE=112; CLIP=16; CLIP_SIDE=112; BATCH=${BATCH:-128}; EPOCHS=${EPOCHS:-5}; FOLDS=${FOLDS:-}; STEPS=30
@@ -73,7 +73,8 @@ one=$(run_loso 1)
 timed=$(run_loso "$EPOCHS")
 per_epoch=$(( (timed - one) / (EPOCHS > 1 ? EPOCHS - 1 : 1) ))
 fixed=$(( one - per_epoch > 0 ? one - per_epoch : 0 ))
-echo "LOSO, 26 folds full size, $JOBS_PER_GPU folds on the GPU at once: 1 epoch ${one} s, $EPOCHS epochs ${timed} s"
+echo "LOSO, ${FOLDS:+folds $FOLDS of }26 folds, views ${SIDE}px, $JOBS_PER_GPU folds on the GPU at once:" \
+     "1 epoch ${one} s, $EPOCHS epochs ${timed} s"
 echo "  -> about ${per_epoch} s per epoch over all folds + ${fixed} s fixed; 50 epochs EXTRAPOLATED (not run): " \
      "$(( fixed + 50 * per_epoch )) s = $(( (fixed + 50 * per_epoch) / 60 )) min (goal <= 6 min)"
 grep -A3 "UF1" "$OUT/loso_e$EPOCHS.log" | head -3 || true
