@@ -291,6 +291,8 @@ def test_a_batch_at_once_is_the_collated_items(tiny_synth, tmp_path):
 def test_worker_batches_get_the_cached_arrays_in_the_main_process(tiny_synth, tmp_path):
     """With workers, the workers leave the cached arrays out and the loader fills them in: the
     evaluation batches equal the 0-worker ones, and every training batch holds its rows' arrays."""
+    import pickle
+
     from torch.utils.data import DataLoader
 
     batches = {}
@@ -302,6 +304,7 @@ def test_worker_batches_get_the_cached_arrays_in_the_main_process(tiny_synth, tm
         if workers:  # what the workers send: no cached arrays (the bytes stay in this process)
             raw = next(iter(DataLoader.__iter__(loader)))
             assert "flow" not in raw and "clip" not in raw and "aug2d" in raw
+            pickle.dumps(iter(loader))  # as Lightning's loop iterators allow (the worker iterator dropped)
         for batch in loader:
             rows = batch["index"].numpy()
             for name in ("flow", "clip"):

@@ -69,3 +69,37 @@ def test_a_model_without_a_stacked_form_stops_with_one_line(tiny_synth, tmp_path
     with pytest.raises(BadInput, match="--stack-folds: model famnet_r18 has no stacked form"):
         run_loso(tiny_args(tiny_synth, tmp_path / "cache"), exp="x", runs_dir=str(tmp_path / "runs"),
                  wandb="off", progress=False, stack_folds=True)
+
+
+@pytest.mark.parametrize("mode", ["augment", "plain", "flip"])
+def test_stacked_inputs_are_the_per_batch_views(flow_tree, tmp_path, mode):
+    """The stacked folds' one gather from the padded views gives, fold by fold, what the batch path
+    gives (views.raw_2d -> transforms.apply_clip / hflip -> the fold's statistics), in the
+    channels-last layout StackedSTSTNet takes without a copy."""
+    import copy
+
+    import torch
+
+    from famnet_pl.config import build_cli
+    from famnet_pl.data.transforms import apply_clip, hflip
+    from famnet_pl.data.views import raw_2d
+    from famnet_pl.loso import stacked
+
+    cli = build_cli([*_args(flow_tree, tmp_path / "cache"), "--trainer.logger=false", "--data.tta=hflip"])
+    folds = stacked._folds(cli.datamodule, [0, 1, 2])
+    stack = stacked._Stack(cli, folds, torch.device("cpu"))
+    index, _ = stacked._pad([f.train[:4] for f in folds], 4)
+    rngs = copy.deepcopy(stack.rngs)
+    got = stack.inputs(index, augment=mode == "augment", flip=mode == "flip")
+    b, k = index.shape
+    assert got.reshape(b, -1, *got.shape[3:]).is_contiguous(memory_format=torch.channels_last)
+    x = raw_2d(cli.datamodule.prepare().arrays, "flow")
+    for j, f in enumerate(folds):
+        rows = x[index[:, j]]
+        if mode == "augment":
+            rows = apply_clip(rows[:, None], stack.augment.draw_many(rngs[j], b, *rows.shape[1:3]), rgb=None,
+                              flow_u=stack.flow_u)[:, 0]
+        elif mode == "flip":
+            rows = hflip(rows, stack.flow_u)
+        expected = ((rows - f.mean) / f.std).permute(0, 3, 1, 2)
+        assert torch.equal(got[:, j], expected)

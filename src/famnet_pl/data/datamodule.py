@@ -671,8 +671,11 @@ def _channel_stats(dataset: MERDataset, idx: np.ndarray) -> dict[str, np.ndarray
 
 def _take(array: np.ndarray, rows: np.ndarray, *, pin: bool = False) -> Tensor:
     """``array[rows]`` as a new tensor (``pin``: in pinned memory)."""
-    out = torch.empty((len(rows), *array.shape[1:]), dtype=torch.from_numpy(array[:0]).dtype, pin_memory=pin)
-    np.take(array, rows, axis=0, out=out.numpy())
+    dtype = torch.from_numpy(np.empty(0, array.dtype)).dtype
+    out = torch.empty((len(rows), *array.shape[1:]), dtype=dtype, pin_memory=pin)
+    # mode="clip": with the default "raise", numpy gathers into a temporary and copies that into
+    # ``out`` (a second full-size copy); the rows are the dataset's own, so always in range
+    np.take(array, rows, axis=0, out=out.numpy(), mode="clip")
     return out
 
 
@@ -716,7 +719,8 @@ class MERLoader(DataLoader):
         it = super().__iter__()
         if self.num_workers == 0:
             return it
-        return _Filled(it, _base(self.dataset), self.pin_memory)
+        # pinned only where the DataLoader pins (it turns pin_memory off without CUDA)
+        return _Filled(it, _base(self.dataset), self.pin_memory and torch.cuda.is_available())
 
 
 class _Filled:
@@ -733,6 +737,10 @@ class _Filled:
 
     def __len__(self) -> int:
         return len(self._it)
+
+    def __getstate__(self) -> dict:
+        # as Lightning's loop iterators drop a DataLoader iterator when pickled (it cannot be)
+        return {**self.__dict__, "_it": None}
 
 
 def init_worker(worker_id: int) -> None:

@@ -163,7 +163,10 @@ class _Stack:
         """``(B, K, C, H, W)`` normalised views of rows ``index`` ``(B, K)``, fold k's stats in [:, k]:
         a view of one ``(B, H, W, K, C)`` tensor, i.e. the channels-last ``(B, K * C, H, W)`` input
         of StackedSTSTNet without a copy. Training (``augment``) flips and shifts fold k's samples
-        with its own draws; ``flip`` mirrors every sample (flip test-time augmentation)."""
+        with its own draws; ``flip`` (evaluation only) mirrors every sample (flip test-time
+        augmentation)."""
+        if augment and flip:
+            raise ValueError("flip is the evaluation's mirrored view; training flips by its own draws")
         b, k = index.shape
         (h, w), device = self.side, self.device
         if augment and self.augment is not None:
