@@ -24,10 +24,10 @@ def test_stacked_copies_compute_what_each_network_computes():
         own = net(x2d=x[:, j])["emotion"]
         torch.testing.assert_close(out[:, j], own, atol=1e-5, rtol=1e-5)
         own.square().sum().backward()
-        rows = slice(16 * j + 3, 16 * j + 8)  # copy j's second stream (5 filters after the first's 3)
-        torch.testing.assert_close(stacked.conv_w.grad[rows], net.streams[1][0].weight.grad,
+        own_weights = stacked.copies[j]  # copy j's second stream: 5 filters after the first's 3
+        torch.testing.assert_close(own_weights.conv_w.grad[3:8], net.streams[1][0].weight.grad,
                                    atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(stacked.fc_w.grad[j], net.fc.weight.grad, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(own_weights.fc_w.grad, net.fc.weight.grad, atol=1e-4, rtol=1e-4)
     for j, back in enumerate(stacked.unstack()):  # running statistics and weights come back per copy
         torch.testing.assert_close(back.streams[2][2].running_mean, nets[j].streams[2][2].running_mean)
         back.eval(), nets[j].eval()
@@ -47,3 +47,38 @@ def test_padding_samples_change_no_copy():
     before = stacked.bn_var.clone()
     stacked(x, torch.zeros(6, 2, dtype=torch.bool))  # a step without samples: statistics stay
     torch.testing.assert_close(stacked.bn_var, before)
+
+
+def test_an_idle_copy_takes_no_optimiser_step():
+    """A copy whose fold has no batch left in a step (its gradients None, as loso/stacked.py sets
+    them) ends where a sequential run of its own steps ends: weights, AdamW moments and AdamW's
+    step count (its bias correction) untouched by the steps the other copies take."""
+    import copy
+
+    import torch.nn.functional as F
+
+    nets = _nets(2)
+    alone = copy.deepcopy(nets[1])
+    stacked = StackedSTSTNet(nets)
+    opt = torch.optim.AdamW(stacked.parameters(), lr=0.01)
+    opt_alone = torch.optim.AdamW(alone.parameters(), lr=0.01)
+    torch.manual_seed(0)
+    for on in (True, False, False, True):  # copy 1 idle in the middle two steps; copy 0 always trains
+        x, y = torch.randn(4, 2, 3, 28, 28), torch.randint(0, 3, (4, 2))
+        mask = torch.ones(4, 2, dtype=torch.bool)
+        mask[:, 1] = on
+        ce = F.cross_entropy(stacked(x, mask).flatten(0, 1), y.flatten(), reduction="none").view(4, 2)
+        opt.zero_grad(set_to_none=True)
+        (ce.mean(0) * torch.tensor([1.0, float(on)])).sum().backward()
+        if not on:
+            for p in stacked.copies[1].parameters():
+                p.grad = None
+        opt.step()
+        if on:
+            opt_alone.zero_grad()
+            F.cross_entropy(alone(x2d=x[:, 1])["emotion"], y[:, 1]).backward()
+            opt_alone.step()
+    back, expected = stacked.unstack()[1].state_dict(), alone.state_dict()
+    for name, value in expected.items():
+        if not name.endswith("num_batches_tracked"):  # (the stacked batch norm counts no batches)
+            torch.testing.assert_close(back[name], value, atol=1e-5, rtol=1e-4, msg=name)

@@ -18,7 +18,7 @@ Data flow::
             step s: fold k's s-th batch (padded to the batch size; the padding is masked)
                 -> flip / shift (ClipAugment.draw_many, fold k's own stream) -> fold k's stats
                 -> StackedSTSTNet (B, K, ...) -> each fold's mean cross-entropy, summed -> one step
-                (a fold whose epoch has no batch left keeps its weights and optimiser state)
+                (a fold whose epoch has no batch left takes no step: its gradients are None)
         every eval_every epochs and the last: each fold's test subject and inner-validation rows
             -> prediction tables (callback.prediction_table; flip TTA as the DataModule's tta)
         the end, per fold: callback.write_fold_records, [--keep-models: its network unstacked into
@@ -229,7 +229,7 @@ def _train(cli, stack: _Stack, eval_every: int, failed: dict[int, str], bar) -> 
     lists and its per-epoch training losses. A fold whose loss turns non-finite is added to
     ``failed`` and stops; the others go on."""
     dm, module, folds, device = cli.datamodule, cli.model, stack.folds, stack.device
-    opt, schedule = optimiser(stack.net.parameters(), module.hparams, cli.trainer.max_epochs)
+    opt, schedule = optimiser(stack.net.parameters(), module.hparams, cli.trainer.max_epochs, foreach=True)
     epochs, batch = cli.trainer.max_epochs, dm.hparams.batch_size
     generators = [torch.Generator().manual_seed(f.seed) for f in folds]  # the sequential loaders' seeds
     alive = torch.ones(len(folds), dtype=torch.bool)
@@ -260,13 +260,12 @@ def _train(cli, stack: _Stack, eval_every: int, failed: dict[int, str], bar) -> 
                                       "predictions: lower the learning rate (--model.lr)")
                 alive[j] = False
             active &= alive
-            idle = ~active
-            saved = _snapshot(stack.net, opt, idle) if idle.any() else None
             opt.zero_grad(set_to_none=True)
             (stack.w2d * torch.where(active.to(device), per_fold, 0.0)).sum().backward()
+            for j in torch.nonzero(~active).flatten().tolist():  # no step at all for an idle fold: its
+                for p in stack.net.copies[j].parameters():  # weights, moments and Adam's step count
+                    p.grad = None  # stay as a sequential fold's (the optimiser skips None gradients)
             opt.step()
-            if saved is not None:
-                _restore(stack.net, opt, idle, saved)
             sums += torch.where(active, per_fold.detach().cpu().double() * mask.sum(0), 0.0)
         for j, f in enumerate(folds):
             losses[f.k].append({"epoch": epoch, "train/loss": float(sums[j] / max(1, len(orders[j])))})
@@ -281,20 +280,6 @@ def _train(cli, stack: _Stack, eval_every: int, failed: dict[int, str], bar) -> 
                     records[f.k][slot].append((epoch, rows, probs))
         bar.update(1)
     return records, losses
-
-
-def _snapshot(net: StackedSTSTNet, opt: torch.optim.Optimizer, idle: torch.Tensor) -> list:
-    """Idle folds' slices of every parameter, buffer and optimiser state (all stack fold-major)."""
-    tensors = [*net.parameters(), *net.buffers()]
-    tensors += [v for p in net.parameters() for v in opt.state.get(p, {}).values()
-                if torch.is_tensor(v) and v.shape == p.shape]
-    return [(t, t.detach().view(net.k, -1)[idle.to(t.device)].clone()) for t in tensors]
-
-
-def _restore(net: StackedSTSTNet, opt: torch.optim.Optimizer, idle: torch.Tensor, saved: list) -> None:
-    with torch.no_grad():
-        for t, values in saved:
-            t.view(net.k, -1)[idle.to(t.device)] = values
 
 
 def _write(plan: LosoPlan, cli, stack: _Stack, records: dict, losses: dict, failed: dict) -> None:

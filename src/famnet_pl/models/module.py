@@ -323,14 +323,15 @@ def _to_channels_last(net: torch.nn.Module) -> None:
                 param.data = param.data.contiguous(memory_format=formats[param.dim()])
 
 
-def optimiser(params, hp, max_epochs: int | None):
+def optimiser(params, hp, max_epochs: int | None, *, foreach: bool | None = None):
     """``(optimiser, per-epoch LR schedule or None)`` of a module's hyperparameters ``hp``
     (``optimizer``, ``lr``, ``weight_decay``, ``scheduler``, ``warmup_epochs``, ``schedule_epochs``):
-    one definition for the Trainer's fits and the runner's stacked folds (loso/stacked.py)."""
+    one definition for the Trainer's fits and the runner's stacked folds (loso/stacked.py, which
+    asks for the ``foreach`` kernels: its parameters are many small per-fold tensors)."""
     if hp.optimizer == "adamw":
-        opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay, foreach=foreach)
     else:
-        opt = torch.optim.SGD(params, lr=hp.lr, momentum=0.9, weight_decay=hp.weight_decay)
+        opt = torch.optim.SGD(params, lr=hp.lr, momentum=0.9, weight_decay=hp.weight_decay, foreach=foreach)
     if hp.scheduler == "none":
         return opt, None
     epochs = max(1, hp.schedule_epochs or max_epochs or 1)

@@ -24,6 +24,8 @@ the FC is an identity at 28 px and keeps the FC at 400 inputs at any other size 
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import Tensor, nn
 
@@ -132,21 +134,28 @@ class StackedSTSTNet(nn.Module):
         self.k, self.in_channels = len(nets), first.in_channels
         self.templates = [first]  # a plain list: not a submodule (unstack copies into fresh ones)
 
-        def cat(layer: int, name: str) -> Tensor:  # per copy its streams' tensors, copies one after another
-            return torch.cat([getattr(n.streams[s][layer], name).detach() for n in nets
-                              for s in range(len(STREAMS))]).clone()
-
-        self.conv_w, self.conv_b = nn.Parameter(cat(0, "weight")), nn.Parameter(cat(0, "bias"))
         self.batch_norm = not isinstance(first.streams[0][2], nn.Identity)
+        # Each copy's weights are its own leaf tensors (``copies[k]``), stacked in forward: an
+        # optimiser then keeps each copy's state apart (Adam's step count, for its bias correction,
+        # included), and a copy whose gradients are None skips a step as a sequential run would.
+        self.copies = nn.ModuleList([_CopyWeights(n, self.batch_norm) for n in nets])
         if self.batch_norm:
-            self.bn_w, self.bn_b = nn.Parameter(cat(2, "weight")), nn.Parameter(cat(2, "bias"))
-            self.register_buffer("bn_mean", cat(2, "running_mean"))
-            self.register_buffer("bn_var", cat(2, "running_var"))
+
+            def cat(name: str) -> Tensor:  # per copy its streams' statistics, copies one after another
+                return torch.cat([getattr(n.streams[s][2], name).detach() for n in nets
+                                  for s in range(len(STREAMS))]).clone()
+
+            self.register_buffer("bn_mean", cat("running_mean"))
+            self.register_buffer("bn_var", cat("running_var"))
             self.bn_momentum, self.bn_eps = first.streams[0][2].momentum, first.streams[0][2].eps
         self.dropout = first.streams[0][4].p
-        self.fc_w = nn.Parameter(torch.stack([n.fc.weight.detach() for n in nets]).clone())  # (K, C, 400)
-        self.fc_b = nn.Parameter(torch.stack([n.fc.bias.detach() for n in nets]).clone())  # (K, C)
         self.pool = first.pool
+
+    def stacked(self, name: str) -> Tensor:
+        """The copies' ``name`` (``conv_w``, ``conv_b``, ``bn_w``, ``bn_b``: concatenated, copy k's
+        16 channels at [16 k, 16 k + 16); ``fc_w``, ``fc_b``: stacked, copy k's at [k])."""
+        tensors = [getattr(c, name) for c in self.copies]
+        return torch.stack(tensors) if name.startswith("fc") else torch.cat(tensors)
 
     def _statistics(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
         """Batch norm's per-channel mean and (biased) variance: over each copy's real samples in
@@ -192,15 +201,16 @@ class StackedSTSTNet(nn.Module):
         # stays in one layout forward and backward (pooling, statistics and the ReLU's backward over
         # a map and gradient of different layouts each cost a conversion pass: 103 -> ~70 ms a step
         # for 16 copies on 2 CPU cores).
-        y = torch.relu_(nn.functional.conv2d(x, self.conv_w, self.conv_b, padding=1, groups=k))
+        y = torch.relu_(nn.functional.conv2d(x, self.stacked("conv_w"), self.stacked("conv_b"), padding=1,
+                                             groups=k))
         if self.batch_norm:
             # Batch norm is a per-channel affine map a * y + c once its statistics are known, and max
             # pooling commutes with a monotone map: pool first, then apply it to the 9x smaller map
             # (a min-pool where a < 0). The statistics still come from the full map. Same values as
             # norm-then-pool up to rounding, with two passes over the full map fewer each way.
             mean, var = self._statistics(y, mask)
-            scale = self.bn_w / torch.sqrt(var + self.bn_eps)
-            shift = (self.bn_b - mean * scale)[None, :, None, None]
+            scale = self.stacked("bn_w") / torch.sqrt(var + self.bn_eps)
+            shift = (self.stacked("bn_b") - mean * scale)[None, :, None, None]
             pooled = nn.functional.max_pool2d(y, 3, stride=3, padding=1)
             if bool((scale < 0).any()):
                 low = -nn.functional.max_pool2d(-y, 3, stride=3, padding=1)
@@ -215,28 +225,47 @@ class StackedSTSTNet(nn.Module):
         else:
             y = nn.functional.dropout(y, self.dropout, self.training)
         features = self.pool(y).reshape(b, k, -1)  # (B, K, 400): copy k's streams in STSTNet's order
-        return torch.einsum("bki,kci->bkc", features, self.fc_w) + self.fc_b
+        return torch.einsum("bki,kci->bkc", features, self.stacked("fc_w")) + self.stacked("fc_b")
 
     def unstack(self) -> list[STSTNet]:
         """The K trained networks as plain STSTNets (weights and batch-norm statistics copied)."""
-        import copy
-
-        nets, per_copy = [], sum(STREAMS)
-        for j in range(self.k):
+        nets = []
+        for j, weights in enumerate(self.copies):
             net = copy.deepcopy(self.templates[0])
-            first = j * per_copy
+            first = 0
             with torch.no_grad():
                 for s, filters in enumerate(STREAMS):
                     rows = slice(first, first + filters)
-                    net.streams[s][0].weight.copy_(self.conv_w[rows])
-                    net.streams[s][0].bias.copy_(self.conv_b[rows])
+                    net.streams[s][0].weight.copy_(weights.conv_w[rows])
+                    net.streams[s][0].bias.copy_(weights.conv_b[rows])
                     if self.batch_norm:
                         bn = net.streams[s][2]
-                        for name, stacked in (("weight", self.bn_w), ("bias", self.bn_b),
-                                              ("running_mean", self.bn_mean), ("running_var", self.bn_var)):
-                            getattr(bn, name).copy_(stacked[rows])
+                        own = slice(j * sum(STREAMS) + first, j * sum(STREAMS) + first + filters)  # stacked
+                        bn.weight.copy_(weights.bn_w[rows])
+                        bn.bias.copy_(weights.bn_b[rows])
+                        bn.running_mean.copy_(self.bn_mean[own])
+                        bn.running_var.copy_(self.bn_var[own])
                     first += filters
-                net.fc.weight.copy_(self.fc_w[j])
-                net.fc.bias.copy_(self.fc_b[j])
+                net.fc.weight.copy_(weights.fc_w)
+                net.fc.bias.copy_(weights.fc_b)
             nets.append(net)
         return nets
+
+
+class _CopyWeights(nn.Module):
+    """One STSTNet copy's trainable weights in StackedSTSTNet's layout: its three streams'
+    convolution (and batch-norm affine) parameters as 16 rows in STSTNet's stream order, and its
+    linear layer."""
+
+    def __init__(self, net: STSTNet, batch_norm: bool) -> None:
+        super().__init__()
+
+        def cat(layer: int, name: str) -> nn.Parameter:
+            return nn.Parameter(torch.cat([getattr(net.streams[s][layer], name).detach()
+                                           for s in range(len(STREAMS))]).clone())
+
+        self.conv_w, self.conv_b = cat(0, "weight"), cat(0, "bias")
+        if batch_norm:
+            self.bn_w, self.bn_b = cat(2, "weight"), cat(2, "bias")
+        self.fc_w = nn.Parameter(net.fc.weight.detach().clone())  # (C, 400)
+        self.fc_b = nn.Parameter(net.fc.bias.detach().clone())
