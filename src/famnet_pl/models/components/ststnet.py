@@ -139,14 +139,9 @@ class StackedSTSTNet(nn.Module):
         # optimiser then keeps each copy's state apart (Adam's step count, for its bias correction,
         # included), and a copy whose gradients are None skips a step as a sequential run would.
         self.copies = nn.ModuleList([_CopyWeights(n, self.batch_norm) for n in nets])
-        if self.batch_norm:
-
-            def cat(name: str) -> Tensor:  # per copy its streams' statistics, copies one after another
-                return torch.cat([getattr(n.streams[s][2], name).detach() for n in nets
-                                  for s in range(len(STREAMS))]).clone()
-
-            self.register_buffer("bn_mean", cat("running_mean"))
-            self.register_buffer("bn_var", cat("running_var"))
+        if self.batch_norm:  # the running statistics stay stacked: batch norm updates them in place
+            self.register_buffer("bn_mean", torch.cat([_streams(n, 2, "running_mean") for n in nets]))
+            self.register_buffer("bn_var", torch.cat([_streams(n, 2, "running_var") for n in nets]))
             self.bn_momentum, self.bn_eps = first.streams[0][2].momentum, first.streams[0][2].eps
         self.dropout = first.streams[0][4].p
         self.pool = first.pool
@@ -229,10 +224,10 @@ class StackedSTSTNet(nn.Module):
 
     def unstack(self) -> list[STSTNet]:
         """The K trained networks as plain STSTNets (weights and batch-norm statistics copied)."""
-        nets = []
+        nets, per_copy = [], sum(STREAMS)
         for j, weights in enumerate(self.copies):
             net = copy.deepcopy(self.templates[0])
-            first = 0
+            stats, first = slice(j * per_copy, (j + 1) * per_copy), 0  # copy j's stacked statistics
             with torch.no_grad():
                 for s, filters in enumerate(STREAMS):
                     rows = slice(first, first + filters)
@@ -240,11 +235,10 @@ class StackedSTSTNet(nn.Module):
                     net.streams[s][0].bias.copy_(weights.conv_b[rows])
                     if self.batch_norm:
                         bn = net.streams[s][2]
-                        own = slice(j * sum(STREAMS) + first, j * sum(STREAMS) + first + filters)  # stacked
                         bn.weight.copy_(weights.bn_w[rows])
                         bn.bias.copy_(weights.bn_b[rows])
-                        bn.running_mean.copy_(self.bn_mean[own])
-                        bn.running_var.copy_(self.bn_var[own])
+                        bn.running_mean.copy_(self.bn_mean[stats][rows])
+                        bn.running_var.copy_(self.bn_var[stats][rows])
                     first += filters
                 net.fc.weight.copy_(weights.fc_w)
                 net.fc.bias.copy_(weights.fc_b)
@@ -259,13 +253,14 @@ class _CopyWeights(nn.Module):
 
     def __init__(self, net: STSTNet, batch_norm: bool) -> None:
         super().__init__()
-
-        def cat(layer: int, name: str) -> nn.Parameter:
-            return nn.Parameter(torch.cat([getattr(net.streams[s][layer], name).detach()
-                                           for s in range(len(STREAMS))]).clone())
-
-        self.conv_w, self.conv_b = cat(0, "weight"), cat(0, "bias")
+        self.conv_w, self.conv_b = (nn.Parameter(_streams(net, 0, name)) for name in ("weight", "bias"))
         if batch_norm:
-            self.bn_w, self.bn_b = cat(2, "weight"), cat(2, "bias")
+            self.bn_w, self.bn_b = (nn.Parameter(_streams(net, 2, name)) for name in ("weight", "bias"))
         self.fc_w = nn.Parameter(net.fc.weight.detach().clone())  # (C, 400)
         self.fc_b = nn.Parameter(net.fc.bias.detach().clone())
+
+
+def _streams(net: STSTNet, layer: int, name: str) -> Tensor:
+    """A copy of ``net``'s three streams' ``layer`` tensor ``name`` as one: 16 rows in STSTNet's
+    stream order (StackedSTSTNet's per-copy channel layout)."""
+    return torch.cat([getattr(net.streams[s][layer], name).detach() for s in range(len(STREAMS))]).clone()
