@@ -12,7 +12,10 @@ CV_CONTRIB := $(shell grep -o 'opencv-contrib-python-headless==[0-9.]*' setup.cf
 
 DATASET ?= synth
 MODEL ?= famnet_cpu
-EXP ?= $(MODEL)
+# cpu | gpu | auto (gpu when nvidia-smi lists one): the recipe's view sizes (experiments/size/) and the
+# model's per-size config (MODEL=famnet -> model/famnet_cpu.yaml on a CPU); src/famnet_pl/recipes.py.
+SIZE ?= auto
+EXP ?=
 DATA_ROOT ?=
 PROTOCOL ?=
 SHEETS ?= ../shared/annotations
@@ -35,6 +38,7 @@ SEED ?= 0
 OUT ?=
 WANDB_PROJECT ?= famnet_pl
 SEEDS ?=
+ABLATION ?= experiments/ablation.yaml
 ENSEMBLE ?=
 RUNS ?=
 VARIANTS ?=
@@ -49,9 +53,13 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export HF_HUB_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-# An unknown DATASET= / MODEL= is one line naming the choices, not the CLI's usage dump.
-need_config = @test -f experiments/$(1)/$(2).yaml || { echo "make: unknown $(3)=$(2); choose one of: \
-	$$(ls experiments/$(1) | sed 's/\.yaml$$//' | tr '\n' ' ')" >&2; exit 2; }
+# The run's --config files (base, size, data, model: src/famnet_pl/recipes.py); an unknown DATASET=,
+# MODEL= or SIZE= is one line naming the choices, not the CLI's usage dump. `set -x` shows the command.
+# Expanded once, when a target's recipe runs (after .venv exists), so `make -n` shows the files.
+RECIPE = $(BIN)/python -m famnet_pl.recipes $(DATASET) $(MODEL) $(SIZE)
+CONFIGS = $(eval CONFIGS := $(shell $(RECIPE)))$(CONFIGS)
+RUN_EXP = $(or $(EXP),$(if $(CONFIGS),$(shell $(RECIPE) --model-name)))
+check_recipe = @test -n "$(CONFIGS)" || exit 2
 
 .PHONY: help install loso loso-slurm ablation sweep agent sweep-offline sweep-best report data manifests fabricate aggregate lint test \
 	test-full test-gpu test-slurm bench clean distclean
@@ -74,37 +82,34 @@ $(STAMP): setup.cfg pyproject.toml
 
 install: $(STAMP) ## Create .venv and install famnet_pl with its pinned dependencies
 
-loso: $(STAMP) ## LOSO run [DATASET=synth] [PROTOCOL=] [MODEL=famnet_cpu] [EXP=] [DATA_ROOT=] [WANDB=offline|online|off] [FOLDS=0,3] [JOBS=1] [THREADS=] [GPUS=0,1 JOBS_PER_GPU=2] [SEEDS=0,1,2 [ENSEMBLE=mean]] [ARGS=]
-	$(call need_config,data,$(DATASET),DATASET)
-	$(call need_config,model,$(MODEL),MODEL)
-	$(BIN)/famnet-pl loso --exp $(EXP) --wandb $(WANDB) $(if $(FOLDS),--folds $(FOLDS)) --jobs $(JOBS) \
+loso: $(STAMP) ## LOSO run [DATASET=synth] [PROTOCOL=] [MODEL=famnet_cpu] [SIZE=auto|cpu|gpu] [EXP=] [DATA_ROOT=] [WANDB=offline|online|off] [FOLDS=0,3] [JOBS=1] [THREADS=] [GPUS=0,1 JOBS_PER_GPU=2] [SEEDS=0,1,2 [ENSEMBLE=mean]] [ARGS=]
+	$(check_recipe)
+	$(BIN)/famnet-pl loso --exp $(RUN_EXP) --wandb $(WANDB) $(if $(FOLDS),--folds $(FOLDS)) --jobs $(JOBS) \
 		$(if $(GPUS),--gpus $(GPUS) --jobs-per-gpu $(JOBS_PER_GPU)) $(if $(THREADS),--threads $(THREADS)) \
 		$(if $(SEEDS),--seeds $(SEEDS)) $(if $(ENSEMBLE),--ensemble $(ENSEMBLE)) \
-		--config experiments/base.yaml --config experiments/data/$(DATASET).yaml \
-		--config experiments/model/$(MODEL).yaml $(if $(DATA_ROOT),--data.data_root=$(DATA_ROOT)) \
+		$(CONFIGS) $(if $(DATA_ROOT),--data.data_root=$(DATA_ROOT)) \
 		$(if $(PROTOCOL),--data.protocol=$(PROTOCOL)) $(ARGS)
 
 loso-slurm: $(STAMP) ## LOSO as a SLURM job array (one pending fold per task) + aggregation job [same as loso] [PARALLEL=8] [SLURM_ARGS="--slurm-partition gpu --slurm-gpus-per-task 1"] [SBATCH_ARGS=] [PREPROCESS=job|here|no]
-	$(call need_config,data,$(DATASET),DATASET)
-	$(call need_config,model,$(MODEL),MODEL)
+	@# SIZE=auto sizes for the compute nodes, not this login node: gpu when SLURM_ARGS asks for GPUs.
+	$(check_recipe)
 	PYTHON=$(BIN)/python SBATCH_ARGS="$(SBATCH_ARGS)" PREPROCESS=$(PREPROCESS) experiments/slurm/submit.sh \
-		--exp $(EXP) --wandb $(WANDB) $(if $(FOLDS),--folds $(FOLDS)) $(if $(THREADS),--threads $(THREADS)) \
+		--exp $(RUN_EXP) --wandb $(WANDB) $(if $(FOLDS),--folds $(FOLDS)) $(if $(THREADS),--threads $(THREADS)) \
 		$(if $(PARALLEL),--slurm-parallelism $(PARALLEL)) $(SLURM_ARGS) \
-		--config experiments/base.yaml --config experiments/data/$(DATASET).yaml \
-		--config experiments/model/$(MODEL).yaml $(if $(DATA_ROOT),--data.data_root=$(DATA_ROOT)) \
+		$(CONFIGS) $(if $(DATA_ROOT),--data.data_root=$(DATA_ROOT)) \
 		$(if $(PROTOCOL),--data.protocol=$(PROTOCOL)) $(ARGS)
 
-train-final: $(STAMP) ## One model on every subject -> runs/<exp>/<dataset>/final [DATASET=synth] [MODEL=famnet_cpu] [EXP=final] [FROM_RUN=runs/x/synth] [THREADS=] [ARGS=]
-	$(call need_config,data,$(DATASET),DATASET)
-	$(call need_config,model,$(MODEL),MODEL)
-	$(BIN)/famnet-pl train-final --exp $(if $(filter command line environment,$(origin EXP)),$(EXP),final) \
+loso-slurm: SIZE := $(if $(filter auto,$(SIZE)),$(if $(findstring gpus,$(SLURM_ARGS)),gpu,cpu),$(SIZE))
+
+train-final: $(STAMP) ## One model on every subject -> runs/<exp>/<dataset>/final [DATASET=synth] [MODEL=famnet_cpu] [SIZE=auto] [EXP=final] [FROM_RUN=runs/x/synth] [THREADS=] [ARGS=]
+	$(check_recipe)
+	$(BIN)/famnet-pl train-final --exp $(or $(EXP),final) \
 		$(if $(FROM_RUN),--from-run $(FROM_RUN)) $(if $(THREADS),--threads $(THREADS)) \
-		--config experiments/base.yaml --config experiments/data/$(DATASET).yaml \
-		--config experiments/model/$(MODEL).yaml $(if $(DATA_ROOT),--data.data_root=$(DATA_ROOT)) \
+		$(CONFIGS) $(if $(DATA_ROOT),--data.data_root=$(DATA_ROOT)) \
 		$(if $(PROTOCOL),--data.protocol=$(PROTOCOL)) $(ARGS)
 
-ablation: $(STAMP) ## Ablation table, every variant x seed a full LOSO [DATASET=synth] [JOBS=1] [SEEDS=0,1,2] [VARIANTS=a,b]
-	$(BIN)/famnet-pl ablation --dataset $(DATASET) --jobs $(JOBS) $(if $(THREADS),--threads $(THREADS)) \
+ablation: $(STAMP) ## Ablation table, every variant x seed a full LOSO [DATASET=synth] [ABLATION=experiments/ablation.yaml] [SIZE=auto] [JOBS=1] [SEEDS=0,1,2] [VARIANTS=a,b]
+	$(BIN)/famnet-pl ablation --dataset $(DATASET) --spec $(ABLATION) --size $(SIZE) --jobs $(JOBS) $(if $(THREADS),--threads $(THREADS)) \
 		$(if $(SEEDS),--seeds $(SEEDS)) $(if $(VARIANTS),--variants $(VARIANTS)) \
 		$(if $(DATA_ROOT),--data.data_root=$(DATA_ROOT)) $(ARGS)
 

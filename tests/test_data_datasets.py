@@ -445,6 +445,7 @@ def _make_loso_argv(tmp_path, extra: str = "", **make_vars) -> list[str]:
     import subprocess
 
     small = (f"--data.flow_size=48 --data.flow_algorithm=farneback --data.cache_dir={tmp_path}/cache "
+             "--data.val_subjects=1 "  # the fabricated trees have 3 subjects
              f"--trainer.max_epochs=1 --runs-dir={tmp_path}/runs {extra}")
     dry = subprocess.run(["make", "-s", "-n", "loso", *[f"{k}={v}" for k, v in make_vars.items()],
                           "WANDB=off", "FOLDS=0", f"ARGS={small}", "STAMP=/dev/null"], cwd=REPO,

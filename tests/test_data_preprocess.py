@@ -15,6 +15,7 @@ from famnet_pl.data.frames import (
     FrameError,
     FrameSource,
     clip_times,
+    magnify,
     onset_apex_flow,
     read_frame,
     sample_clip,
@@ -61,9 +62,11 @@ def synth_manifest(tiny_synth):
 def _variants() -> list[tuple[str, object]]:
     """One changed value for every preprocessing field."""
     changed = {"image_size": 48, "clip_len": 6, "clip_size": 32, "flow_algorithm": "dis", "flow_size": 96,
-               "need_flow": False, "need_onset": True, "register": False, "need_clip": False,
+               "need_flow": False, "need_onset": True, "need_apex": False, "register": False,
+               "need_clip": False,
                "face_detector": "center", "face_margin": 0.3, "face_align": True, "face_size": 128,
-               "flow_pair": "apex_offset", "clip_fps": 100.0, "clip_view": "flow"}
+               "flow_pair": "apex_offset", "clip_fps": 100.0, "clip_view": "flow",
+               "magnify": 8.0}
     assert set(changed) == {f.name for f in dataclasses.fields(ViewConfig)}  # a new field needs a variant
     return list(changed.items())
 
@@ -343,3 +346,18 @@ def test_an_unreadable_frame_is_reported_as_such_not_as_missing(tmp_path, monkey
     with pytest.raises(FrameError, match="permission denied") as info:
         read_frame(frame)
     assert "missing" not in str(info.value) and str(frame) in str(info.value)
+
+
+def test_magnify_amplifies_the_change_against_the_onset_frame():
+    """Linear magnification: identity at alpha 0 and on the onset itself; a 1 px motion's intensity
+    change comes out about (1 + alpha) times larger (low-passed first, so a little less)."""
+    import cv2
+
+
+    rng = np.random.default_rng(0)
+    onset = cv2.GaussianBlur(rng.integers(40, 220, (64, 64, 3)).astype(np.uint8), (0, 0), 3)
+    frame = np.roll(onset, 1, axis=1)
+    assert (magnify(onset, frame, 0) == frame).all() and (magnify(onset, onset, 10) == onset).all()
+    change = np.abs(frame.astype(np.float64) - onset).mean()
+    ratio = np.abs(magnify(onset, frame, 4).astype(np.float64) - onset).mean() / change
+    assert 3.5 < ratio < 5.0

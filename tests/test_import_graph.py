@@ -63,7 +63,7 @@ LAYERS = (
     ("famnet_pl.studies",),
     ("famnet_pl.loso",),
     ("famnet_pl.deploy",),
-    ("famnet_pl.config",),
+    ("famnet_pl.config", "famnet_pl.recipes"),
     ("famnet_pl.models", "famnet_pl.data"),
     ("famnet_pl.losses", "famnet_pl.metrics", "famnet_pl.utils"),
 )

@@ -30,6 +30,7 @@ def _args(root, cache, *extra):
     return ["--config", "experiments/base.yaml", "--config", "experiments/data/megc2019_flow.yaml",
             "--config", "experiments/model/ststnet.yaml", f"--data.data_root={root}",
             f"--data.cache_dir={cache}", "--data.batch_size=4", "--trainer.max_epochs=3",
+            "--data.val_subjects=0",  # the fabricated tree has 2 subjects a dataset
             "--trainer.accelerator=cpu", *extra]
 
 

@@ -36,7 +36,8 @@ warnings.filterwarnings("ignore", message=r".*LightningCLI's args parameter is i
 
 
 class FamNetCLI(LightningCLI):
-    """LightningCLI with data->model links, and room for callbacks/loggers the runner owns.
+    """LightningCLI with data->model links, model->data views, and room for callbacks/loggers the
+    runner owns.
 
     The data section is in subclass mode: its class is MERDataModule or one of the per-dataset
     DataModules (``data: {class_path: famnet_pl.data.datamodule.CASME2DataModule, init_args: {...}}``
@@ -79,7 +80,8 @@ class FamNetCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         """As LightningCLI's, but a DataModule refusing its arguments (a ProtocolError: unknown protocol,
         one of another dataset, a view the data cannot give) surfaces as itself, one line, not inside
-        jsonargparse's report on every type the data section could have been (subclass mode)."""
+        jsonargparse's report on every type the data section could have been (subclass mode); then the
+        DataModule learns which views the model reads (``MERLitModule.inputs``), and builds only those."""
         try:
             super().instantiate_classes()
         except ValueError as exc:
@@ -89,6 +91,8 @@ class FamNetCLI(LightningCLI):
             if cause is None:
                 raise
             raise cause from None
+        # The DataModule builds, caches and batches only the views the network reads.
+        self.datamodule.use_inputs(self.model.inputs)
 
     def instantiate_trainer(self, **kwargs):
         if self._logger is not None:

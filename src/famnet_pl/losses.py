@@ -15,6 +15,10 @@ like the others, so one place (``model.loss_weights``) holds every weight and a 
 non-zero (the LightningModule tells it which, see ``MERLitModule``): FRL-DGT's flow guidance off
 costs nothing.
 
+With ``class_weight`` set (``MERLitModule(balance="classes")``), every emotion cross-entropy weighs
+class ``c`` by ``n / (C * n_c)`` of the fold's training labels, so each class counts as much as the
+others in the loss, as it does in UF1 and UAR.
+
 Terms whose outputs a model does not produce (a 2D-only net has no ``emotion_3d``) are skipped, so
 the same loss serves every branch setting; a weight for a term the model lacks has no effect (the
 ``dgm_*`` weights on FAMNet). AU BCE is averaged over the *unmasked* (sample, AU) entries only:
@@ -98,6 +102,9 @@ class WeightedMultiTaskLoss(nn.Module):
     def __init__(self, weights: LossWeights = LossWeights()) -> None:
         super().__init__()
         self.weights = weights
+        # Per-class weights of every emotion cross-entropy (class-balanced training); None: unweighted.
+        # Not saved: the LightningModule sets them from the fold's training labels at every fit start.
+        self.register_buffer("class_weight", None, persistent=False)
 
     def forward(self, outputs: dict[str, Tensor], label: Tensor, au: Tensor | None = None,
                 au_mask: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
@@ -108,7 +115,7 @@ class WeightedMultiTaskLoss(nn.Module):
         for key, weight_name in self._EMOTION_TERMS:
             if key in outputs:
                 name = "ce_" + key.split("_")[1]
-                parts[name] = F.cross_entropy(outputs[key], label)
+                parts[name] = F.cross_entropy(outputs[key], label, weight=self.class_weight)
                 total = total + getattr(self.weights, weight_name) * parts[name]
         au_keys = [k for k in self._AU_TERMS if k in outputs and outputs[k].shape[1] > 0]
         if au is not None and au_keys and self.weights.wau:

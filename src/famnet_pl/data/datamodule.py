@@ -80,13 +80,20 @@ class MERDataset(Dataset):
         self.tta = tta
         self.views = BatchViews(input_2d, clip_mode, stats) if stats else None
         self._rgb = rgb_channels(input_2d, clip_mode)  # once, not per sample
-        self._cached = [name for name in (*VIEWS_2D[input_2d], "clip") if name in arrays]  # raw views
+        # The parts of the 2D view, and whether there is a clip: only the views the model reads were
+        # built (MERDataModule.use_inputs), so an absent one is not read.
+        self._parts_2d = VIEWS_2D[input_2d] if all(name in arrays for name in VIEWS_2D[input_2d]) else ()
+        self.has_2d = bool(self._parts_2d)
+        self._cached = [*self._parts_2d, *(["clip"] if "clip" in arrays else [])]  # raw views
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def view_2d(self, i: int) -> np.ndarray:
-        """Un-normalised 2D input ``(S, S, C)`` float32 of manifest row ``i`` (normalisation statistics)."""
+    def view_2d(self, i: int) -> np.ndarray | None:
+        """Un-normalised 2D input ``(S, S, C)`` float32 of manifest row ``i`` (None: the model reads no
+        2D view)."""
+        if not self.has_2d:
+            return None
         return raw_2d(self.arrays, self.input_2d, i).numpy()
 
     def view_3d(self, i: int) -> np.ndarray | None:
@@ -129,11 +136,12 @@ class MERDataset(Dataset):
         out = {}
         landmarks = np.array(self.arrays["landmarks"][i], np.float32) if "landmarks" in self.arrays else None
         if self.augment is not None:
-            side = self.arrays[VIEWS_2D[self.input_2d][0]].shape[1:3]
-            params = self.augment.draw(*side, photometric=self._rgb["x2d"] is not None)
-            out["aug2d"] = params_tensor(params)
-            if landmarks is not None:  # the landmarks move with the 2D view they locate regions in
-                landmarks = move_points(landmarks, params, side[1], side[0])
+            if self._parts_2d:
+                side = self.arrays[self._parts_2d[0]].shape[1:3]
+                params = self.augment.draw(*side, photometric=self._rgb["x2d"] is not None)
+                out["aug2d"] = params_tensor(params)
+                if landmarks is not None:  # the landmarks move with the 2D view they locate regions in
+                    landmarks = move_points(landmarks, params, side[1], side[0])
             if "clip" in self.arrays:
                 clip = self.arrays["clip"].shape[2:4]
                 params = self.augment.draw(*clip, photometric=self._rgb["x3d"] is not None)
@@ -194,14 +202,18 @@ class MERDataModule(L.LightningDataModule):
         register: align every frame to the onset frame (global translation, phase correlation)
             before flow and clips, removing head drift that is larger than the expression.
         face_detector: face crop detected on the onset frame and applied to every frame:
-            ``none`` (frames already cropped: CASME II ``Cropped``, the synthetic set), ``mtcnn``
-            (offline model inside a pip wheel), ``center``, or one registered in face.py.
+            ``auto`` (``none`` where the layout found on disk holds face crops already: CASME II
+            ``Cropped``, the synthetic set; ``mtcnn`` elsewhere), ``none``, ``mtcnn`` (offline model
+            inside a pip wheel), ``center``, or one registered in face.py.
         face_margin: margin around the detected face (fraction of its side).
         face_align: rotate every frame of a clip so the onset frame's eyes are level.
         face_size: side of the face crop the views are resized from.
         flow_pair: ``onset_apex`` (standard) or ``apex_offset``.
         clip_fps: None: clips time-normalised over onset..offset; a number: frames 1/clip_fps s
             apart at each dataset's own fps (a common time scale for mixed 200/90/30 fps data).
+        magnify: motion magnification of the RGB views (apex frame, frame clips): each frame's
+            spatially low-passed intensity change against the onset frame, amplified this many times
+            (frames.magnify; linear Eulerian magnification). 0: none. Flow views are unaffected.
         preprocess_workers: processes that fill the preprocessing cache (0: this process).
         strict: stop at the first sample whose frames are missing or unreadable instead of leaving
             it out and listing it.
@@ -253,12 +265,13 @@ class MERDataModule(L.LightningDataModule):
         missing_frames: Literal["error", "drop"] = "error",
         official_lists: bool = True,
         register: bool = True,
-        face_detector: str = "none",
+        face_detector: str = "auto",
         face_margin: float = 0.15,
         face_align: bool = False,
         face_size: int = 256,
         flow_pair: Literal["onset_apex", "apex_offset"] = "onset_apex",
         clip_fps: float | None = None,
+        magnify: float = 0.0,
         preprocess_workers: int = 0,
         strict: bool = False,
         val_subjects: int | float = 0,
@@ -282,10 +295,26 @@ class MERDataModule(L.LightningDataModule):
                 "protocol (megc2019_3cls, with the datasets' frame folders)")
         self.manifest: pd.DataFrame | None = None  # the samples in use: validated and preprocessed
         self._validated: pd.DataFrame | None = None
+        self._layouts: dict[str, str] = {}  # dataset -> layout found on disk (load_manifest)
         self.prepared: Prepared | None = None
         self.test_subject: str | None = None
         self._resume_state: dict = {}  # from a resume checkpoint (load_state_dict)
+        #: The batch views the model reads (use_inputs); only these are built, cached and batched.
+        self.inputs: tuple[str, ...] = ("x2d", "x3d")
         self._shuffle_generator: torch.Generator | None = None
+
+    def use_inputs(self, inputs: tuple[str, ...] | list[str]) -> None:
+        """Build only the views the model reads (``MERLitModule.inputs``: ``x2d``, ``x3d``): a 2D-only
+        model gets no clip, a 3D-only one no 2D view. The CLI calls this once both exist, before
+        anything is preprocessed."""
+        inputs = tuple(inputs)
+        unknown = set(inputs) - {"x2d", "x3d"}
+        if unknown or not inputs:
+            raise ValueError(f"model inputs {inputs}: expected a non-empty subset of ('x2d', 'x3d')")
+        if self.prepared is not None and inputs != self.inputs:
+            raise RuntimeError(f"the views were built for {self.inputs} already; set the model's inputs "
+                               "first")
+        self.inputs = inputs
 
     @classmethod
     def check_protocol(cls, protocol: str) -> None:
@@ -347,22 +376,36 @@ class MERDataModule(L.LightningDataModule):
             # Sheet modification times are part of the memo key: an edited sheet is read again.
             options["_stamp"] = _sheet_stamps(self.protocol, hp.data_root, hp.annotation, hp.annotations,
                                               hp.roots)
-            self._validated = _manifest(self.protocol.name, str(hp.data_root),
-                                        json.dumps(options, sort_keys=True))
+            self._validated, self._layouts = _manifest(self.protocol.name, str(hp.data_root),
+                                                       json.dumps(options, sort_keys=True))
         return self._validated
 
     @property
+    def face_detector(self) -> str:
+        """The face detector in use: ``face_detector``, where ``auto`` is ``none`` when every dataset's
+        frames are face crops already (CASME II ``Cropped``, the synthetic set; protocols.Layout) and
+        ``mtcnn`` otherwise."""
+        detector = self.hparams.face_detector
+        if detector != "auto":
+            return detector
+        self.load_manifest()
+        crops = all(get_dataset(d).layout(name).face_crops for d, name in self._layouts.items())
+        return "none" if crops else "mtcnn"
+
+    @property
     def views(self) -> ViewConfig:
-        """The preprocessing configuration (everything in it is part of the cache key)."""
+        """The preprocessing configuration (everything in it is part of the cache key): the views of
+        :attr:`inputs` only."""
         hp = self.hparams
+        parts = VIEWS_2D[hp.input_2d] if "x2d" in self.inputs else ()
         return ViewConfig(image_size=hp.image_size, clip_len=hp.clip_len, clip_size=hp.clip_size,
                           flow_algorithm=hp.flow_algorithm, flow_size=hp.flow_size,
-                          need_flow="flow" in VIEWS_2D[hp.input_2d],
-                          need_onset="onset" in VIEWS_2D[hp.input_2d],
-                          register=hp.register, need_clip=self.protocol.has_clips,
-                          face_detector=hp.face_detector, face_margin=hp.face_margin,
+                          need_flow="flow" in parts, need_onset="onset" in parts, need_apex="apex" in parts,
+                          register=hp.register, need_clip=self.protocol.has_clips and "x3d" in self.inputs,
+                          face_detector=self.face_detector, face_margin=hp.face_margin,
                           face_align=hp.face_align, face_size=hp.face_size, flow_pair=hp.flow_pair,
-                          clip_fps=hp.clip_fps, clip_view="flow" if hp.clip_mode == "flow" else "frames")
+                          clip_fps=hp.clip_fps, clip_view="flow" if hp.clip_mode == "flow" else "frames",
+                          magnify=hp.magnify)
 
     def prepare(self) -> Prepared:
         """Preprocess every sample once (cached; parallel with ``preprocess_workers``) and keep the
@@ -482,7 +525,10 @@ class MERDataModule(L.LightningDataModule):
             if self._resume_state.get("shuffle") is not None:
                 generator.set_state(self._resume_state["shuffle"])
             self._shuffle_generator = generator
-        return MERLoader(dataset, batch_size=self.hparams.batch_size, shuffle=shuffle,
+        # A last training batch of one sample would stop batch norm ("expected more than 1 value per
+        # channel"): that one sample waits for the next epoch's shuffle instead.
+        drop_last = shuffle and len(dataset) % self.hparams.batch_size == 1
+        return MERLoader(dataset, batch_size=self.hparams.batch_size, shuffle=shuffle, drop_last=drop_last,
                          num_workers=self.hparams.num_workers, generator=generator, collate_fn=collate,
                          worker_init_fn=init_worker, persistent_workers=self.hparams.num_workers > 0,
                          pin_memory=torch.cuda.is_available())
@@ -621,17 +667,17 @@ class SynthDataModule(MERDataModule):
 
 
 @functools.lru_cache(maxsize=8)
-def _manifest(protocol: str, root: str, options_json: str) -> pd.DataFrame:
+def _manifest(protocol: str, root: str, options_json: str) -> tuple[pd.DataFrame, dict[str, str]]:
     """Manifest memo: the LOSO runner builds one DataModule per fold in one process, and the sheet
     and frame checks (and their report) need to happen once, not once per fold. ``options_json``
-    holds the manifest options (hashable)."""
+    holds the manifest options (hashable). Returns the manifest and the layout of each dataset."""
     options = json.loads(options_json)
     options.pop("_stamp")
     proto = get_protocol(protocol, datasets=options.pop("datasets"), label_maps=options.pop("label_maps"),
                          classes=options.pop("classes"))
     manifest, report = build_manifest(protocol=proto, root=root, **options)
     log.info("manifest:\n%s", report.format())
-    return manifest
+    return manifest, dict(report.layouts)
 
 
 def _sheet_stamps(protocol, root, annotation, annotations, roots) -> list:
@@ -660,9 +706,10 @@ def _stream_fold(fold: int) -> int:
 def _channel_stats(dataset: MERDataset, idx: np.ndarray) -> dict[str, np.ndarray]:
     """Per-channel mean/std of both views over the given (training) rows."""
     # The rows at once (the values and layout of np.stack over view_2d / view_3d, so the same sums).
-    rows = np.asarray(idx)
-    x2d = raw_2d(dataset.arrays, dataset.input_2d, rows).numpy()
-    stats = {"mean_2d": x2d.mean(axis=(0, 1, 2)), "std_2d": x2d.std(axis=(0, 1, 2)) + 1e-6}
+    rows, stats = np.asarray(idx), {}
+    if dataset.has_2d:
+        x2d = raw_2d(dataset.arrays, dataset.input_2d, rows).numpy()
+        stats |= {"mean_2d": x2d.mean(axis=(0, 1, 2)), "std_2d": x2d.std(axis=(0, 1, 2)) + 1e-6}
     if "clip" in dataset.arrays:
         x3d = raw_3d(dataset.arrays, rows).numpy()
         stats |= {"mean_3d": x3d.mean(axis=(0, 1, 2, 3)), "std_3d": x3d.std(axis=(0, 1, 2, 3)) + 1e-6}

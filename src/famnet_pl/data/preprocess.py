@@ -13,9 +13,12 @@ Per sample (:func:`preprocess_sample`): frames come from a folder or a video fil
 eye-aligned) is applied to every frame (face.py; ``face_detector="none"`` for frames that are
 already cropped); frames are registered to the onset frame; then
 
-* ``apex``  uint8   (S, S, 3)     apex frame, RGB
+* ``apex``  uint8   (S, S, 3)     apex frame, RGB (when the 2D view holds it: ``need_apex``)
 * ``flow``  float32 (S, S, 3)     onset->apex (or apex->offset) flow u, v and optical strain, pixels
                                   at size S (frames.onset_apex_flow documents the strain)
+Only the views the model reads are built (``need_*``: a 2D-only model gets no clip, a 3D-only one
+no 2D view; MERDataModule.use_inputs).
+
 * ``clip``  uint8   (T, s, s, 3)  T frames from onset to offset (frames.clip_times/sample_clip), or
           float32 (T, s, s, 3)  with ``clip_view="flow"``: the flow sequence onset -> frame t (u, v,
                                 strain) of those T frames, computed at ``flow_size`` like the 2D flow
@@ -71,6 +74,7 @@ from famnet_pl.data.frames import (
     FrameError,
     clip_times,
     flow_sequence,
+    magnify,
     onset_apex_flow,
     open_frames,
     read_frame,
@@ -100,6 +104,7 @@ class ViewConfig:
         flow_size: side at which flow is computed.
         need_flow: compute the flow view.
         need_onset: keep the onset frame (the ``pair`` 2D views of FRL-DGT).
+        need_apex: keep the apex frame (the ``apex``, ``both`` and ``pair`` 2D views).
         register: align every frame to the onset frame (global translation) first.
         need_clip: compute the 3D view (false for datasets without frames).
         face_detector: ``none`` (frames already cropped), ``mtcnn``, ``center`` or a registered one.
@@ -110,6 +115,8 @@ class ViewConfig:
         clip_fps: None: time-normalised clips; else frames 1/clip_fps s apart at the dataset's fps.
         clip_view: what the 3D view holds: ``frames`` (RGB) or ``flow`` (onset -> frame t flow and
             strain for each of the T frames).
+        magnify: motion magnification factor of the RGB views (apex frame, frame clips) against the
+            onset frame (frames.magnify; 0: none). Flow is computed on the frames as they are.
     """
 
     image_size: int = 64
@@ -119,6 +126,7 @@ class ViewConfig:
     flow_size: int = 128
     need_flow: bool = True
     need_onset: bool = False
+    need_apex: bool = True
     register: bool = True
     need_clip: bool = True
     face_detector: str = "none"
@@ -128,6 +136,7 @@ class ViewConfig:
     flow_pair: str = "onset_apex"
     clip_fps: float | None = None
     clip_view: ClipView = "frames"
+    magnify: float = 0.0
 
 
 @dataclass
@@ -210,7 +219,7 @@ def preprocess_sample(row: dict, root: str | Path, views: ViewConfig, *,
     root = Path(root)
     s, c = views.image_size, views.clip_size
     if row["flow_image"]:  # precomputed flow image + apex crop: nothing to compute
-        out = {"apex": resize(read_frame(root / row["apex_image"]), s)}
+        out = {"apex": resize(read_frame(root / row["apex_image"]), s)} if views.need_apex else {}
         if views.need_flow:
             opencv_order = read_frame(root / row["flow_image"])[..., ::-1]  # u, v, strain
             out["flow"] = resize(np.ascontiguousarray(opencv_order), s).astype(np.float32) / 255.0 - 0.5
@@ -230,7 +239,9 @@ def preprocess_sample(row: dict, root: str | Path, views: ViewConfig, *,
         return [done[k] for k in ks]
 
     (apex,) = prepared([apex_k])
-    out = {"apex": resize(apex, s), "face_found": np.array(face_found)}
+    out = {"face_found": np.array(face_found)}
+    if views.need_apex:
+        out["apex"] = resize(magnify(onset, apex, views.magnify), s)
     if landmarks is not None:
         out["landmarks"] = landmarks
     if views.need_onset:
@@ -248,7 +259,8 @@ def preprocess_sample(row: dict, root: str | Path, views: ViewConfig, *,
             out["clip"] = flow_sequence(sample_clip(prepared, times), algorithm=views.flow_algorithm,
                                         flow_size=views.flow_size, out_size=c)
         else:
-            out["clip"] = sample_clip(lambda ks: [resize(f, c) for f in prepared(ks)], times)
+            out["clip"] = sample_clip(lambda ks: [resize(magnify(onset, f, views.magnify), c)
+                                                  for f in prepared(ks)], times)
     return out
 
 

@@ -47,6 +47,8 @@ class Layout:
         depth_dir: template of the depth frames' folder (CAS(ME)^3), recorded for later use.
         flow_image: template of a precomputed flow image (``flow_images`` datasets).
         apex_image: template of a precomputed apex crop (``flow_images`` datasets).
+        face_crops: its frames are face crops already (CASME II ``Cropped``): ``face_detector=auto``
+            crops nothing there, and detects the face everywhere else.
     """
 
     name: str
@@ -55,6 +57,7 @@ class Layout:
     depth_dir: str = ""
     flow_image: str = ""
     apex_image: str = ""
+    face_crops: bool = False
 
 
 @dataclass(frozen=True)
@@ -197,7 +200,7 @@ DATASETS: dict[str, DatasetSpec] = {
         name="casme2", read_sheet=sheets.read_casme2_sheet, emotions=CASME2_EMOTIONS, fps=200,
         au_vocab=AU_VOCABULARIES["casme2"],
         layouts=(Layout("raw", "CASME2_RAW_selected/{subject}/{video}", "img{k}.jpg"),
-                 Layout("cropped", "Cropped/{subject}/{video}", "reg_img{k}.jpg")),
+                 Layout("cropped", "Cropped/{subject}/{video}", "reg_img{k}.jpg", face_crops=True)),
     ),
     "samm": DatasetSpec(
         name="samm", read_sheet=sheets.read_samm_sheet, emotions=SAMM_EMOTIONS, fps=200,
@@ -226,15 +229,16 @@ DATASETS: dict[str, DatasetSpec] = {
         # {flow_name} is "<sub>_<filename_o> .png" (with the space), {imagename} the apex crop.
         # "published": the release as distributed, the CSV at the root and both image folders under datasets/.
         layouts=(Layout("raw", flow_image="STSNet_whole_norm_u_v_os/{flow_name}",
-                        apex_image="combined_datasets_whole/{imagename}"),
+                        apex_image="combined_datasets_whole/{imagename}", face_crops=True),
                  Layout("published", flow_image="datasets/STSNet_whole_norm_u_v_os/{flow_name}",
-                        apex_image="datasets/combined_datasets_whole/{imagename}")),
+                        apex_image="datasets/combined_datasets_whole/{imagename}", face_crops=True)),
     ),
     # The built-in synthetic set is written in CASME II's format and read by CASME II's reader.
     "synth": DatasetSpec(
         name="synth", read_sheet=sheets.read_casme2_sheet, emotions=synthetic.SYNTH_CLASSES, fps=200,
         au_vocab=SYNTH_AU_VOCAB,
-        layouts=(Layout("raw", synthetic.FRAMES_DIRNAME + "/{subject}/{video}", "img{k}.jpg"),),
+        layouts=(Layout("raw", synthetic.FRAMES_DIRNAME + "/{subject}/{video}", "img{k}.jpg",
+                        face_crops=True),),
     ),
 }
 

@@ -95,12 +95,15 @@ class BatchViews:
         return self._on[device]
 
     def __call__(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """A new batch: the raw keys replaced by ``x2d`` (and ``x3d``, and with ``tta`` the mirrored
-        ``x2d_flip``/``x3d_flip``); a batch that holds ``x2d`` already is returned as it is."""
-        if "x2d" in batch or not any(k in batch for k in RAW):
+        """A new batch: the raw keys replaced by ``x2d`` and ``x3d`` (those whose arrays the batch
+        carries: the views the model reads), and with ``tta`` the mirrored ``x2d_flip``/``x3d_flip``;
+        a batch that holds them already is returned as it is."""
+        if "x2d" in batch or "x3d" in batch or not any(k in batch for k in RAW):
             return batch
         out = {k: v for k, v in batch.items() if k not in (*RAW, "aug2d", "aug3d", "tta")}
-        views = {"x2d": raw_2d(batch, self.input_2d)[:, None]}
+        views = {}
+        if all(name in batch for name in VIEWS_2D[self.input_2d]):  # absent: the model reads no 2D view
+            views["x2d"] = raw_2d(batch, self.input_2d)[:, None]
         if "clip" in batch:
             views["x3d"] = raw_3d(batch)
         for key, drawn in (("x2d", "aug2d"), ("x3d", "aug3d")):
@@ -115,9 +118,11 @@ class BatchViews:
 
     def _normalise(self, views: dict[str, Tensor]) -> dict[str, Tensor]:
         """``(B, 1, S, S, C)`` / ``(B, T, s, s, 3)`` float views -> normalised channel-first tensors."""
-        stats = self._stats(views["x2d"].device)
-        out = {"x2d": ((views["x2d"][:, 0] - stats["mean_2d"]) / stats["std_2d"]).permute(0, 3, 1, 2)
-               .contiguous()}
+        stats = self._stats(next(iter(views.values())).device)
+        out = {}
+        if "x2d" in views:
+            out["x2d"] = ((views["x2d"][:, 0] - stats["mean_2d"]) / stats["std_2d"]).permute(0, 3, 1, 2) \
+                .contiguous()
         if "x3d" in views:
             x3d = (views["x3d"] - stats["mean_3d"]) / stats["std_3d"]
             if self.clip_mode == "diff":

@@ -88,6 +88,8 @@ def unsupported(cli) -> str | None:
         return f"model {hp.model} has no stacked form (STSTNet does: --model.model=ststnet)"
     if module.net.au is not None:
         return "net.au_head=true: the stacked network trains the emotion head only"
+    if hp.get("balance", "none") != "none":
+        return "model.balance: the stacked network's loss is unweighted"
     if cli.datamodule.hparams.input_2d != "flow":
         return ("the stacked folds augment flow views only (flip and shift); data.input_2d="
                 f"{cli.datamodule.hparams.input_2d} would need brightness and contrast draws too")

@@ -250,6 +250,8 @@ class FAMNet(nn.Module):
             raise ValueError(f"late_weight must be in [0, 1], got {late_weight}")
         use_2d, use_3d = _BRANCHES[branches]
         self.branches = branches
+        #: The batch views the active branches read; the DataModule builds no others.
+        self.inputs = tuple(key for key, used in (("x2d", use_2d), ("x3d", use_3d)) if used)
         self.fusion_mode = fusion
         # Tuples survive config round trips as lists; normalise once.
         attention_stages = tuple(attention_stages)

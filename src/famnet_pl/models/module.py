@@ -88,6 +88,9 @@ class MERLitModule(L.LightningModule):
             branches alone). Needs ``data.val_subjects >= 1`` (without, ``net.late_weight`` is kept
             and a warning says so) and validation every epoch; the test subject is never read. The
             weight is a buffer of the network, saved in checkpoints.
+        balance: ``classes``: every emotion cross-entropy weighs class ``c`` by ``n / (C * n_c)`` of
+            this fold's training labels (each class counts equally, as in UF1 and UAR; real datasets
+            are imbalanced, CASME II 5-class from 25 to 99 clips a class); ``none``: unweighted.
         schedule_epochs: length of the learning-rate schedule in epochs (None: ``trainer.max_epochs``).
             ``famnet-pl train-final --from-run`` trains a LOSO run's schedule up to its
             validation-selected epoch: ``max_epochs`` = that epoch + 1, ``schedule_epochs`` = the run's.
@@ -114,6 +117,7 @@ class MERLitModule(L.LightningModule):
         warmup_epochs: int = 0,
         pretrain_steps: int = 0,
         late_weight_from: Literal["config", "val"] = "config",
+        balance: Literal["none", "classes"] = "none",
         schedule_epochs: int | None = None,
         channels_last: bool = False,
         compile: bool = False,
@@ -151,20 +155,30 @@ class MERLitModule(L.LightningModule):
         return {name: self.criterion.weights.aux_weight(name) for name in getattr(self.net, "AUX_LOSSES", ())}
 
     @property
+    def inputs(self) -> tuple[str, ...]:
+        """The batch views the network reads (``x2d``, ``x3d``): its ``inputs`` attribute, or both for
+        a network that declares none. The CLI tells the DataModule, which builds only these."""
+        return tuple(getattr(self.net, "inputs", ("x2d", "x3d")))
+
+    @property
     def trains_au(self) -> bool:
         """Whether an AU head exists and its loss term is on (``wau > 0``): only then are AU
         probabilities predicted and scored (an untrained head's outputs mean nothing)."""
         return self.hparams.num_aus > 0 and self.criterion.weights.wau > 0
 
     def on_fit_start(self) -> None:
-        """Pre-train the displacement module (``pretrain_steps``); not when resuming from a
-        checkpoint, which holds the weights already."""
+        """Set the class weights (``balance``) from this fold's training labels, and pre-train the
+        displacement module (``pretrain_steps``; not when resuming from a checkpoint, which holds the
+        weights already)."""
         if (self.hparams.late_weight_from == "val" and getattr(self.net, "fusion", None) is not None
                 and getattr(self.trainer.datamodule, "val_set", None) is None):
             log.warning("model.late_weight_from=val but there are no inner-validation subjects "
                         "(data.val_subjects=0): late fusion keeps net.late_weight=%.2f; "
                         "set --data.val_subjects=1 (or more) to choose it",
                         float(self.net.fusion.late_weight))
+        if self.hparams.get("balance", "none") == "classes":
+            self.criterion.class_weight = class_balance(self.trainer.datamodule.train_set,
+                                                        self.hparams.num_classes, self.device)
         steps = self.hparams.pretrain_steps
         if not steps or self.trainer.ckpt_path is not None:
             return
@@ -203,10 +217,10 @@ class MERLitModule(L.LightningModule):
         """Network outputs; with a mirrored copy of the batch (``data.tta=hflip``: ``x2d_flip``...),
         every emotion output is the log of the mean of the two softmaxes (late fusion is linear in
         the branch probabilities, so the fused output is the fusion of the averaged branches)."""
-        outputs = self(batch["x2d"], batch.get("x3d"), batch.get("landmarks"))
-        if "x2d_flip" not in batch:
+        outputs = self(batch.get("x2d"), batch.get("x3d"), batch.get("landmarks"))
+        if "x2d_flip" not in batch and "x3d_flip" not in batch:
             return outputs
-        mirrored = self(batch["x2d_flip"], batch.get("x3d_flip"), batch.get("landmarks_flip"))
+        mirrored = self(batch.get("x2d_flip"), batch.get("x3d_flip"), batch.get("landmarks_flip"))
         return outputs | {key: late_fusion(value, mirrored[key], 0.5) for key, value in outputs.items()
                           if key.startswith("emotion")}
 
@@ -311,6 +325,13 @@ class MERLitModule(L.LightningModule):
         """Optimiser and an epoch-count schedule (no metric-driven scheduling)."""
         opt, schedule = optimiser(self.parameters(), self.hparams, self.trainer.max_epochs)
         return {"optimizer": opt} | ({"lr_scheduler": schedule} if schedule is not None else {})
+
+
+def class_balance(train_set, num_classes: int, device: torch.device | str = "cpu") -> Tensor:
+    """``n / (C * n_c)`` per class over a training set's labels (0 for a class it lacks)."""
+    counts = np.bincount(train_set.labels[train_set.indices], minlength=num_classes).astype(np.float64)
+    weight = np.where(counts > 0, counts.sum() / (num_classes * np.maximum(counts, 1)), 0.0)
+    return torch.as_tensor(weight, dtype=torch.float32, device=device)
 
 
 def _to_channels_last(net: torch.nn.Module) -> None:

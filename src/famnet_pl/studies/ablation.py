@@ -4,7 +4,7 @@ side by side.
 Data flow::
 
     experiments/ablation.yaml (seeds, args for every run, variants = model config + overrides)
-      for seed, for variant: run_loso(base + data/<dataset> + model/<model> + overrides
+      for seed, for variant: run_loso(recipes.configs(dataset, model, size) + overrides
                                       + --seed_everything=s --data.seed=s)
                              -> runs/ablation/<variant>/seed<s>/<dataset run>/loso_summary.json
       -> runs/ablation/<dataset>/results.csv  one row per (variant, seed): pooled metrics, run dir, seconds
@@ -34,6 +34,7 @@ from famnet_pl.loso.options import LosoOptions
 from famnet_pl.loso.plan import rank, recorded_run
 from famnet_pl.loso.rundir import SUMMARY
 from famnet_pl.loso.runner import run_loso
+from famnet_pl.recipes import configs, resolve_size
 from famnet_pl.studies.seeds import ensemble_summary, format_mean_std, mean_std, seed_args
 from famnet_pl.utils.errors import BadInput
 from famnet_pl.utils.io import atomic_write_csv, atomic_write_text
@@ -90,14 +91,16 @@ def _ensembles(results: pd.DataFrame) -> dict[str, float]:
 
 
 def run_ablation(*, dataset: str, spec: str = "experiments/ablation.yaml", experiments: str = "experiments",
-                 variants: list[str] | None = None, seeds: list[int] | None = None,
+                 size: str = "auto", variants: list[str] | None = None, seeds: list[int] | None = None,
                  options: LosoOptions = LosoOptions(wandb="off"), extra: list[str] = ()) -> pd.DataFrame:
     """Run (or complete) the ablation and write ``results.csv`` and ``table.md``; returns the results.
 
     Args:
         dataset: ``experiments/data/<dataset>.yaml``.
         spec: the ablation spec (seeds and variants).
-        experiments: folder of base.yaml, data/ and model/.
+        experiments: folder of base.yaml, size/, data/ and model/.
+        size: the recipe's size (``cpu``, ``gpu``, ``auto``): each run's configs are
+            ``recipes.configs(dataset, variant model, size)``.
         variants: run only these variant names (default: all in the spec).
         seeds: override the spec's seeds.
         options: the LOSO options of every run (``runs_dir``: the table goes to
@@ -107,7 +110,7 @@ def run_ablation(*, dataset: str, spec: str = "experiments/ablation.yaml", exper
     """
 
     spec_seeds, spec_variants = load_variants(spec)
-    seeds = seeds or spec_seeds
+    seeds, size = seeds or spec_seeds, resolve_size(size)
     unknown = set(variants or []) - {v["name"] for v in spec_variants}
     if unknown:
         raise BadInput(f"{spec}: no variant named {sorted(unknown)}; variants: "
@@ -122,9 +125,8 @@ def run_ablation(*, dataset: str, spec: str = "experiments/ablation.yaml", exper
     rows = previous.to_dict("records")
     for seed in seeds:
         for variant in chosen:
-            args = ["--config", str(exp_dir / "base.yaml"),
-                    "--config", str(exp_dir / "data" / f"{dataset}.yaml"),
-                    "--config", str(exp_dir / "model" / f"{variant['model']}.yaml"), *variant["args"],
+            files = configs(dataset, variant["model"], size, exp_dir)
+            args = [*(a for path in files for a in ("--config", str(path))), *variant["args"],
                     *seed_args([], seed), *extra]
             print(f"== ablation {dataset}: {variant['name']}, seed {seed}", flush=True)
             run_root = Path(runs_dir) / "ablation" / variant["name"] / f"seed{seed}"
@@ -170,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", default="synth", help="experiments/data/<dataset>.yaml")
     parser.add_argument("--spec", default="experiments/ablation.yaml")
     parser.add_argument("--experiments", default="experiments")
+    parser.add_argument("--size", default="auto", help="recipe size: cpu, gpu or auto (famnet_pl.recipes)")
     parser.add_argument("--runs-dir", default="runs")
     parser.add_argument("--variants", default=None, help="comma-separated variant names (default: all)")
     parser.add_argument("--seeds", default=None, help="comma-separated seeds (default: the spec's)")
@@ -180,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     opts, extra = parser.parse_known_args(argv)
     options = LosoOptions(runs_dir=opts.runs_dir, jobs=opts.jobs, threads=opts.threads, wandb=opts.wandb,
                           progress=not opts.no_progress)
-    run_ablation(dataset=opts.dataset, spec=opts.spec, experiments=opts.experiments,
+    run_ablation(dataset=opts.dataset, spec=opts.spec, experiments=opts.experiments, size=opts.size,
                  variants=opts.variants.split(",") if opts.variants else None,
                  seeds=[int(s) for s in opts.seeds.split(",")] if opts.seeds else None, options=options,
                  extra=extra)

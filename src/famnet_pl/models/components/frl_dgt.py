@@ -584,6 +584,9 @@ class FRLDGT(nn.Module):
 
     AUX_LOSSES: tuple[str, ...] = DISPLACEMENT_LOSSES
 
+    #: The batch views it reads (the DataModule builds no others): the onset/apex (+ flow) image.
+    inputs = ("x2d",)
+
     def __init__(
         self,
         *,

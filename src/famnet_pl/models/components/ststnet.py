@@ -50,6 +50,9 @@ class STSTNet(nn.Module):
         ValueError: If ``au_head`` is set with ``num_aus < 1``.
     """
 
+    #: The batch views it reads (the DataModule builds no others): the flow image.
+    inputs = ("x2d",)
+
     def __init__(
         self,
         *,
