@@ -133,8 +133,8 @@ sweep-offline: $(STAMP) ## Sweep without network (local engine, W&B offline, res
 	WANDB_MODE=offline $(BIN)/famnet-pl sweep offline $(SPEC) $(if $(COUNT),--count $(COUNT)) --seed $(SEED) \
 		$(if $(OUT),--out $(OUT)) -- $(if $(DATA_ROOT),--data.data_root=$(DATA_ROOT)) $(ARGS)
 
-data: $(STAMP) ## Write the synthetic dataset to data/synth (make loso does this when needed) [SIZE=demo|casme2: data/synth_casme2, 26 subjects]
-	$(BIN)/famnet-pl synth $(if $(filter casme2,$(SIZE)),data/synth_casme2 --size casme2,data/synth)
+data: $(STAMP) ## Write the synthetic dataset to data/synth (make loso does this when needed) [SYNTH=demo|casme2: data/synth_casme2, 26 subjects]
+	$(BIN)/famnet-pl synth $(if $(filter casme2,$(SYNTH)),data/synth_casme2 --size casme2,data/synth)
 
 manifests: $(STAMP) ## Rebuild data_manifests/*.csv from the official sheets [SHEETS=../shared/annotations]
 	set -eo pipefail; for p in $(MANIFESTS); do \

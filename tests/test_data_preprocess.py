@@ -66,7 +66,7 @@ def _variants() -> list[tuple[str, object]]:
                "need_clip": False,
                "face_detector": "center", "face_margin": 0.3, "face_align": True, "face_size": 128,
                "flow_pair": "apex_offset", "clip_fps": 100.0, "clip_view": "flow",
-               "magnify": 8.0}
+               "flow_norm": "sample", "magnify": 8.0}
     assert set(changed) == {f.name for f in dataclasses.fields(ViewConfig)}  # a new field needs a variant
     return list(changed.items())
 
@@ -361,3 +361,13 @@ def test_magnify_amplifies_the_change_against_the_onset_frame():
     change = np.abs(frame.astype(np.float64) - onset).mean()
     ratio = np.abs(magnify(onset, frame, 4).astype(np.float64) - onset).mean() / change
     assert 3.5 < ratio < 5.0
+
+
+def test_normalise_motion_puts_every_sample_at_one_scale():
+    from famnet_pl.data.frames import normalise_motion
+
+    rng = np.random.default_rng(0)
+    flow = rng.normal(size=(2, 16, 16, 3)).astype(np.float32)
+    small, large = normalise_motion(flow * 0.1), normalise_motion(flow * 7)
+    np.testing.assert_allclose(small, large, rtol=1e-4, atol=1e-5)
+    assert np.sqrt(np.mean(large[..., 0] ** 2 + large[..., 1] ** 2)) == pytest.approx(1, rel=1e-4)

@@ -179,7 +179,7 @@ def test_ensure_keeps_a_custom_spec(tmp_path):
 
 
 def test_the_casme2_size_is_the_same_generator_with_more_subjects(tmp_path, monkeypatch):
-    """make data SIZE=casme2: 26 subjects x 4 classes x 2 clips, the default spec otherwise (seed,
+    """make data SYNTH=casme2: 26 subjects x 4 classes x 2 clips, the default spec otherwise (seed,
     frames, classes), and a SynthDataModule with size=casme2 generates it into an empty root."""
     from dataclasses import asdict
 

@@ -301,3 +301,12 @@ def test_the_fusion_weight_chosen_on_validation_is_the_one_the_test_predictions_
     recorded = pd.read_csv(fold_dir / "predictions.csv")
     np.testing.assert_allclose(recorded[[c for c in recorded if c.startswith("prob_")]].to_numpy(), probs,
                                atol=2e-6)
+    # the branches' own probabilities are recorded too, and the headline is their fusion at that weight
+    w = float(logged.iloc[-1])
+    names = [c.removeprefix("prob_") for c in recorded if c.startswith("prob_")]
+    for file in ("predictions.csv", "val_predictions_epochs.csv"):
+        table = pd.read_csv(fold_dir / file)
+        table = table[table["epoch"] == table["epoch"].max()]
+        p2d, p3d = (table[[f"prob{b}_{n}" for n in names]].to_numpy() for b in ("2d", "3d"))
+        np.testing.assert_allclose(table[[f"prob_{n}" for n in names]].to_numpy(), w * p2d + (1 - w) * p3d,
+                                   atol=2e-6)

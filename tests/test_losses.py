@@ -69,3 +69,13 @@ def test_aux_weight_names_only_aux_fields():
     assert [w.aux_weight(name) for name in ("dgm_photo", "dgm_smooth", "dgm_flow")] == [1.0, 0.1, 0.1]
     with pytest.raises(KeyError, match="w2d"):
         w.aux_weight("w2d")  # an emotion weight is not an aux weight
+
+
+def test_label_smoothing_reaches_every_emotion_term():
+    logits, label = torch.randn(5, 4), torch.tensor([0, 1, 2, 3, 0])
+    outputs = {"emotion_2d": logits, "emotion_3d": logits * 2, "emotion_fused": logits - 1}
+    _, parts = WeightedMultiTaskLoss(label_smoothing=0.2)(outputs, label)
+    for name, key in (("ce_2d", "emotion_2d"), ("ce_3d", "emotion_3d"), ("ce_fused", "emotion_fused")):
+        expected = torch.nn.functional.cross_entropy(outputs[key], label, label_smoothing=0.2)
+        assert torch.isclose(parts[name], expected)
+        assert not torch.isclose(parts[name], torch.nn.functional.cross_entropy(outputs[key], label))

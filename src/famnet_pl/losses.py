@@ -94,14 +94,15 @@ class WeightedMultiTaskLoss(nn.Module):
 
     Args:
         weights: the term weights.
+        label_smoothing: of every emotion cross-entropy (0: none; torch's ``label_smoothing``).
     """
 
     _EMOTION_TERMS = (("emotion_2d", "w2d"), ("emotion_3d", "w3d"), ("emotion_fused", "wfuse"))
     _AU_TERMS = ("au_2d", "au_3d")
 
-    def __init__(self, weights: LossWeights = LossWeights()) -> None:
+    def __init__(self, weights: LossWeights = LossWeights(), label_smoothing: float = 0.0) -> None:
         super().__init__()
-        self.weights = weights
+        self.weights, self.label_smoothing = weights, label_smoothing
         # Per-class weights of every emotion cross-entropy (class-balanced training); None: unweighted.
         # Not saved: the LightningModule sets them from the fold's training labels at every fit start.
         self.register_buffer("class_weight", None, persistent=False)
@@ -115,7 +116,8 @@ class WeightedMultiTaskLoss(nn.Module):
         for key, weight_name in self._EMOTION_TERMS:
             if key in outputs:
                 name = "ce_" + key.split("_")[1]
-                parts[name] = F.cross_entropy(outputs[key], label, weight=self.class_weight)
+                parts[name] = F.cross_entropy(outputs[key], label, weight=self.class_weight,
+                                              label_smoothing=self.label_smoothing)
                 total = total + getattr(self.weights, weight_name) * parts[name]
         au_keys = [k for k in self._AU_TERMS if k in outputs and outputs[k].shape[1] > 0]
         if au is not None and au_keys and self.weights.wau:

@@ -1,7 +1,11 @@
-"""MERDataModule: one LOSO fold of one protocol (one dataset or a composite), serving two views.
+"""MERDataModule: one LOSO fold of one protocol (one dataset or a composite), serving the views the
+model reads.
 
 Data flow::
 
+    use_inputs:   the views the model reads (MERLitModule.inputs, told by the CLI): only these are
+                  preprocessed, cached, gathered and moved (no clip for a 2D-only model such as
+                  STSTNet, no 2D view for AMNet3D alone)
     prepare_data: synthetic set generated if the protocol needs it and it is missing
     setup:        manifest (validated, every dataset of the protocol) -> cached arrays (decoded once,
                   mmap) -> fold split (test = one subject, or one dataset with ``split="dataset"``;
@@ -211,6 +215,9 @@ class MERDataModule(L.LightningDataModule):
         flow_pair: ``onset_apex`` (standard) or ``apex_offset``.
         clip_fps: None: clips time-normalised over onset..offset; a number: frames 1/clip_fps s
             apart at each dataset's own fps (a common time scale for mixed 200/90/30 fps data).
+        flow_norm: ``none`` (flow in pixels) or ``sample``: each flow view divided by its sample's
+            root-mean-square displacement (the flow sequence by the whole sequence's), so every
+            expression's motion is at one scale whatever its intensity (frames.normalise_motion).
         magnify: motion magnification of the RGB views (apex frame, frame clips): each frame's
             spatially low-passed intensity change against the onset frame, amplified this many times
             (frames.magnify; linear Eulerian magnification). 0: none. Flow views are unaffected.
@@ -271,6 +278,7 @@ class MERDataModule(L.LightningDataModule):
         face_size: int = 256,
         flow_pair: Literal["onset_apex", "apex_offset"] = "onset_apex",
         clip_fps: float | None = None,
+        flow_norm: Literal["none", "sample"] = "none",
         magnify: float = 0.0,
         preprocess_workers: int = 0,
         strict: bool = False,
@@ -405,7 +413,7 @@ class MERDataModule(L.LightningDataModule):
                           face_detector=self.face_detector, face_margin=hp.face_margin,
                           face_align=hp.face_align, face_size=hp.face_size, flow_pair=hp.flow_pair,
                           clip_fps=hp.clip_fps, clip_view="flow" if hp.clip_mode == "flow" else "frames",
-                          magnify=hp.magnify)
+                          flow_norm=hp.flow_norm, magnify=hp.magnify)
 
     def prepare(self) -> Prepared:
         """Preprocess every sample once (cached; parallel with ``preprocess_workers``) and keep the

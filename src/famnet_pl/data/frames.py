@@ -205,6 +205,15 @@ def _flow(prev: np.ndarray, nxt: np.ndarray, algorithm: FlowAlgorithm) -> np.nda
     raise ValueError(f"unknown flow algorithm {algorithm!r}; choose tvl1, farneback or dis")
 
 
+def normalise_motion(flow: np.ndarray) -> np.ndarray:
+    """``flow`` (..., u, v, strain) divided by its root-mean-square displacement over every pixel (and
+    frame): each sample's motion at one scale, whatever its amplitude (an intense and a subtle
+    expression of the same AUs look alike; the MEGC2019 flow images were min-max scaled per image for
+    the same reason). Strain is linear in the flow, so it is divided alike."""
+    scale = np.sqrt(np.mean(flow[..., 0] ** 2 + flow[..., 1] ** 2)) + 1e-6
+    return (flow / scale).astype(np.float32)
+
+
 def optical_strain(flow: np.ndarray) -> np.ndarray:
     """Optical strain magnitude of a flow field ``(H, W, 2)`` -> ``(H, W)``."""
     u, v = flow[..., 0], flow[..., 1]

@@ -62,6 +62,7 @@ import uuid
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -75,6 +76,7 @@ from famnet_pl.data.frames import (
     clip_times,
     flow_sequence,
     magnify,
+    normalise_motion,
     onset_apex_flow,
     open_frames,
     read_frame,
@@ -115,6 +117,10 @@ class ViewConfig:
         clip_fps: None: time-normalised clips; else frames 1/clip_fps s apart at the dataset's fps.
         clip_view: what the 3D view holds: ``frames`` (RGB) or ``flow`` (onset -> frame t flow and
             strain for each of the T frames).
+        flow_norm: ``none`` (flow in pixels at the view's size) or ``sample``: every flow view divided by
+            its sample's root-mean-square displacement (frames.normalise_motion; the flow sequence by
+            that of the whole sequence, so its time course stays). Precomputed flow images are
+            min-max scaled per image already and are kept as they are.
         magnify: motion magnification factor of the RGB views (apex frame, frame clips) against the
             onset frame (frames.magnify; 0: none). Flow is computed on the frames as they are.
     """
@@ -136,6 +142,7 @@ class ViewConfig:
     flow_pair: str = "onset_apex"
     clip_fps: float | None = None
     clip_view: ClipView = "frames"
+    flow_norm: Literal["none", "sample"] = "none"
     magnify: float = 0.0
 
 
@@ -239,6 +246,7 @@ def preprocess_sample(row: dict, root: str | Path, views: ViewConfig, *,
         return [done[k] for k in ks]
 
     (apex,) = prepared([apex_k])
+    norm = normalise_motion if views.flow_norm == "sample" else (lambda flow: flow)
     out = {"face_found": np.array(face_found)}
     if views.need_apex:
         out["apex"] = resize(magnify(onset, apex, views.magnify), s)
@@ -250,14 +258,14 @@ def preprocess_sample(row: dict, root: str | Path, views: ViewConfig, *,
         out |= {"onset_frame": onset, "apex_frame": apex}
     if views.need_flow:
         first, second = (onset, apex) if views.flow_pair == "onset_apex" else (apex, *prepared([offset_k]))
-        out["flow"] = onset_apex_flow(first, second, algorithm=views.flow_algorithm,
-                                      flow_size=views.flow_size, out_size=s)
+        out["flow"] = norm(onset_apex_flow(first, second, algorithm=views.flow_algorithm,
+                                           flow_size=views.flow_size, out_size=s))
     if views.need_clip:
         times = clip_times(onset_k, offset_k, views.clip_len, fps=get_dataset(row["dataset"]).fps,
                            clip_fps=views.clip_fps)
         if views.clip_view == "flow":  # flow from full-resolution frames, then resized to the clip side
-            out["clip"] = flow_sequence(sample_clip(prepared, times), algorithm=views.flow_algorithm,
-                                        flow_size=views.flow_size, out_size=c)
+            out["clip"] = norm(flow_sequence(sample_clip(prepared, times), algorithm=views.flow_algorithm,
+                                             flow_size=views.flow_size, out_size=c))
         else:
             out["clip"] = sample_clip(lambda ks: [resize(magnify(onset, f, views.magnify), c)
                                                   for f in prepared(ks)], times)

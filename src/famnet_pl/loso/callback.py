@@ -53,6 +53,10 @@ from famnet_pl.utils.io import atomic_write_bytes, atomic_write_csv, atomic_writ
 log = logging.getLogger(__name__)
 
 
+#: predict_step's per-branch outputs of a fused model, after the headline ``probs``.
+PROB_KEYS = ("probs", "probs_2d", "probs_3d")
+
+
 class NonFiniteError(RuntimeError):
     """Training produced a NaN/inf loss or output: the fold stops and is marked failed."""
 
@@ -197,7 +201,9 @@ class LOSOCallback(Callback):
             for batch in loader:
                 batch = dm.on_after_batch_transfer({k: v.to(device) for k, v in batch.items()}, 0)
                 out = pl_module.predict_step(batch)
-                probs.append(out["probs"].float().cpu())
+                # a fused model's branches too (prediction_table: prob2d_*, prob3d_*), carried as
+                # extra columns of the probabilities through the DDP gather
+                probs.append(torch.cat([out[k].float().cpu() for k in PROB_KEYS if k in out], 1))
                 au_probs.append(out["au_probs"].float().cpu())
                 index.append(out["index"].cpu())
         pl_module.train(was_training)
@@ -208,7 +214,10 @@ class LOSOCallback(Callback):
                                    else "inner-validation output")
         if world > 1:
             probs, au_probs, index = gather_shards(probs, au_probs, index, expected=len(dataset))
-        return prediction_table(dm, dataset, self.fold, epoch, probs, au_probs, index)
+        n = len(dm.class_names)
+        branches = {b: probs[:, n * (j + 1):n * (j + 2)] for j, b in enumerate(("2d", "3d"))
+                    if probs.shape[1] > n * (j + 1)}
+        return prediction_table(dm, dataset, self.fold, epoch, probs[:, :n], au_probs, index, branches)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # A run stopped by max_steps or early stopping may end between evaluations. Here, not in
@@ -247,9 +256,12 @@ class LOSOCallback(Callback):
 
 
 def prediction_table(dm, dataset, fold: int, epoch: int, probs: np.ndarray, au_probs: np.ndarray,
-                     index: np.ndarray) -> pd.DataFrame:
+                     index: np.ndarray, branches: dict[str, np.ndarray] | None = None) -> pd.DataFrame:
     """One evaluation's predictions as a table, one row per sample (manifest rows ``index``) of
-    ``dataset`` (its AU targets and masks); ``group`` is the fold's held-out subject."""
+    ``dataset`` (its AU targets and masks); ``group`` is the fold's held-out subject. ``branches``: a
+    fused model's per-branch probabilities (``{"2d": (N, C), "3d": (N, C)}``) as ``prob2d_<class>`` /
+    ``prob3d_<class>`` columns: each branch's own score, and what a fusion rule can be studied on
+    (the headline reads ``prob_<class>`` only)."""
     rows = dm.manifest.iloc[index]
     table = pd.DataFrame({
         "sample_id": rows["sample_id"].to_numpy(), "dataset": rows["dataset"].to_numpy(),
@@ -259,6 +271,9 @@ def prediction_table(dm, dataset, fold: int, epoch: int, probs: np.ndarray, au_p
     })
     for c, name in enumerate(dm.class_names):
         table[f"prob_{name}"] = probs[:, c]
+    for branch, branch_probs in (branches or {}).items():
+        for c, name in enumerate(dm.class_names):
+            table[f"prob{branch}_{name}"] = branch_probs[:, c]
     for j, au in enumerate(dm.au_vocab):
         table[f"au{au}_true"] = dataset.au[index, j]
         table[f"au{au}_prob"] = au_probs[:, j] if au_probs.shape[1] else np.nan

@@ -88,8 +88,8 @@ def unsupported(cli) -> str | None:
         return f"model {hp.model} has no stacked form (STSTNet does: --model.model=ststnet)"
     if module.net.au is not None:
         return "net.au_head=true: the stacked network trains the emotion head only"
-    if hp.get("balance", "none") != "none":
-        return "model.balance: the stacked network's loss is unweighted"
+    if hp.get("balance", "none") != "none" or hp.get("label_smoothing", 0.0):
+        return "model.balance / model.label_smoothing: the stacked network's loss is the plain cross-entropy"
     if cli.datamodule.hparams.input_2d != "flow":
         return ("the stacked folds augment flow views only (flip and shift); data.input_2d="
                 f"{cli.datamodule.hparams.input_2d} would need brightness and contrast draws too")

@@ -91,6 +91,9 @@ class MERLitModule(L.LightningModule):
         balance: ``classes``: every emotion cross-entropy weighs class ``c`` by ``n / (C * n_c)`` of
             this fold's training labels (each class counts equally, as in UF1 and UAR; real datasets
             are imbalanced, CASME II 5-class from 25 to 99 clips a class); ``none``: unweighted.
+        label_smoothing: label smoothing of every emotion cross-entropy (0: none): the target puts
+            this much probability mass uniformly on all classes, so a handful of training subjects
+            cannot drive the logits to certainty.
         schedule_epochs: length of the learning-rate schedule in epochs (None: ``trainer.max_epochs``).
             ``famnet-pl train-final --from-run`` trains a LOSO run's schedule up to its
             validation-selected epoch: ``max_epochs`` = that epoch + 1, ``schedule_epochs`` = the run's.
@@ -118,6 +121,7 @@ class MERLitModule(L.LightningModule):
         pretrain_steps: int = 0,
         late_weight_from: Literal["config", "val"] = "config",
         balance: Literal["none", "classes"] = "none",
+        label_smoothing: float = 0.0,
         schedule_epochs: int | None = None,
         channels_last: bool = False,
         compile: bool = False,
@@ -126,7 +130,7 @@ class MERLitModule(L.LightningModule):
         self.save_hyperparameters()
         self.net = create_model(model, num_classes=num_classes, num_aus=num_aus,
                                 in_channels_2d=in_channels_2d, **(net or {}))
-        self.criterion = WeightedMultiTaskLoss(loss_weights)
+        self.criterion = WeightedMultiTaskLoss(loss_weights, label_smoothing)
         if hasattr(self.net, "active_aux_losses"):
             # The network computes only the self-supervised terms that count: one whose weight is 0
             # (FRL-DGT's flow guidance off) costs nothing, as when the weights were network options.
@@ -311,15 +315,19 @@ class MERLitModule(L.LightningModule):
         """Class probabilities of the headline prediction and AU probabilities of the heads.
 
         Returns:
-            ``{"probs": (B, C), "au_probs": (B, A), "index": (B,)}``. AU probabilities average the
-            branches that have an AU head; A = 0 when no AU head was trained (:attr:`trains_au`).
+            ``{"probs": (B, C), "au_probs": (B, A), "index": (B,)}``, and for a fused model each
+            branch's own ``probs_2d`` and ``probs_3d`` (B, C). AU probabilities average the branches
+            that have an AU head; A = 0 when no AU head was trained (:attr:`trains_au`).
         """
         outputs = self._outputs(batch)
         au = [torch.sigmoid(outputs[k].float()) for k in ("au_2d", "au_3d")
               if k in outputs and self.trains_au]
         au_probs = torch.stack(au).mean(0) if au else outputs["emotion"].new_zeros((len(batch["index"]), 0))
-        return {"probs": torch.softmax(outputs["emotion"].float(), dim=1), "au_probs": au_probs,
-                "index": batch["index"]}
+        out = {"probs": torch.softmax(outputs["emotion"].float(), dim=1), "au_probs": au_probs,
+               "index": batch["index"]}
+        if "emotion_fused" in outputs:
+            out |= {f"probs_{b}": torch.softmax(outputs[f"emotion_{b}"].float(), dim=1) for b in ("2d", "3d")}
+        return out
 
     def configure_optimizers(self) -> dict:
         """Optimiser and an epoch-count schedule (no metric-driven scheduling)."""
