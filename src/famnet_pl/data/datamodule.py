@@ -206,9 +206,10 @@ class MERDataModule(L.LightningDataModule):
         register: align every frame to the onset frame (global translation, phase correlation)
             before flow and clips, removing head drift that is larger than the expression.
         face_detector: face crop detected on the onset frame and applied to every frame:
-            ``auto`` (``none`` where the layout found on disk holds face crops already: CASME II
-            ``Cropped``, the synthetic set; ``mtcnn`` elsewhere), ``none``, ``mtcnn`` (offline model
-            inside a pip wheel), ``center``, or one registered in face.py.
+            ``none`` (frames already cropped: CASME II ``Cropped``, the synthetic set), ``auto``
+            (``none`` where the layout found on disk holds face crops already, ``mtcnn`` elsewhere:
+            the CASME II config's), ``mtcnn`` (offline model inside a pip wheel), ``center``, or one
+            registered in face.py.
         face_margin: margin around the detected face (fraction of its side).
         face_align: rotate every frame of a clip so the onset frame's eyes are level.
         face_size: side of the face crop the views are resized from.
@@ -272,7 +273,7 @@ class MERDataModule(L.LightningDataModule):
         missing_frames: Literal["error", "drop"] = "error",
         official_lists: bool = True,
         register: bool = True,
-        face_detector: str = "auto",
+        face_detector: str = "none",
         face_margin: float = 0.15,
         face_align: bool = False,
         face_size: int = 256,
