@@ -80,25 +80,31 @@ def test_size_picks_the_view_sizes_and_the_models_per_size_config():
     assert model_config("famnet_cpu", "gpu", EXPERIMENTS).name == "famnet_cpu.yaml"  # an explicit file stays
 
 
-@pytest.mark.parametrize("dataset, model, size, expected", [
-    ("casme2", "famnet", "cpu", None),          # the CPU size file's sizes
-    ("casme2", "famnet", "gpu", (112, 16, 112)),
-    ("casme2", "ststnet", "gpu", (28, 16, 112)),  # STSTNet's own 28 px wins
-    ("synth", "famnet_cpu", "gpu", (48, 8, 32)),  # the synthetic demo keeps its sizes on every machine
+@pytest.mark.parametrize("dataset, model, size, expected, epochs", [
+    ("casme2", "famnet", "cpu", None, None),          # the CPU size file's sizes and budget
+    ("casme2", "famnet", "gpu", (112, 16, 112), 40),  # the GPU model recipe's budget
+    ("casme2", "ststnet", "gpu", (112, 16, 112), 20),  # STSTNet's own 28 px wins
+    ("casme2", "ststnet", "cpu", None, None),
+    ("synth", "famnet_cpu", "gpu", (48, 8, 32), 20),  # the synthetic demo keeps its sizes and budget
+    ("synth", "famnet_cpu", "cpu", (48, 8, 32), 20),
 ])
-def test_size_files_set_real_data_view_sizes_only(dataset, model, size, expected, capsys):
+def test_size_files_set_real_data_view_sizes_only(dataset, model, size, expected, epochs, capsys):
     import yaml
 
     cli_args = [a for f in configs(dataset, model, size, EXPERIMENTS) for a in ("--config", str(f))]
     with pytest.raises(SystemExit) as exit_info:
         build_cli([*cli_args, "--print_config"])
     assert exit_info.value.code == 0
-    printed = yaml.safe_load(capsys.readouterr().out)["data"]
-    data = printed.get("init_args", printed)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    data = printed["data"].get("init_args", printed["data"])
+    cpu = yaml.safe_load((EXPERIMENTS / "size" / "cpu.yaml").read_text())
     if expected is None:
-        own = yaml.safe_load((EXPERIMENTS / "size" / "cpu.yaml").read_text())["data"]
-        expected = (own["image_size"], own["clip_len"], own["clip_size"])
+        expected = (cpu["data"]["image_size"], cpu["data"]["clip_len"], cpu["data"]["clip_size"])
+        epochs = cpu["trainer"]["max_epochs"]
+    if model == "ststnet":
+        expected = (28, *expected[1:])
     assert (data["image_size"], data["clip_len"], data["clip_size"]) == expected
+    assert printed["trainer"]["max_epochs"] == epochs
 
 
 def test_recipe_errors_are_one_line_and_exit_2():
