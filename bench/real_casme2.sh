@@ -3,7 +3,7 @@
 # DATA_ROOT at the machine's recipe (SIZE=auto: the CPU recipe on a machine without a GPU). Skips with
 # one line when the data are absent. Runs go to runs/ (ablation/, real_*/), figures to the console.
 #
-#   DATA_ROOT=/data/CASME2 bash bench/real_casme2.sh                 # everything (about 8 h on 2 cores)
+#   DATA_ROOT=/data/CASME2 bash bench/real_casme2.sh                 # everything (6-8 h on 2 cores)
 #   DATA_ROOT=/data/CASME2 STEPS=timing bash bench/real_casme2.sh    # one step: timing, table, final
 #
 # timing  `make loso MODEL=ststnet` and `make loso MODEL=famnet` each from a cold cache, alone on the
