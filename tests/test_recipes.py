@@ -87,7 +87,7 @@ def test_size_picks_the_view_sizes_and_the_models_per_size_config():
     ("synth", "famnet_cpu", "gpu", (48, 8, 32), 20),  # the synthetic demo keeps its sizes and budget
     ("synth", "famnet_cpu", "cpu", (48, 8, 32), 20),
 ])
-def test_size_files_set_real_data_view_sizes_only(dataset, model, size, expected, epochs, capsys):
+def test_size_files_set_real_data_view_sizes_and_budget_only(dataset, model, size, expected, epochs, capsys):
     import yaml
 
     cli_args = [a for f in configs(dataset, model, size, EXPERIMENTS) for a in ("--config", str(f))]
