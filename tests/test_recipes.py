@@ -74,10 +74,37 @@ def test_a_cropped_release_needs_no_face_detector_flag(cropped, tmp_path):
 
 def test_size_picks_the_view_sizes_and_the_models_per_size_config():
     cpu, gpu = (configs("casme2", "famnet", size, EXPERIMENTS) for size in ("cpu", "gpu"))
-    assert [p.name for p in cpu] == ["base.yaml", "cpu.yaml", "casme2.yaml", "famnet_cpu.yaml"]
+    assert [str(p.relative_to(EXPERIMENTS)) for p in cpu] == [
+        "base.yaml", "size/cpu.yaml", "data/casme2.yaml", "model/famnet_cpu.yaml",
+        "tuned/casme2/famnet_cpu.yaml"]
     assert [p.name for p in gpu] == ["base.yaml", "gpu.yaml", "casme2.yaml", "famnet.yaml"]
     assert model_config("ststnet", "gpu", EXPERIMENTS).name == "ststnet.yaml"        # one recipe for both
     assert model_config("famnet_cpu", "gpu", EXPERIMENTS).name == "famnet_cpu.yaml"  # an explicit file stays
+
+
+def test_a_tuned_file_applies_to_its_dataset_and_model_recipe_only(tmp_path):
+    import shutil
+
+    experiments = tmp_path / "experiments"
+    shutil.copytree(EXPERIMENTS, experiments)
+    tuned = experiments / "tuned" / "samm" / "famnet_cpu.yaml"
+    tuned.parent.mkdir(parents=True)
+    tuned.write_text("model:\n  weight_decay: 0.05\n")
+    assert configs("samm", "famnet", "cpu", experiments)[-1] == tuned             # last: it wins
+    assert configs("samm", "famnet_cpu", "gpu", experiments)[-1] == tuned         # the recipe, any size
+    assert tuned not in configs("samm", "famnet", "gpu", experiments)             # famnet.yaml: not tuned
+    assert tuned not in configs("samm", "ststnet", "cpu", experiments)
+    assert tuned not in configs("synth", "famnet_cpu", "cpu", experiments)       # another dataset
+
+
+def test_the_casme2_tuning_repeats_the_model_files_net_but_for_what_it_changes():
+    import yaml
+
+    def net(*path):
+        return yaml.safe_load(EXPERIMENTS.joinpath(*path).read_text())["model"]["net"]
+
+    assert net("tuned", "casme2", "famnet_cpu.yaml") == {**net("model", "famnet_cpu.yaml"), "width_2d": 8,
+                                                         "dropout": 0.3}
 
 
 @pytest.mark.parametrize("dataset, model, size, expected, epochs", [

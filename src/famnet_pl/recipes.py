@@ -6,12 +6,16 @@ Data flow::
                                             experiments/size/<size>.yaml     view sizes, batch, precision
                                             experiments/data/<dataset>.yaml  dataset, protocol, its own sizes
                                             experiments/model/<model>_<size>.yaml, else <model>.yaml
+                                            experiments/tuned/<dataset>/<model config>.yaml, if any
 
 Later files win. A real dataset's config states no view sizes, so the size file sets them; the
 synthetic sets state their own (the CPU demo), so they are the same on every machine. A model config
 wins over both where it fixes an input size (STSTNet's 28 px). A model family with a recipe per size
 has one file per size (``famnet_cpu.yaml`` for ``MODEL=famnet`` at ``size=cpu``); a name that already
-is a file (``famnet_cpu``) is used as it is on every machine.
+is a file (``famnet_cpu``) is used as it is on every machine. A tuned file holds what inner
+validation on that dataset chose for that model recipe (``tuned/casme2/famnet_cpu.yaml``: the
+regularisation of the CASME II CPU recipe), so a dataset's choices never leak into another dataset's
+run, the synthetic demo's included.
 
 ``size="auto"`` is ``gpu`` when an NVIDIA GPU answers ``nvidia-smi -L``, else ``cpu``. The Makefile
 and ``famnet-pl ablation`` resolve their configs here (``python -m famnet_pl.recipes`` prints them),
@@ -76,7 +80,10 @@ def configs(dataset: str, model: str, size: str = "auto",
     data = root / "data" / f"{dataset}.yaml"
     if not data.is_file():
         raise RecipeError(f"unknown DATASET={dataset}; choose one of: {_choices(root / 'data')}")
-    return [root / "base.yaml", root / "size" / f"{size}.yaml", data, model_config(model, size, root)]
+    model_file = model_config(model, size, root)
+    tuned = root / "tuned" / dataset / model_file.name
+    return [root / "base.yaml", root / "size" / f"{size}.yaml", data, model_file,
+            *([tuned] if tuned.is_file() else [])]
 
 
 def main(argv: list[str] | None = None) -> int:
