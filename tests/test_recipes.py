@@ -129,6 +129,10 @@ def test_size_files_set_real_data_view_sizes_and_budget_only(dataset, model, siz
         epochs = cpu["trainer"]["max_epochs"]
     assert (data["image_size"], data["clip_len"], data["clip_size"]) == expected
     assert printed["trainer"]["max_epochs"] == epochs
+    tuned = (dataset, model, size) == ("casme2", "famnet", "cpu")  # tuned/casme2/famnet_cpu.yaml applies
+    assert printed["model"]["balance"] == ("classes" if tuned else "none")
+    if tuned:
+        assert printed["model"]["net"]["width_2d"] == 8 and printed["model"]["net"]["attention"] == "cbam"
 
 
 def test_recipe_errors_are_one_line_and_exit_2():
@@ -156,8 +160,10 @@ def test_make_loso_resolves_the_size(tmp_path):
 
     cpu = line("DATASET=casme2", "MODEL=famnet", "SIZE=cpu")
     assert "size/cpu.yaml" in cpu and "model/famnet_cpu.yaml" in cpu and "--exp famnet_cpu" in cpu
+    assert "tuned/casme2/famnet_cpu.yaml" in cpu
     gpu = line("DATASET=casme2", "MODEL=famnet", "SIZE=gpu")
     assert "size/gpu.yaml" in gpu and "model/famnet.yaml" in gpu and "--exp famnet " in gpu
+    assert "tuned/" not in gpu
 
 
 def test_auto_size_is_gpu_only_where_nvidia_smi_lists_one(tmp_path, monkeypatch):

@@ -15,7 +15,7 @@ has one file per size (``famnet_cpu.yaml`` for ``MODEL=famnet`` at ``size=cpu``)
 is a file (``famnet_cpu``) is used as it is on every machine. A tuned file holds what inner
 validation on that dataset chose for that model recipe (``tuned/casme2/famnet_cpu.yaml``: the
 regularisation of the CASME II CPU recipe), so a dataset's choices never leak into another dataset's
-run, the synthetic demo's included.
+run, the synthetic demo's included. It is keyed by the data config, whatever ``data.protocol``.
 
 ``size="auto"`` is ``gpu`` when an NVIDIA GPU answers ``nvidia-smi -L``, else ``cpu``. The Makefile
 and ``famnet-pl ablation`` resolve their configs here (``python -m famnet_pl.recipes`` prints them),

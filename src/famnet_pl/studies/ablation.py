@@ -98,7 +98,7 @@ def run_ablation(*, dataset: str, spec: str = "experiments/ablation.yaml", exper
     Args:
         dataset: ``experiments/data/<dataset>.yaml``.
         spec: the ablation spec (seeds and variants).
-        experiments: folder of base.yaml, size/, data/ and model/.
+        experiments: folder of base.yaml, size/, data/, model/ and tuned/.
         size: the recipe's size (``cpu``, ``gpu``, ``auto``): each run's configs are
             ``recipes.configs(dataset, variant model, size)``.
         variants: run only these variant names (default: all in the spec).
