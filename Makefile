@@ -54,7 +54,8 @@ export HF_HUB_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
 # The run's --config files (base, size, data, model, tuned: src/famnet_pl/recipes.py); an unknown
-# DATASET=, MODEL= or SIZE= is one line naming the choices, not the CLI's usage dump. `set -x` shows the command.
+# DATASET=, MODEL= or SIZE= is one line naming the choices, not the CLI's usage dump. `set -x` shows
+# the command.
 # Expanded once, when a target's recipe runs (after .venv exists), so `make -n` shows the files.
 RECIPE = $(BIN)/python -m famnet_pl.recipes $(DATASET) $(MODEL) $(SIZE)
 CONFIGS = $(eval CONFIGS := $(shell $(RECIPE)))$(CONFIGS)
